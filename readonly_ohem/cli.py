@@ -1,0 +1,159 @@
+"""The ``readonly-ohem`` command: argument parsing only.
+
+Each sub-command calls exactly one library function, named in ``COMMANDS``, with the parsed
+arguments as keyword arguments (argparse ``dest`` names). User errors (``OhemError``) are printed
+as one line without a traceback and give exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from readonly_ohem.errors import OhemError
+
+# sub-command -> "module:function"; the function receives the parsed options as keywords.
+COMMANDS = {
+    "net": "readonly_ohem.summary:net_command",
+    "run": "readonly_ohem.runner:run_command",
+    "train": "readonly_ohem.train:train_command",
+    "test": "readonly_ohem.test:test_command",
+    "eval": "readonly_ohem.voc_eval:eval_command",
+    "make-minivoc": "readonly_ohem.data.minivoc:make_minivoc_command",
+    "proposals": "readonly_ohem.data.selective_search:proposals_command",
+    "inspect": "readonly_ohem.inspect:inspect_command",
+    "demo": "readonly_ohem.demo:demo_command",
+}
+
+
+def _shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """``BLOB=d0,d1,...`` -> (blob, dims)."""
+    name, sep, dims = text.partition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name, tuple(int(d) for d in dims.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shape wants BLOB=d0,d1,..., got {text!r}") from None
+
+
+def _add_cfg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cfg", action="append", default=[], metavar="FILE.yml",
+                   help="original-style experiment config (may repeat; merged in order)")
+    p.add_argument("--set", dest="set_pairs", action="append", nargs=2, default=[],
+                   metavar=("KEY", "VALUE"),
+                   help="set a config key, value read as a Python literal (may repeat)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="readonly-ohem",
+        description="Caffe-exact Fast R-CNN + Online Hard Example Mining in PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("net", help="print a net's layer table (as Caffe does at start-up)")
+    p.add_argument("prototxt")
+    p.add_argument("--phase", choices=["TRAIN", "TEST"], default="TRAIN")
+    p.add_argument("--shape", dest="shapes", action="append", type=_shape, default=[],
+                   metavar="BLOB=d0,d1,...", help="shape of a net input or data-layer top")
+    p.add_argument("--weights", help=".caffemodel to load (reports names missing on either side)")
+    p.add_argument("--json", dest="json_path", metavar="FILE|-", help="also write the summary as JSON")
+
+    p = sub.add_parser("run", help="one forward (and backward), or N solver iterations, on arrays")
+    p.add_argument("prototxt")
+    p.add_argument("--inputs", required=True, metavar="IN.npz")
+    p.add_argument("--out", required=True, metavar="OUT.npz")
+    p.add_argument("--weights", metavar="W.caffemodel")
+    p.add_argument("--phase", choices=["TRAIN", "TEST"], default="TRAIN")
+    p.add_argument("--backward", action="store_true")
+    p.add_argument("--top-diff", dest="top_diff", metavar="TOPDIFF.npz",
+                   help="seed the backward with these diffs on the named blobs")
+    p.add_argument("--solver", metavar="SOLVER.prototxt")
+    p.add_argument("--iters", type=int, default=1)
+    _add_cfg(p)
+
+    p = sub.add_parser("train", help="train from a solver.prototxt (the original train_net.py)")
+    p.add_argument("--solver", required=True)
+    p.add_argument("--weights", help="initial weights: .caffemodel or a torchvision VGG16 state dict")
+    p.add_argument("--imdb", default="voc_2007_trainval")
+    p.add_argument("--data", metavar="DIR", help="dataset root holding VOCdevkit (or a VOCdevkit dir)")
+    p.add_argument("--proposals", metavar="FILE", help="proposals file (.mat, .npz or .json)")
+    p.add_argument("--iters", type=int, help="iterations (default: the solver's max_iter)")
+    _add_cfg(p)
+    p.add_argument("--output", default="output", metavar="DIR")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--resume", metavar="STATE", help="continue an interrupted run")
+    p.add_argument("--log-kept-rois", dest="log_kept_rois", metavar="FILE",
+                   help="log every OHEM selection (see `inspect`)")
+    p.add_argument("--log-every", dest="log_every", type=int, default=1, metavar="K")
+
+    p = sub.add_parser("test", help="detect on an image set and evaluate (the original test_net.py)")
+    p.add_argument("--def", dest="def_path", required=True, metavar="TEST_PROTOTXT")
+    p.add_argument("--net", dest="net_path", required=True, metavar="MODEL.caffemodel")
+    p.add_argument("--imdb", default="voc_2007_test")
+    p.add_argument("--data", metavar="DIR")
+    p.add_argument("--proposals", metavar="FILE")
+    _add_cfg(p)
+    p.add_argument("--output", default="output", metavar="DIR")
+    p.add_argument("--thresh", type=float, default=0.05, help="per-class score threshold")
+    p.add_argument("--max-per-image", dest="max_per_image", type=int, default=100)
+    p.add_argument("--vis", type=int, default=0, metavar="N", help="draw detections on N images")
+    p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("eval", help="VOC AP of devkit result files")
+    p.add_argument("voc_dir", metavar="VOC_YEAR_DIR")
+    p.add_argument("--imageset", default="test")
+    p.add_argument("--dets", required=True, metavar="DIR")
+    p.add_argument("--metric", choices=["voc07", "area"], default="voc07")
+    p.add_argument("--json", dest="json_path", metavar="FILE")
+
+    p = sub.add_parser("make-minivoc", help="write the built-in mini-VOC (VOCdevkit layout)")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", type=int, default=None, help="number of images (default: built-in size)")
+
+    p = sub.add_parser("proposals", help="selective-search proposals for a VOC-format dataset (OpenCV)")
+    p.add_argument("voc_dir", metavar="VOC_YEAR_DIR")
+    p.add_argument("--imageset", default="trainval")
+    p.add_argument("--out", required=True, metavar="FILE.mat")
+    p.add_argument("--mode", choices=["fast", "quality"], default="fast")
+
+    p = sub.add_parser("inspect", help="which RoIs OHEM kept: pictures and statistics")
+    p.add_argument("log", nargs="?", metavar="FILE", help="a --log-kept-rois log")
+    p.add_argument("--iter", dest="iteration", type=int)
+    p.add_argument("--image", help="image id (with a log) or image file (with --def/--net)")
+    p.add_argument("--out", metavar="PNG")
+    p.add_argument("--stats", action="store_true")
+    p.add_argument("--def", dest="def_path", metavar="TRAIN_PROTOTXT")
+    p.add_argument("--net", dest="net_path", metavar="MODEL.caffemodel")
+    p.add_argument("--proposals", metavar="FILE")
+    _add_cfg(p)
+
+    p = sub.add_parser("demo", help="mini-VOC: train FRCN and OHEM, test both, compare")
+    p.add_argument("--output", default="demo_output", metavar="DIR")
+    p.add_argument("--iters", type=int, default=None, help="training iterations per model")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "shapes", None) is not None:
+        args.shapes = dict(args.shapes)
+    module_name, func_name = COMMANDS[args.command].split(":")
+    kwargs = {k: v for k, v in vars(args).items() if k != "command"}
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+        result = func(**kwargs)
+    except OhemError as e:
+        print(f"readonly-ohem {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"readonly-ohem {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

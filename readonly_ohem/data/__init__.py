@@ -1,0 +1,1 @@
+"""Fast R-CNN data: VOC imdb, proposals, roidb, minibatches, RoIDataLayer, mini-VOC."""

@@ -1,0 +1,1 @@
+"""Online hard example mining: OHEMDataLayer, mining policies, selection records."""

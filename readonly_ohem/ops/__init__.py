@@ -1,0 +1,1 @@
+"""Kernels used by everyone: boxes (IoU, bbox transform, clip), NMS, RoI pooling."""

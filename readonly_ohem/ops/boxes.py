@@ -1,0 +1,109 @@
+"""Box arithmetic with the original's +1 pixel convention: the one IoU, bbox transform and clip.
+
+Boxes are ``[x1, y1, x2, y2]`` with inclusive pixel corners, so a box's width is ``x2 - x1 + 1``
+(the convention of Fast R-CNN's ``bbox_overlaps``, ``bbox_transform`` and the VOC devkit).
+Every function takes torch tensors or numpy arrays and returns the same kind, computing in the
+input's dtype (the roidb is float64, network blobs float32), so everyone can use this one copy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _to_torch(x):
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x)), True
+    return x, False
+
+
+def _back(t: torch.Tensor, was_numpy: bool):
+    return t.numpy() if was_numpy else t
+
+
+def box_areas(boxes):
+    """(N, 4) -> (N,) areas ``(x2 - x1 + 1) * (y2 - y1 + 1)``."""
+    b, np_in = _to_torch(boxes)
+    areas = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
+    return _back(areas, np_in)
+
+
+def bbox_overlaps(boxes, query_boxes):
+    """IoU of every box with every query box, +1 convention: (N, 4), (K, 4) -> (N, K).
+
+    As the original Cython ``bbox_overlaps``: a pair whose intersection is empty (iw or ih <= 0)
+    has IoU 0.
+    """
+    b, np_in = _to_torch(boxes)
+    q, _ = _to_torch(query_boxes)
+    q = q.to(b.dtype)
+    iw = torch.minimum(b[:, None, 2], q[None, :, 2]) - torch.maximum(b[:, None, 0], q[None, :, 0]) + 1
+    ih = torch.minimum(b[:, None, 3], q[None, :, 3]) - torch.maximum(b[:, None, 1], q[None, :, 1]) + 1
+    inter = iw.clamp(min=0) * ih.clamp(min=0)
+    area_b = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
+    area_q = (q[:, 2] - q[:, 0] + 1) * (q[:, 3] - q[:, 1] + 1)
+    union = area_b[:, None] + area_q[None, :] - inter
+    iou = torch.where(inter > 0, inter / torch.where(inter > 0, union, torch.ones_like(union)),
+                      torch.zeros_like(inter))
+    return _back(iou, np_in)
+
+
+def bbox_transform(ex_rois, gt_rois):
+    """Regression targets (tx, ty, tw, th) taking ``ex_rois`` onto ``gt_rois``: (N, 4) -> (N, 4).
+
+    w = x2 - x1 + 1, cx = x1 + 0.5 w; tx = (gcx - cx) / w, tw = log(gw / w) (and y alike).
+    """
+    e, np_in = _to_torch(ex_rois)
+    g, _ = _to_torch(gt_rois)
+    g = g.to(e.dtype)
+    ew = e[:, 2] - e[:, 0] + 1.0
+    eh = e[:, 3] - e[:, 1] + 1.0
+    ex = e[:, 0] + 0.5 * ew
+    ey = e[:, 1] + 0.5 * eh
+    gw = g[:, 2] - g[:, 0] + 1.0
+    gh = g[:, 3] - g[:, 1] + 1.0
+    gx = g[:, 0] + 0.5 * gw
+    gy = g[:, 1] + 0.5 * gh
+    t = torch.stack(((gx - ex) / ew, (gy - ey) / eh, torch.log(gw / ew), torch.log(gh / eh)), dim=1)
+    return _back(t, np_in)
+
+
+def bbox_transform_inv(boxes, deltas):
+    """Apply per-class deltas to boxes: (N, 4), (N, 4K) -> (N, 4K) predicted boxes.
+
+    ctr' = d * w + ctr, w' = exp(dw) * w; x1 = ctr' - 0.5 w', x2 = ctr' + 0.5 w' (the original's
+    test-time transform; note it has no -1 on x2, as the original).
+    """
+    b, np_in = _to_torch(boxes)
+    d, _ = _to_torch(deltas)
+    if b.shape[0] == 0:
+        return _back(torch.zeros((0, d.shape[1]), dtype=d.dtype), np_in)
+    b = b.to(d.dtype)
+    w = b[:, 2] - b[:, 0] + 1.0
+    h = b[:, 3] - b[:, 1] + 1.0
+    cx = b[:, 0] + 0.5 * w
+    cy = b[:, 1] + 0.5 * h
+    dx, dy, dw, dh = d[:, 0::4], d[:, 1::4], d[:, 2::4], d[:, 3::4]
+    pcx = dx * w[:, None] + cx[:, None]
+    pcy = dy * h[:, None] + cy[:, None]
+    pw = torch.exp(dw) * w[:, None]
+    ph = torch.exp(dh) * h[:, None]
+    out = torch.empty_like(d)
+    out[:, 0::4] = pcx - 0.5 * pw
+    out[:, 1::4] = pcy - 0.5 * ph
+    out[:, 2::4] = pcx + 0.5 * pw
+    out[:, 3::4] = pcy + 0.5 * ph
+    return _back(out, np_in)
+
+
+def clip_boxes(boxes, im_shape):
+    """Clip (N, 4K) boxes to the image: x in [0, W - 1], y in [0, H - 1]; ``im_shape`` = (H, W)."""
+    b, np_in = _to_torch(boxes)
+    h, w = float(im_shape[0]), float(im_shape[1])
+    out = b.clone()
+    out[:, 0::4] = b[:, 0::4].clamp(0, w - 1)
+    out[:, 1::4] = b[:, 1::4].clamp(0, h - 1)
+    out[:, 2::4] = b[:, 2::4].clamp(0, w - 1)
+    out[:, 3::4] = b[:, 3::4].clamp(0, h - 1)
+    return _back(out, np_in)
