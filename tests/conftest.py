@@ -1,0 +1,29 @@
+"""Shared test fixtures.
+
+``../shared`` (beside the checkout) holds reference facts that exist only on the developers'
+machines; tests that read it use the ``shared_dir`` fixture and skip cleanly where it is absent.
+Small fixtures copied from it live in ``tests/fixtures/`` and always run.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip("../shared (reference facts) is not present on this machine")
+    return SHARED
+
+
+@pytest.fixture
+def fixtures_dir() -> Path:
+    return FIXTURES
