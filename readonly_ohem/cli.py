@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="BLOB=d0,d1,...", help="shape of a net input or data-layer top")
     p.add_argument("--weights", help=".caffemodel to load (reports names missing on either side)")
     p.add_argument("--json", dest="json_path", metavar="FILE|-", help="also write the summary as JSON")
+    p.add_argument("--allow-python-import", dest="allow_python_import", action="store_true",
+                   help="import Python layer modules the spec names that are not built in")
 
     p = sub.add_parser("run", help="one forward (and backward), or N solver iterations, on arrays")
     p.add_argument("prototxt")
@@ -72,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solver", metavar="SOLVER.prototxt")
     p.add_argument("--iters", type=int, default=1)
     _add_cfg(p)
+    p.add_argument("--allow-python-import", dest="allow_python_import", action="store_true",
+                   help="import Python layer modules the spec names that are not built in")
 
     p = sub.add_parser("train", help="train from a solver.prototxt (the original train_net.py)")
     p.add_argument("--solver", required=True)

@@ -1,0 +1,168 @@
+"""OHEMDataLayer: keeps the hard RoIs of a pass (the original ``roi_data_layer.layer.OHEMDataLayer``).
+
+Prototxt: ``type: "Python"``, ``python_param { module: "roi_data_layer.layer"
+layer: "OHEMDataLayer" param_str: "'num_classes': 21" }``. Optional ``param_str`` keys of ours:
+``policy`` (``topk`` = the original, ``ratio``, ``neg_pos``, ``topk_threshold``), ``keep_ratio``,
+``neg_pos_ratio``. Settings from the config (``ctx.cfg``, defaults when None), read at every
+forward: TRAIN.BBOX_REG, TRAIN.BATCH_SIZE, TRAIN.OHEM_USE_NMS, TRAIN.OHEM_NMS_THRESH.
+
+Bottoms: cls_prob_readonly (R, C), bbox_pred_readonly (R, 4C), rois (R, 5)
+[batch_idx, x1, y1, x2, y2], labels (R,), and with TRAIN.BBOX_REG bbox_targets,
+bbox_inside_weights, bbox_outside_weights (R, 4C). Without BBOX_REG the original reads only the
+first four bottoms (more are ignored) and has two tops.
+Tops: rois_hard (B, 5), labels_hard (B,) and with BBOX_REG bbox_targets_hard,
+bbox_inside_weights_hard, bbox_outside_weights_hard (B, 4C): row gathers of the bottoms, hardest
+first, B <= TRAIN.BATCH_SIZE. No gradient goes back (the original's backward is empty).
+
+``layer.recorder`` (None by default; or ``ctx.extras["recorder"]``): a callable that receives a
+``SelectionRecord`` after each forward. With a recorder attached NMS is decided for every RoI
+(so ``suppressed`` is exact); the kept rows are the same either way.
+"""
+
+from __future__ import annotations
+
+import torch
+import yaml
+
+from readonly_ohem.config import default_config
+from readonly_ohem.errors import DataError
+from readonly_ohem.layers.base import Layer, register_python
+from readonly_ohem.ohem.loss import bbox_loss, cls_loss
+from readonly_ohem.ohem.policies import POLICIES, mine
+from readonly_ohem.ohem.record import SelectionRecord
+from readonly_ohem.ohem.selection import group_ids, nms_survivors, select_hard_rois
+
+BOTTOMS = ("cls_prob_readonly", "bbox_pred_readonly", "rois", "labels", "bbox_targets",
+           "bbox_inside_weights", "bbox_outside_weights")
+TOPS = ("rois_hard", "labels_hard", "bbox_targets_hard", "bbox_inside_weights_hard",
+        "bbox_outside_weights_hard")
+
+
+@register_python("roi_data_layer.layer", "OHEMDataLayer")
+class OHEMDataLayer(Layer):
+    backprop_to_bottoms = False
+    min_bottoms, max_bottoms = 4, 7
+    min_tops, max_tops = 2, 5
+
+    def __init__(self, param, ctx):
+        super().__init__(param, ctx)
+        self.cfg = ctx.cfg if ctx.cfg is not None else default_config()
+        text = param.python_param.param_str if param.HasField("python_param") else ""
+        try:
+            opts = yaml.safe_load(text) if text.strip() else {}
+        except yaml.YAMLError as e:
+            raise self.error(f"param_str is not valid YAML: {e}") from None
+        if not isinstance(opts, dict) or "num_classes" not in opts:
+            raise self.error(f"param_str must give num_classes (e.g. \"'num_classes': 21\"), "
+                             f"got {text!r}")
+        self.num_classes = int(opts.pop("num_classes"))
+        self.policy = str(opts.pop("policy", "topk"))
+        if self.policy not in POLICIES:
+            raise self.error(f"param_str policy {self.policy!r} is not one of {sorted(POLICIES)}")
+        self.policy_options = opts  # keep_ratio, neg_pos_ratio
+        unknown = set(opts) - {"keep_ratio", "neg_pos_ratio"}
+        if unknown:
+            raise self.error(f"param_str has unknown key(s) {sorted(unknown)}")
+        self.recorder = ctx.extras.get("recorder") if ctx.extras else None
+        self._check_blob_counts()
+
+    # -- shapes -------------------------------------------------------------------------------
+    @property
+    def bbox_reg(self) -> bool:
+        return bool(self.cfg.TRAIN.BBOX_REG)
+
+    def _check_blob_counts(self) -> None:
+        nb, nt = len(self.param.bottom), len(self.param.top)
+        if self.bbox_reg and (nb != 7 or nt != 5):
+            raise self.error(f"with TRAIN.BBOX_REG it takes 7 bottoms ({', '.join(BOTTOMS)}) and "
+                             f"5 tops ({', '.join(TOPS)}), got {nb} and {nt}")
+        if not self.bbox_reg and nt != 2:
+            raise self.error(f"with TRAIN.BBOX_REG off it has 2 tops ({', '.join(TOPS[:2])}), "
+                             f"got {nt}")
+
+    def top_shapes(self, bottom_shapes):
+        r = bottom_shapes[0][0]
+        b = min(r, int(self.cfg.TRAIN.BATCH_SIZE)) if self.policy == "topk" else r
+        shapes = [(b, 5), (b,)]
+        if self.bbox_reg:
+            shapes += [(b,) + tuple(bottom_shapes[4][1:])] * 3
+        return shapes
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, bottoms, params):
+        self._check_blob_counts()
+        with torch.no_grad():
+            return self._forward(bottoms)
+
+    def _forward(self, bottoms):
+        cfg = self.cfg.TRAIN
+        cls_prob, bbox_pred, rois, labels_blob = bottoms[:4]
+        labels_blob = labels_blob.reshape(-1)
+        regs = list(bottoms[4:7]) if self.bbox_reg else []
+        labels = self._check_inputs(cls_prob, bbox_pred, rois, labels_blob, regs)
+
+        loss_cls = cls_loss(cls_prob, labels)
+        loss_bbox = bbox_loss(labels, bbox_pred, *regs) if regs else torch.zeros_like(loss_cls)
+        loss = loss_cls + loss_bbox
+
+        record = self.recorder is not None
+        batch_size = int(cfg.BATCH_SIZE)
+        use_nms = bool(cfg.OHEM_USE_NMS)
+        thresh = float(cfg.OHEM_NMS_THRESH)
+        c = cls_prob.shape[1]
+        if self.policy == "topk":
+            sel = select_hard_rois(loss, rois, labels, batch_size, use_nms, thresh,
+                                   num_labels=c, full=record)
+            keep, survived = sel.keep, sel.survived
+        else:
+            keep, survived = self._mine_policy(loss, rois, labels, batch_size, use_nms, thresh, c)
+
+        tops = [rois[keep], labels_blob[keep]] + [t[keep] for t in regs]
+        if record:
+            kept = torch.zeros_like(survived)
+            kept[keep] = True
+            self.recorder(SelectionRecord(
+                keep=keep, loss_cls=loss_cls, loss_bbox=loss_bbox, loss=loss, labels=labels,
+                image=rois[:, 0].long(), boxes=rois[:, 1:5], suppressed=~survived, kept=kept,
+                policy=self.policy, batch_size=batch_size, use_nms=use_nms, nms_thresh=thresh))
+        return tops
+
+    def _mine_policy(self, loss, rois, labels, batch_size, use_nms, thresh, c):
+        """Policies other than the original's: NMS (if on) over all RoIs, then the policy."""
+        r = loss.shape[0]
+        survived = torch.ones(r, dtype=torch.bool, device=loss.device)
+        cand = torch.arange(r, device=loss.device)
+        if use_nms and r:
+            surv, _, _ = nms_survivors(loss, rois[:, 1:5], group_ids(rois[:, 0], labels, c), thresh)
+            survived[:] = False
+            survived[surv] = True
+            cand = torch.nonzero(survived).squeeze(1)
+        options = dict(self.policy_options)
+        if self.policy in ("topk", "topk_threshold"):
+            options["k"] = batch_size
+        if self.policy == "neg_pos":
+            options["image_ids"] = rois[cand, 0]
+        result = mine(loss[cand], labels[cand], self.policy, **options)
+        return cand[result.keep], survived
+
+    def _check_inputs(self, cls_prob, bbox_pred, rois, labels_blob, regs) -> torch.Tensor:
+        """Shapes and labels; returns labels as long. Errors name the layer and the blob."""
+        r = cls_prob.shape[0]
+        if cls_prob.dim() != 2:
+            raise self.error(f"bottom {BOTTOMS[0]} must be (R, C), got {tuple(cls_prob.shape)}")
+        c = cls_prob.shape[1]
+        if rois.dim() != 2 or rois.shape[1] != 5 or rois.shape[0] != r:
+            raise self.error(f"bottom {BOTTOMS[2]} must be ({r}, 5), got {tuple(rois.shape)}")
+        if labels_blob.shape[0] != r:
+            raise self.error(f"bottom {BOTTOMS[3]} must hold {r} labels, got {labels_blob.shape[0]}")
+        for name, t in zip(BOTTOMS[4:], regs):
+            if tuple(t.shape) != (r, 4 * c):
+                raise self.error(f"bottom {name} must be ({r}, {4 * c}), got {tuple(t.shape)}")
+        if regs and tuple(bbox_pred.shape) != (r, 4 * c):
+            raise self.error(f"bottom {BOTTOMS[1]} must be ({r}, {4 * c}), got {tuple(bbox_pred.shape)}")
+        labels = labels_blob.long()
+        if r and bool(((labels < 0) | (labels >= c) | (labels != labels_blob)).any()):
+            raise DataError(f"layer {self.name!r} (OHEMDataLayer): bottom {BOTTOMS[3]} must hold "
+                            f"integer class labels in [0, {c}), got values "
+                            f"{labels_blob.min().item()}..{labels_blob.max().item()}")
+        return labels

@@ -1,0 +1,93 @@
+"""Which RoIs the original OHEM keeps: NMS per image and label with the loss as score, then top-B.
+
+The original (``get_ohem_minibatch``) does, for each image id (ascending) and each label
+(ascending): NMS over that group's float32 boxes with the float32 loss as score at
+``OHEM_NMS_THRESH``; it concatenates the kept indices in that (image, label, NMS) order and
+takes ``np.argsort(loss[keep])[::-1][:BATCH_SIZE]`` on the float64 loss. Without NMS it takes
+``np.argsort(loss)[::-1][:BATCH_SIZE]``.
+
+We get the same rows without visiting every group: a RoI's survival depends only on the
+higher-loss RoIs of its own group, so one global visit by descending float32 loss (ties: higher
+index first, which is each group's own NMS order) decides groups in the original's way, and it
+can stop after BATCH_SIZE survivors (plus any float32 ties with the last, which the float64
+ranking may still reorder). Equal float64 losses rank as the original's concatenated list with a
+stable argsort reversed: later (image, label) group first, and inside a group the lower index
+first. Without NMS, equal losses rank the higher index first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from readonly_ohem.ops.nms import descending_order, greedy_nms
+
+
+@dataclass
+class Selection:
+    """The hard RoIs and, for the RoIs NMS looked at, whether they survived.
+
+    keep: (B,) long, hard RoI indices, hardest first.
+    survived: (R,) bool, True for RoIs that survived NMS (all RoIs when NMS is off).
+    examined: (R,) bool, RoIs whose NMS outcome was decided (all when ``full`` or NMS off).
+    """
+
+    keep: torch.Tensor
+    survived: torch.Tensor
+    examined: torch.Tensor
+
+
+def group_ids(image_ids: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """(R,) long group id ordered as the original's loops: image id value, then label."""
+    _, img_rank = torch.unique(image_ids, sorted=True, return_inverse=True)
+    return img_rank * num_labels + labels
+
+
+def nms_survivors(loss: torch.Tensor, boxes: torch.Tensor, groups: torch.Tensor, thresh: float,
+                  max_keep: int | None = None) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """Survivors of per-group NMS with the float32 loss as score, in visiting order.
+
+    loss (R,) float64; boxes (R, 4) float32; groups (R,) long. ``max_keep`` stops the visit
+    early (see ``greedy_nms``). Returns (survivor indices, number visited, visiting order).
+    """
+    loss32 = loss.float()
+    order = descending_order(loss32)
+    keep, examined = greedy_nms(boxes.float(), order, thresh, groups=groups, max_keep=max_keep,
+                                tie_scores=loss32)
+    return keep, examined, order
+
+
+def rank_survivors(survivors: torch.Tensor, loss: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Survivors by descending float64 loss; ties as the original's reversed stable argsort over
+    its (image, label, NMS rank)-ordered list: higher group first, then lower index first."""
+    r = loss.shape[0]
+    tie_key = groups[survivors] * r + (r - 1 - survivors)
+    by_key = survivors[torch.argsort(tie_key)]
+    return by_key[descending_order(loss[by_key])]
+
+
+def select_hard_rois(loss: torch.Tensor, rois: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                     use_nms: bool = True, nms_thresh: float = 0.7, num_labels: int | None = None,
+                     full: bool = False) -> Selection:
+    """The original's hard RoIs: loss (R,) float64, rois (R, 5) [batch_idx, x1, y1, x2, y2],
+    labels (R,) long in [0, num_labels). ``full`` decides NMS for every RoI (for records) instead
+    of stopping once ``batch_size`` survivors are known; the kept rows are the same."""
+    r = loss.shape[0]
+    device = loss.device
+    b = max(0, min(int(batch_size), r))
+    survived = torch.zeros(r, dtype=torch.bool, device=device)
+    examined = torch.zeros(r, dtype=torch.bool, device=device)
+    if not use_nms:
+        survived[:] = True
+        examined[:] = True
+        return Selection(descending_order(loss)[:b], survived, examined)
+    if num_labels is None:
+        num_labels = int(labels.max()) + 1 if r else 1
+    groups = group_ids(rois[:, 0], labels, num_labels)
+    survivors, n_seen, order = nms_survivors(loss, rois[:, 1:5], groups, nms_thresh,
+                                             max_keep=None if full else b)
+    survived[survivors] = True
+    examined[order[:n_seen]] = True
+    keep = rank_survivors(survivors, loss, groups)[:b]
+    return Selection(keep, survived, examined)

@@ -1,0 +1,301 @@
+"""RoI max pooling exactly as the Fast R-CNN Caffe fork computes it, forward and backward.
+
+``roi_pool(features, rois, spatial_scale, pooled_h, pooled_w)``
+    features: (N, C, H, W); rois: (R, 5) [batch_idx, x1, y1, x2, y2] in image coordinates
+    -> (R, C, pooled_h, pooled_w), differentiable in ``features`` only.
+
+Caffe's rules (SPEC §3), all in the features' dtype like Caffe's ``Dtype``:
+
+- corners ``round(coord * spatial_scale)`` with C ``round`` (half away from zero; not
+  ``torch.round``, which rounds half to even); batch index truncated like ``static_cast<int>``;
+- ``roi_w = max(x2 - x1 + 1, 1)`` (so a malformed RoI with x2 < x1 pools one cell);
+  ``bin = roi_w / pooled_w`` as a float; bin ``p`` spans ``[floor(p*bin), ceil((p+1)*bin))``
+  offset by the start and clipped to ``[0, W]``; an empty bin outputs 0 (argmax -1);
+- max with the FIRST maximum in row-major order (Caffe compares with a strict ``>``);
+- backward (the fork's GPU kernel): a cell receives a bin's diff when it is that bin's argmax AND
+  lies inside ``[start, end]`` of the RoI AND the bin is in the cell's inverse range
+  ``[floor((h-start)/bin), ceil((h-start+1)/bin))``. So a malformed RoI gives no gradient.
+
+The forward is vectorized with a 2-D sparse table of (max, first index) over power-of-two
+rectangles: any bin is the union of four overlapping such rectangles, and "larger value, then
+smaller row-major index" picks the first maximum of the union. ``torchvision.ops.roi_pool``'s
+forward (a port of the same kernel) is used instead when its compiled ops load and agree with ours
+on a self-check; the backward is always ours.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from readonly_ohem.errors import DataError
+
+# Elements (RoIs x bins x channels) handled per chunk: bounds the temporaries, not a per-RoI loop.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def caffe_round(x: torch.Tensor) -> torch.Tensor:
+    """C ``round``: half away from zero (2.5 -> 3, -0.5 -> -1), exact for every float."""
+    t = torch.trunc(x)
+    frac = x - t  # exact: the fractional part of a float is representable
+    return t + torch.where(frac.abs() >= 0.5, torch.sign(x), torch.zeros_like(x))
+
+
+class RoIGeometry:
+    """Caffe's per-RoI integers and float bin sizes.
+
+    batch: (R,) long; start_h/start_w/end_h/end_w: (R,) long (scaled, rounded corners);
+    bin_h/bin_w: (R,) in ``dtype``; hstart/hend: (R, PH) and wstart/wend: (R, PW) long, the bins'
+    half-open rows/columns on the map, offset and clipped to [0, H] / [0, W].
+    """
+
+    def __init__(self, rois: torch.Tensor, spatial_scale: float, pooled_h: int, pooled_w: int,
+                 height: int, width: int, dtype: torch.dtype):
+        r = rois.to(dtype)
+        scale = torch.tensor(spatial_scale, dtype=dtype, device=r.device)
+        self.batch = r[:, 0].long()  # static_cast<int>: truncation toward zero
+        corners = caffe_round(r[:, 1:5] * scale).long()
+        self.start_w, self.start_h, self.end_w, self.end_h = corners.unbind(1)
+        roi_h = (self.end_h - self.start_h + 1).clamp(min=1)
+        roi_w = (self.end_w - self.start_w + 1).clamp(min=1)
+        self.bin_h = roi_h.to(dtype) / pooled_h
+        self.bin_w = roi_w.to(dtype) / pooled_w
+        self.dtype = dtype
+        self.hstart, self.hend = self._edges(self.bin_h, self.start_h, pooled_h, height)
+        self.wstart, self.wend = self._edges(self.bin_w, self.start_w, pooled_w, width)
+
+    @staticmethod
+    def _edges(bin_size, start, pooled, size):
+        p = torch.arange(pooled, device=bin_size.device, dtype=bin_size.dtype)
+        lo = torch.floor(p[None, :] * bin_size[:, None]).long() + start[:, None]
+        hi = torch.ceil((p[None, :] + 1) * bin_size[:, None]).long() + start[:, None]
+        return lo.clamp(0, size), hi.clamp(0, size)
+
+
+def check_rois(features: torch.Tensor, rois: torch.Tensor, what: str = "roi_pool") -> torch.Tensor:
+    """rois (R, 5) or (R, 5, 1, 1) -> (R, 5); DataError on a bad shape or batch index."""
+    if features.dim() != 4:
+        raise DataError(f"{what}: features must be (N, C, H, W), got shape {tuple(features.shape)}")
+    if rois.dim() == 0 or rois.numel() != rois.shape[0] * 5:
+        raise DataError(f"{what}: rois must be (R, 5) [batch_idx, x1, y1, x2, y2], "
+                        f"got shape {tuple(rois.shape)}")
+    rois = rois.reshape(-1, 5)
+    if rois.shape[0]:
+        b = rois[:, 0].long()
+        lo, hi = int(b.min()), int(b.max())
+        if lo < 0 or hi >= features.shape[0]:
+            bad = lo if lo < 0 else hi
+            raise DataError(f"{what}: a RoI has batch index {bad}, outside [0, {features.shape[0]})")
+    return rois
+
+
+def _first_max(va, ia, vb, ib):
+    """Combine two (value, row-major index) candidates: larger value, then smaller index."""
+    take_b = (vb > va) | ((vb == va) & (ib < ia))
+    return torch.where(take_b, vb, va), torch.where(take_b, ib, ia)
+
+
+def _sparse_table(features: torch.Tensor, levels_h: int, levels_w: int):
+    """(max, first index) over [h, h+2^kh) x [w, w+2^kw) for kh <= levels_h, kw <= levels_w.
+
+    -> values (L, C) and int32 plane indices (L, C), rows flattened over (kh, kw, n, h, w).
+    Rows whose rectangle leaves the map hold partial results and are never queried.
+    """
+    n, c, h, w = features.shape
+    shape = (levels_h + 1, levels_w + 1, n, h, w, c)
+    tv = features.new_empty(shape)
+    ti = torch.empty(shape, dtype=torch.int32, device=features.device)
+    tv[0, 0] = features.detach().permute(0, 2, 3, 1)
+    ti[0, 0] = torch.arange(h * w, device=features.device, dtype=torch.int32).view(1, h, w, 1)
+    for kh in range(levels_h + 1):
+        if kh:
+            s = 1 << (kh - 1)
+            pv, pi = tv[kh - 1, 0], ti[kh - 1, 0]
+            tv[kh, 0], ti[kh, 0] = pv, pi
+            tv[kh, 0, :, : h - s], ti[kh, 0, :, : h - s] = _first_max(
+                pv[:, : h - s], pi[:, : h - s], pv[:, s:], pi[:, s:])
+        for kw in range(1, levels_w + 1):
+            s = 1 << (kw - 1)
+            pv, pi = tv[kh, kw - 1], ti[kh, kw - 1]
+            tv[kh, kw], ti[kh, kw] = pv, pi
+            tv[kh, kw, :, :, : w - s], ti[kh, kw, :, :, : w - s] = _first_max(
+                pv[:, :, : w - s], pi[:, :, : w - s], pv[:, :, s:], pi[:, :, s:])
+    return tv.view(-1, c), ti.view(-1, c)
+
+
+def _floor_log2(x: torch.Tensor, limit: int) -> torch.Tensor:
+    table = torch.tensor([0] + [int(math.log2(k)) for k in range(1, limit + 1)], device=x.device)
+    return table[x.clamp(1, limit)]
+
+
+def _forward_ours(features, geo: RoIGeometry, pooled_h, pooled_w):
+    n, c, h, w = features.shape
+    r = geo.batch.shape[0]
+    bin_rows = geo.hend - geo.hstart  # (R, PH)
+    bin_cols = geo.wend - geo.wstart  # (R, PW)
+    empty = (bin_rows <= 0)[:, :, None] | (bin_cols <= 0)[:, None, :]  # (R, PH, PW)
+    kh = _floor_log2(bin_rows, h)
+    kw = _floor_log2(bin_cols, w)
+    levels_h, levels_w = (int(kh.max()), int(kw.max())) if r else (0, 0)
+    table_v, table_i = _sparse_table(features, levels_h, levels_w)
+    level = kh[:, :, None] * (levels_w + 1) + kw[:, None, :]
+    base = ((level * n + geo.batch[:, None, None]) * h)  # (R, PH, PW)
+    rows = (geo.hstart, geo.hend - (1 << kh))  # first and last power-of-two block per bin
+    cols = (geo.wstart, geo.wend - (1 << kw))
+    out = features.new_empty((r, pooled_h, pooled_w, c))
+    argmax = torch.empty((r, pooled_h, pooled_w, c), dtype=torch.int32, device=features.device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, pooled_h * pooled_w * c))
+    for lo in range(0, r, step):
+        sl = slice(lo, lo + step)
+        best_v = best_i = None
+        for hh in rows:
+            for ww in cols:
+                flat = (base[sl] + hh[sl, :, None]) * w + ww[sl, None, :]
+                flat = flat.masked_fill(empty[sl], 0).view(-1)
+                cand_v, cand_i = table_v.index_select(0, flat), table_i.index_select(0, flat)
+                if best_v is None:
+                    best_v, best_i = cand_v, cand_i
+                else:
+                    best_v, best_i = _first_max(best_v, best_i, cand_v, cand_i)
+        e = empty[sl].reshape(-1, 1)
+        out[sl] = best_v.masked_fill(e, 0).view(-1, pooled_h, pooled_w, c)
+        argmax[sl] = best_i.masked_fill(e, -1).view(-1, pooled_h, pooled_w, c)
+    return out.permute(0, 3, 1, 2).contiguous(), argmax.permute(0, 3, 1, 2).contiguous()
+
+
+# -- torchvision: its forward is a port of the same kernel (its backward is not: see above) ----
+_TV_CHECKED: dict = {}
+
+
+def _torchvision_op():
+    try:
+        import torchvision  # noqa: F401
+
+        return torch.ops.torchvision.roi_pool
+    except Exception:  # not installed, or its compiled ops do not load
+        return None
+
+
+def _torchvision_usable(features: torch.Tensor, spatial_scale: float) -> bool:
+    """True where torchvision's forward equals ours: it scales corners in double, Caffe in Dtype,
+    which agree exactly when the scale is a power of two; plus a one-time self-check per
+    device/dtype on a case with half-way corners, borders, empty bins and a malformed RoI."""
+    if features.dtype not in (torch.float32, torch.float64) or spatial_scale <= 0:
+        return False
+    if math.frexp(spatial_scale)[0] != 0.5:
+        return False
+    key = (features.device.type, features.dtype)
+    if key not in _TV_CHECKED:
+        _TV_CHECKED[key] = _torchvision_self_check(features.device, features.dtype)
+    return _TV_CHECKED[key]
+
+
+def _torchvision_self_check(device, dtype) -> bool:
+    op = _torchvision_op()
+    if op is None:
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        feats = torch.randint(-3, 4, (2, 3, 9, 11), generator=g).to(dtype)  # many ties
+        rois = torch.tensor([[0, 0, 0, 175, 143], [1, 40, 8, 72, 72], [0, 150, 120, 300, 250],
+                             [1, -40, -24, 24, 40], [0, 40, 24, 40, 24], [1, 40, 8, 200, 72],
+                             [0, 80, 64, 16, 32], [1, 8, 8, 8.5, 120]], dtype=dtype)
+        feats, rois = feats.to(device), rois.to(device)
+        want_out, want_arg = _forward_ours(feats, RoIGeometry(rois, 1 / 16, 5, 4, 9, 11, dtype), 5, 4)
+        got_out, got_arg = op(feats, rois, 1 / 16, 5, 4)
+        return bool(torch.equal(got_out, want_out) and torch.equal(got_arg.int(), want_arg))
+    except Exception:
+        return False
+
+
+def roi_pool_forward(features: torch.Tensor, rois: torch.Tensor, spatial_scale: float,
+                     pooled_h: int, pooled_w: int, use_torchvision: bool = True):
+    """No-grad forward -> (out (R, C, PH, PW), argmax (R, C, PH, PW) int32 plane index h*W+w,
+    -1 for an empty bin)."""
+    rois = check_rois(features, rois)
+    return _forward(features, rois, spatial_scale, pooled_h, pooled_w, use_torchvision)
+
+
+def _forward(features, rois, spatial_scale, pooled_h, pooled_w, use_torchvision=True):
+    n, c, h, w = features.shape
+    with torch.no_grad():
+        if use_torchvision and rois.shape[0] and _torchvision_usable(features, spatial_scale):
+            out, argmax = _torchvision_op()(features.detach(), rois.to(features.dtype),
+                                            float(spatial_scale), pooled_h, pooled_w)
+            return out, argmax.int()
+        geo = RoIGeometry(rois, spatial_scale, pooled_h, pooled_w, h, w, features.dtype)
+        return _forward_ours(features, geo, pooled_h, pooled_w)
+
+
+def roi_pool_backward(grad_out: torch.Tensor, argmax: torch.Tensor, rois: torch.Tensor,
+                      features_shape, spatial_scale: float) -> torch.Tensor:
+    """The fork's GPU backward: grad_out (R, C, PH, PW) -> grad of features (N, C, H, W).
+
+    Each bin's diff goes to its argmax cell only where Caffe's per-cell test accepts it (cell in
+    [start, end] of the RoI and bin in the cell's inverse bin range), summed over RoIs and bins.
+    """
+    n, c, h, w = features_shape
+    r, _, pooled_h, pooled_w = grad_out.shape
+    grad = grad_out.new_zeros(n * c * h * w)
+    if r == 0:
+        return grad.view(n, c, h, w)
+    geo = RoIGeometry(rois.reshape(-1, 5), spatial_scale, pooled_h, pooled_w, h, w, grad_out.dtype)
+    # accept_h[r, ph, y]: row y may receive bin row ph's diff (Caffe's test), likewise columns.
+    accept_h = _accept(geo.start_h, geo.end_h, geo.bin_h, pooled_h, h)
+    accept_w = _accept(geo.start_w, geo.end_w, geo.bin_w, pooled_w, w)
+    ph = torch.arange(pooled_h, device=grad.device).view(1, 1, -1, 1)
+    pw = torch.arange(pooled_w, device=grad.device).view(1, 1, 1, -1)
+    ch = torch.arange(c, device=grad.device).view(1, -1, 1, 1)
+    step = max(1, _CHUNK_ELEMENTS // max(1, c * pooled_h * pooled_w))
+    for lo in range(0, r, step):
+        sl = slice(lo, lo + step)
+        rr = torch.arange(lo, min(lo + step, r), device=grad.device).view(-1, 1, 1, 1)
+        a = argmax[sl].long()
+        y, x = a.clamp(min=0) // w, a.clamp(min=0) % w
+        keep = (a >= 0) & accept_h[rr, ph, y] & accept_w[rr, pw, x]
+        flat = (geo.batch[rr] * c + ch) * (h * w) + a
+        grad.index_add_(0, flat[keep], grad_out[sl][keep])
+    return grad.view(n, c, h, w)
+
+
+def _accept(start, end, bin_size, pooled, size):
+    """(R, pooled, size) bool: cell coordinate y of the RoI may take bin p's diff (Caffe's test)."""
+    y = torch.arange(size, device=start.device)
+    rel = (y[None, :] - start[:, None]).to(bin_size.dtype)  # (R, size)
+    pstart = torch.floor(rel / bin_size[:, None]).long()
+    pend = torch.ceil((rel + 1) / bin_size[:, None]).long()
+    inside = (y[None, :] >= start[:, None]) & (y[None, :] <= end[:, None])
+    p = torch.arange(pooled, device=start.device).view(1, -1, 1)
+    return inside[:, None, :] & (p >= pstart[:, None, :]) & (p < pend[:, None, :])
+
+
+class _ROIPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, features, rois, spatial_scale, pooled_h, pooled_w):
+        out, argmax = _forward(features, rois, spatial_scale, pooled_h, pooled_w)
+        ctx.save_for_backward(rois.detach(), argmax)
+        ctx.features_shape = tuple(features.shape)
+        ctx.spatial_scale = spatial_scale
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        rois, argmax = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = roi_pool_backward(grad_out.contiguous(), argmax, rois, ctx.features_shape,
+                                     ctx.spatial_scale)
+        return grad, None, None, None, None
+
+
+def roi_pool(features: torch.Tensor, rois: torch.Tensor, spatial_scale: float, pooled_h: int,
+             pooled_w: int) -> torch.Tensor:
+    """features (N, C, H, W), rois (R, 5) [batch_idx, x1, y1, x2, y2] -> (R, C, PH, PW).
+
+    Differentiable in ``features`` (Caffe's backward); ``rois`` get no gradient.
+    """
+    rois = check_rois(features, rois)
+    return _ROIPool.apply(features, rois, float(spatial_scale), int(pooled_h), int(pooled_w))

@@ -1,0 +1,441 @@
+"""Training: the original ``tools/train_net.py`` + ``fast_rcnn/train.py`` (``SolverWrapper``).
+
+``readonly-ohem train --solver SOLVER [--weights W] --imdb NAME ...`` runs, in the original's order:
+config (defaults, ``--cfg`` files, ``--set`` pairs); seeds (``RNG_SEED`` for numpy and torch);
+the training roidb with the bbox-target means/stds (``readonly_ohem.data.roidb.training_roidb``);
+the solver's train net; the initial weights (a ``.caffemodel`` matched by layer name, or a
+torchvision VGG16 state dict, see ``readonly_ohem.pretrained``); the roidb handed to the data
+layer; then ``Solver.step`` until ``--iters`` (default: the solver's ``max_iter``).
+
+Snapshots (every ``TRAIN.SNAPSHOT_ITERS`` and at the end), in the output directory:
+
+- ``{snapshot_prefix}[_{SNAPSHOT_INFIX}]_iter_{n}.caffemodel``: the net, with ``bbox_pred``
+  un-normalized when ``TRAIN.BBOX_REG`` and ``TRAIN.BBOX_NORMALIZE_TARGETS``
+  (W ← W·std, b ← b·std + mean, class-major 4-vectors), restored afterwards, as the original;
+- ``…_iter_{n}.state.pt``: everything ``--resume`` needs (weights as trained, solver history,
+  iteration, torch/numpy/python RNG states, the data layer's order and cursor; per process under
+  torchrun). Both files are written atomically (a temp file, then ``os.replace``), so a killed
+  write leaves the previous snapshot intact.
+
+``--resume STATE`` continues so that the run equals one never interrupted. SIGINT/SIGTERM end the
+current iteration, write a snapshot and stop. A NaN/inf loss stops before the update with a
+message naming the iteration and the loss blob and layer; the last good snapshot stays.
+
+Data-parallel under ``torchrun``: see ``readonly_ohem.distributed`` (each process its own shard of
+the images; effective batch = processes × iter_size × IMS_PER_BATCH images).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from readonly_ohem import distributed
+from readonly_ohem.errors import ConfigError
+from readonly_ohem.progress import Progress, _clock
+from readonly_ohem.solver import NonFiniteLossError, Solver
+
+
+# -- small helpers ---------------------------------------------------------------------------------
+def atomic_torch_save(obj, path: str | Path) -> None:
+    """``torch.save`` to a temp file in the same directory, then ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def find_data_layers(net) -> list:
+    """Layers that take a roidb (``RoIDataLayer``): the modules with ``set_roidb``."""
+    return [rec.module for rec in net.layers if hasattr(rec.module, "set_roidb")]
+
+
+def find_ohem_layers(net) -> list:
+    """Layers that hand their selection to a ``recorder`` (``OHEMDataLayer``)."""
+    return [rec.module for rec in net.layers if hasattr(rec.module, "recorder")]
+
+
+class TrainProgress(Progress):
+    """``iter 120/40000  loss 0.8123  lr 0.001  0.412 s/iter  ETA 4:33:10`` (loss smoothed)."""
+
+    def __init__(self, total: int, start: int = 0, stream=None):
+        super().__init__(total, desc="train", unit="it", stream=stream)
+        self.n = start
+        self._start_n = start
+        self.loss = float("nan")
+        self.lr = float("nan")
+
+    def line(self) -> str:
+        done = self.n - self._start_n
+        elapsed = time.perf_counter() - self.start
+        spi = elapsed / done if done > 0 else float("nan")
+        left = self.total - self.n
+        eta = _clock(spi * left) if done > 0 and left > 0 else ("--:--" if left else _clock(elapsed))
+        tail = "ETA" if left else "done in"
+        return (f"iter {self.n}/{self.total}  loss {self.loss:.4f}  lr {self.lr:g}  "
+                f"{spi:.3f} s/iter  {tail} {eta}")
+
+
+# -- the trainer (the original SolverWrapper) ---------------------------------------------------
+class Trainer:
+    """Runs a ``Solver`` with the original's snapshots, plus resume, signals and NaN stop.
+
+    ``bbox_means``/``bbox_stds``: (4K,) the target normalization (None: no un-normalization);
+    ``feed_fn(iteration, pass_index) -> dict | None``: feeds for nets without a data layer (tests);
+    ``ctx``: a ``distributed.DistContext`` under torchrun (rank 0 prints and writes snapshots).
+    """
+
+    def __init__(self, solver: Solver, cfg, output_dir: str | Path, bbox_means=None, bbox_stds=None,
+                 feed_fn: Callable[[int, int], dict | None] | None = None, ctx=None, stream=None):
+        self.solver = solver
+        self.net = solver.net
+        self.cfg = cfg
+        self.output_dir = Path(output_dir)
+        self.bbox_means = None if bbox_means is None else np.asarray(bbox_means, np.float64).ravel()
+        self.bbox_stds = None if bbox_stds is None else np.asarray(bbox_stds, np.float64).ravel()
+        self.feed_fn = feed_fn
+        self.ctx = ctx
+        self.stream = stream if stream is not None else sys.stdout
+        self.snapshots: list[Path] = []
+        self._stop_signal: int | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.ctx is None or self.ctx.is_main
+
+    def log(self, text: str) -> None:
+        if self.is_main:
+            print(text, file=self.stream, flush=True)
+
+    # snapshots ----------------------------------------------------------------------------------
+    def snapshot_base(self, iteration: int) -> Path:
+        infix = self.cfg.TRAIN.SNAPSHOT_INFIX
+        infix = f"_{infix}" if infix else ""
+        prefix = self.solver.param.snapshot_prefix
+        return self.output_dir / f"{prefix}{infix}_iter_{iteration}"
+
+    def _scale_bbox_params(self) -> bool:
+        names = {rec.name for rec in self.net.layers}
+        return bool(self.cfg.TRAIN.BBOX_REG and self.cfg.TRAIN.BBOX_NORMALIZE_TARGETS
+                    and "bbox_pred" in names and self.bbox_stds is not None
+                    and len(self.net.layer_params("bbox_pred")) == 2)
+
+    @torch.no_grad()
+    def save_caffemodel(self, path: Path) -> None:
+        """The net as a .caffemodel; bbox_pred un-normalized for the saved copy only."""
+        if not self._scale_bbox_params():
+            self.net.save_caffemodel(str(path))
+            return
+        w, b = self.net.layer_params("bbox_pred")
+        orig_w, orig_b = w.detach().clone(), b.detach().clone()
+        stds = torch.as_tensor(self.bbox_stds, dtype=w.dtype, device=w.device)
+        means = torch.as_tensor(self.bbox_means, dtype=b.dtype, device=b.device)
+        if stds.numel() != w.shape[0]:
+            raise ConfigError(f"bbox_pred has {w.shape[0]} outputs, the target stds "
+                              f"{stds.numel()} (num_classes × 4 must match the dataset)")
+        try:
+            w.mul_(stds.view(-1, *([1] * (w.ndim - 1))))
+            b.mul_(stds).add_(means)
+            self.net.save_caffemodel(str(path))
+        finally:
+            w.copy_(orig_w)
+            b.copy_(orig_b)
+
+    def state(self) -> dict:
+        """This process's resumable state (weights as trained, not un-normalized)."""
+        data_states = [layer.state_dict() for layer in find_data_layers(self.net)
+                       if hasattr(layer, "state_dict")]
+        return {
+            "format": "readonly-ohem train state 1",
+            "iter": self.solver.iter,
+            "weights": {q.key: q.tensor.detach().cpu().clone() for q in self.net.learnable_params()},
+            "solver": self.solver.state_dict(),
+            "rng": rng_state(),
+            "data": data_states,
+        }
+
+    def snapshot(self) -> Path:
+        """Write the .caffemodel and the state file for the current iteration; return the model."""
+        base = self.snapshot_base(self.solver.iter)
+        own = self.state()
+        if self.ctx is not None:  # every process's RNG and data cursor, in one file
+            gathered = [None] * self.ctx.world_size
+            torch.distributed.all_gather_object(gathered, {"rng": own["rng"], "data": own["data"]})
+            own["ranks"] = gathered
+        model = base.with_name(base.name + ".caffemodel")
+        if self.is_main:
+            base.parent.mkdir(parents=True, exist_ok=True)
+            self.save_caffemodel(model)
+            atomic_torch_save(own, base.with_name(base.name + ".state.pt"))
+            self.log(f"Wrote snapshot to: {model}")
+        distributed.barrier(self.ctx)
+        self.snapshots.append(model)
+        return model
+
+    def load_state(self, path: str | Path) -> None:
+        """Continue from a ``.state.pt`` written by ``snapshot``."""
+        path = Path(path)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except FileNotFoundError:
+            raise ConfigError(f"--resume {path}: file not found") from None
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"--resume {path}: not a readable training state ({e})") from None
+        if not isinstance(state, dict) or state.get("format") != "readonly-ohem train state 1":
+            raise ConfigError(f"--resume {path}: not a readonly-ohem training state file")
+        params = {q.key: q.tensor for q in self.net.learnable_params()}
+        missing = sorted(set(params) ^ set(state["weights"]))
+        if missing:
+            raise ConfigError(f"--resume {path}: the state's weights do not match the net "
+                              f"(params on one side only: {missing[:6]})")
+        with torch.no_grad():
+            for k, t in params.items():
+                src = state["weights"][k]
+                if tuple(src.shape) != tuple(t.shape):
+                    raise ConfigError(f"--resume {path}: param {k!r} has shape {tuple(src.shape)} "
+                                      f"in the state, {tuple(t.shape)} in the net")
+                t.copy_(src.to(device=t.device, dtype=t.dtype))
+        self.solver.load_state_dict(state["solver"])
+        own = state
+        if self.ctx is not None:
+            ranks = state.get("ranks")
+            if not ranks or len(ranks) != self.ctx.world_size:
+                raise ConfigError(f"--resume {path}: written by {len(ranks or [0])} process(es), "
+                                  f"resumed with {self.ctx.world_size}")
+            own = ranks[self.ctx.rank]
+        layers = [layer for layer in find_data_layers(self.net) if hasattr(layer, "load_state_dict")]
+        for layer, s in zip(layers, own["data"]):
+            layer.load_state_dict(s)
+        set_rng_state(own["rng"])
+
+    # the loop -----------------------------------------------------------------------------------
+    def _install_signal_handlers(self):
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                old[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                pass
+        return old
+
+    def _should_stop(self) -> bool:
+        flag = self._stop_signal is not None
+        if self.ctx is not None:
+            reducer = self.solver.reducer
+            flag = not reducer.all_true(not flag)
+        return flag
+
+    def train(self, max_iters: int) -> list[Path]:
+        """``train_model``: step to ``max_iters``, snapshots at ``SNAPSHOT_ITERS`` and at the end.
+
+        Returns the .caffemodel paths written. Raises ``NonFiniteLossError`` (an ``OhemError``)
+        on a NaN/inf loss, after which the weights are those of the last good iteration.
+        """
+        solver, param = self.solver, self.solver.param
+        display = param.display
+        snapshot_iters = self.cfg.TRAIN.SNAPSHOT_ITERS
+        last_snapshot_iter = -1
+        progress = TrainProgress(max_iters, start=solver.iter,
+                                 stream=self.stream if self.is_main else io.StringIO())
+        old_handlers = self._install_signal_handlers()
+        timer_total, timer_n = 0.0, 0
+        try:
+            while solver.iter < max_iters:
+                t0 = time.perf_counter()
+                it = solver.iter
+                feed = (lambda i: self.feed_fn(it, i)) if self.feed_fn is not None else None
+                try:
+                    out = solver.step(feed)
+                except NonFiniteLossError as e:
+                    progress.close()
+                    last = self.snapshots[-1] if self.snapshots else None
+                    keep = f"; the last good snapshot is {last}" if last else "; no snapshot written"
+                    raise NonFiniteLossError(f"{e}{keep}") from None
+                timer_total += time.perf_counter() - t0
+                timer_n += 1
+                progress.loss, progress.lr = solver.smoothed_loss(), out["lr"]
+                if display and it % display == 0:
+                    parts = ", ".join(f"{n} = {v:.4f}" for n, v in solver.smoothed_losses().items())
+                    self.log(f"Iteration {it}, loss = {solver.smoothed_loss():.4f} ({parts}), "
+                             f"lr = {out['lr']:g}")
+                if display and solver.iter % (10 * display) == 0:
+                    self.log(f"speed: {timer_total / timer_n:.3f}s / iter")
+                progress.update()
+                if solver.iter % snapshot_iters == 0:
+                    last_snapshot_iter = solver.iter
+                    self.snapshot()
+                if self._should_stop():
+                    progress.close()
+                    if last_snapshot_iter != solver.iter:
+                        last_snapshot_iter = solver.iter
+                        self.snapshot()
+                    name = signal.Signals(self._stop_signal or signal.SIGTERM).name
+                    self.log(f"{name}: stopped at iteration {solver.iter}; resume with "
+                             f"--resume {self.snapshot_base(solver.iter)}.state.pt")
+                    return self.snapshots
+            progress.close()
+            if last_snapshot_iter != solver.iter:
+                self.snapshot()
+            return self.snapshots
+        finally:
+            for sig, h in old_handlers.items():
+                signal.signal(sig, h)
+
+    @property
+    def interrupted(self) -> int | None:
+        """The signal that stopped training, if any."""
+        return self._stop_signal
+
+
+# -- building everything (train_net.py) -----------------------------------------------------------
+def load_initial_weights(net, weights: str | Path, cfg, stream=None) -> None:
+    """``.caffemodel`` via ``net.load_caffemodel``; a torch file as a torchvision VGG16."""
+    from readonly_ohem import pretrained
+
+    path = Path(weights)
+    if not path.is_file():
+        raise ConfigError(f"--weights {path}: file not found")
+    if pretrained.is_torch_file(path):
+        report = pretrained.load_torchvision_vgg16(net, path, cfg.PIXEL_MEANS)
+        text = (f"{path}: loaded torchvision VGG16 layers {', '.join(report['loaded'])}; "
+                f"not in the file: {', '.join(report['missing_in_file']) or '-'}")
+    else:
+        text = str(net.load_caffemodel(str(path)))
+    if stream is not None:
+        print(text, file=stream, flush=True)
+
+
+def attach_kept_roi_log(net, path: str, every: int, iteration: Callable[[], int]) -> None:
+    """``--log-kept-rois FILE --log-every K``: set each OHEM layer's ``recorder``."""
+    layers = find_ohem_layers(net)
+    if not layers:
+        raise ConfigError(f"--log-kept-rois {path}: the train net has no OHEM layer "
+                          "(OHEMDataLayer) whose selections could be logged")
+    try:
+        from readonly_ohem.inspect import make_recorder
+    except ImportError:
+        raise ConfigError("--log-kept-rois needs readonly_ohem.inspect.make_recorder, "
+                          "which this installation lacks") from None
+    data_layers = find_data_layers(net)
+    recorder = make_recorder(path, every=every, iteration=iteration,
+                             data_layer=data_layers[0] if data_layers else None)
+    for layer in layers:
+        layer.recorder = recorder
+
+
+def build_trainer(solver_path, cfg, roidb=None, bbox_means=None, bbox_stds=None, weights=None,
+                  output="output", device="cpu", ctx=None, feed_fn=None, stream=None) -> Trainer:
+    """Net + solver + initial weights + roidb, as ``SolverWrapper.__init__``."""
+    from readonly_ohem.solver import build_net
+    from readonly_ohem.spec import read_solver
+
+    stream = stream if stream is not None else sys.stdout
+    sp = read_solver(str(solver_path))
+    net = build_net(sp, solver_path, cfg=cfg)
+    if weights:
+        load_initial_weights(net, weights, cfg, stream if ctx is None or ctx.is_main else None)
+    net.to(device)
+    reducer = None
+    if ctx is not None:
+        distributed.broadcast_params([q.tensor for q in net.learnable_params()])
+        reducer = distributed.GradReducer()
+    solver = Solver(sp, net, source=solver_path, reducer=reducer,
+                    seed_offset=0 if ctx is None else ctx.rank)
+    if roidb is not None:
+        layers = find_data_layers(net)
+        if not layers:
+            raise ConfigError(f"{solver_path}: the train net has no RoIDataLayer to take the roidb")
+        for layer in layers:
+            layer.set_roidb(roidb)
+    return Trainer(solver, cfg, output, bbox_means, bbox_stds, feed_fn=feed_fn, ctx=ctx,
+                   stream=stream)
+
+
+def train_command(solver, weights=None, imdb="voc_2007_trainval", data=None, proposals=None,
+                  iters=None, cfg=(), set_pairs=(), output="output", device="cpu", resume=None,
+                  log_kept_rois=None, log_every=1, stream=None) -> int:
+    """``readonly-ohem train``: the original ``tools/train_net.py``. Returns the exit status."""
+    from readonly_ohem.config import load_config
+    from readonly_ohem.data.pascal_voc import get_imdb
+    from readonly_ohem.data.roidb import training_roidb
+
+    stream = stream if stream is not None else sys.stdout
+    if log_every is not None and log_every < 1:
+        raise ConfigError(f"--log-every must be >= 1, got {log_every}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    ctx = distributed.init_from_env(device)
+    device = distributed.device_for(device, ctx)
+    config = load_config(cfg, set_pairs)
+    if ctx is None or ctx.is_main:
+        print(f"Using config: {list(cfg or [])} {list(set_pairs or [])}", file=stream, flush=True)
+    # train_net.py: np.random.seed(cfg.RNG_SEED); caffe.set_random_seed(cfg.RNG_SEED)
+    np.random.seed(config.RNG_SEED)
+    torch.manual_seed(config.RNG_SEED)
+    random.seed(config.RNG_SEED)
+
+    imdb_obj = get_imdb(imdb, data, proposals, config)
+    if ctx is None or ctx.is_main:
+        print(f"Loaded dataset `{imdb_obj.name}` for training", file=stream, flush=True)
+    roidb, means, stds = training_roidb(imdb_obj, config)
+    roidb = distributed.shard(roidb, ctx)
+    out_dir = Path(output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainer = build_trainer(solver, config, roidb, means, stds, None if resume else weights,
+                            out_dir, device, ctx, stream=stream)
+    if ctx is not None:  # dropout etc. differ per replica; the weights were broadcast
+        torch.manual_seed(config.RNG_SEED + ctx.rank)
+        np.random.seed(config.RNG_SEED + ctx.rank)
+    if resume:
+        trainer.load_state(resume)
+        trainer.log(f"Resumed from {resume} at iteration {trainer.solver.iter}")
+    if log_kept_rois:
+        attach_kept_roi_log(trainer.net, log_kept_rois, log_every, lambda: trainer.solver.iter)
+    max_iters = iters if iters is not None else trainer.solver.max_iter
+    if max_iters is None or max_iters <= 0:
+        raise ConfigError(f"{solver}: no iteration count (give --iters or max_iter in the solver)")
+    trainer.log(f"Output will be saved to `{out_dir}`; solving to iteration {max_iters}")
+    models = trainer.train(max_iters)
+    trainer.log("done solving; snapshots: " + ", ".join(str(m) for m in models))
+    if trainer.interrupted is not None:
+        return 128 + int(trainer.interrupted)
+    return 0

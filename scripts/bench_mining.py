@@ -1,0 +1,211 @@
+"""Benchmark: our OHEMDataLayer vs the original algorithm as released (per-RoI Python loops and
+py-faster-rcnn's pure-numpy NMS, re-typed below), on realistic readonly-head outputs.
+
+Cases: 1 image x 2000 RoIs and 2 images x 2000 RoIs, 21 classes, NMS on and off. Each case
+asserts both keep identical RoIs in identical order, then prints the median times. The last line
+is the time ratio of the NMS-on, 2-image case: ``speedup X.X``.
+
+    python scripts/bench_mining.py [--repeat 20] [--batch-size 128] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+from google.protobuf import text_format
+
+from readonly_ohem.config import default_config
+from readonly_ohem.layers.base import LayerContext
+from readonly_ohem.ohem.layer import OHEMDataLayer
+from readonly_ohem.ops.boxes import bbox_overlaps, bbox_transform
+from readonly_ohem.proto import caffe_pb2
+
+NUM_CLASSES = 21
+
+
+# -- the original algorithm, as released (roi_data_layer/layer.py + minibatch.py + py_cpu_nms) --
+def py_cpu_nms(dets, thresh):
+    """py-faster-rcnn's pure-numpy NMS (keeps IoU <= thresh, i.e. suppresses IoU > thresh)."""
+    x1, y1, x2, y2, scores = dets[:, 0], dets[:, 1], dets[:, 2], dets[:, 3], dets[:, 4]
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+    order = scores.argsort()[::-1]
+    keep = []
+    while order.size > 0:
+        i = order[0]
+        keep.append(i)
+        xx1 = np.maximum(x1[i], x1[order[1:]])
+        yy1 = np.maximum(y1[i], y1[order[1:]])
+        xx2 = np.minimum(x2[i], x2[order[1:]])
+        yy2 = np.minimum(y2[i], y2[order[1:]])
+        w = np.maximum(0.0, xx2 - xx1 + 1)
+        h = np.maximum(0.0, yy2 - yy1 + 1)
+        inter = w * h
+        ovr = inter / (areas[i] + areas[order[1:]] - inter)
+        inds = np.where(ovr <= thresh)[0]
+        order = order[inds + 1]
+    return keep
+
+
+def reference_ohem(cls_prob, bbox_pred, rois, labels, bbox_targets, bbox_inside_weights,
+                   bbox_outside_weights, batch_size, use_nms, nms_thresh):
+    """OHEMDataLayer.forward + get_ohem_minibatch; the loss in float64 (SPEC §5)."""
+    flt_min = np.finfo(float).eps
+    loss = [-1 * np.log(max(float(x), flt_min))
+            for x in [cls_prob[i, int(label)] for i, label in enumerate(labels)]]
+
+    def smoothL1(x):
+        if abs(x) < 1:
+            return 0.5 * x * x
+        else:
+            return abs(x) - 0.5
+
+    bbox_loss = np.zeros(labels.shape[0])
+    for i in np.where(labels > 0)[0]:
+        indices = np.where(bbox_inside_weights[i, :] != 0)[0]
+        d = bbox_inside_weights[i, indices].astype(np.float64) * (
+            bbox_pred[i, indices].astype(np.float64) - bbox_targets[i, indices].astype(np.float64))
+        bbox_loss[i] = sum(bbox_outside_weights[i, indices].astype(np.float64) * [smoothL1(x) for x in d])
+    loss += bbox_loss
+    loss = np.array(loss)
+
+    def select_hard_examples(loss):
+        sorted_indices = np.argsort(loss)[::-1]
+        return sorted_indices[0:np.minimum(len(loss), batch_size)]
+
+    if use_nms:
+        keep_inds = []
+        source_img_ids = np.array([roi[0] for roi in rois])
+        for img_id in np.unique(source_img_ids):
+            for label in np.unique(labels):
+                sel_indx = np.where(np.logical_and(labels == label, source_img_ids == img_id))[0]
+                if not len(sel_indx):
+                    continue
+                boxes = np.concatenate((rois[sel_indx, 1:], loss[sel_indx][:, np.newaxis]),
+                                       axis=1).astype(np.float32)
+                keep_inds.extend(sel_indx[py_cpu_nms(boxes, nms_thresh)])
+        hard_keep_inds = select_hard_examples(loss[keep_inds])
+        hard_inds = np.array(keep_inds)[hard_keep_inds]
+    else:
+        hard_inds = select_hard_examples(loss)
+    return hard_inds
+
+
+# -- realistic readonly-head outputs ---------------------------------------------------------
+def make_case(num_images: int, rois_per_image: int, seed: int = 0):
+    """Boxes clustered around objects (so NMS suppresses), softmax of random logits with a share
+    of confident-correct rows, bbox targets/weights as the original minibatch lays them out."""
+    rng = np.random.default_rng(seed)
+    all_rois, all_labels, all_targets = [], [], []
+    for im in range(num_images):
+        h, w = 600.0, 800.0
+        n_obj = int(rng.integers(2, 6))
+        ctr = rng.uniform([100, 100], [w - 100, h - 100], size=(n_obj, 2))
+        size = rng.uniform(60, 300, size=(n_obj, 2))
+        gt = np.concatenate((ctr - size / 2, ctr + size / 2), axis=1).clip(0, [w - 1, h - 1, w - 1, h - 1])
+        gt_cls = rng.integers(1, NUM_CLASSES, size=n_obj)
+        n_near = rois_per_image * 2 // 5
+        src = rng.integers(0, n_obj, size=n_near)
+        gw = (gt[src, 2] - gt[src, 0])[:, None]
+        gh = (gt[src, 3] - gt[src, 1])[:, None]
+        jit = rng.normal(0, 0.12, size=(n_near, 4)) * np.concatenate((gw, gh, gw, gh), axis=1)
+        near = gt[src] + jit
+        xy = rng.uniform([0, 0], [w - 40, h - 40], size=(rois_per_image - n_near, 2))
+        wh = rng.uniform(16, 400, size=(rois_per_image - n_near, 2))
+        rand = np.concatenate((xy, xy + wh), axis=1)
+        boxes = np.concatenate((near, rand)).clip(0, [w - 1, h - 1, w - 1, h - 1])
+        boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 1)
+        boxes = boxes * 0.96  # image scale, unrounded as the original
+        ov = bbox_overlaps(boxes, gt * 0.96)
+        arg = ov.argmax(1)
+        labels = np.where(ov.max(1) >= 0.5, gt_cls[arg], 0)
+        t = bbox_transform(boxes, gt[arg] * 0.96) / np.array([0.1, 0.1, 0.2, 0.2])
+        all_rois.append(np.concatenate((np.full((rois_per_image, 1), im), boxes), axis=1))
+        all_labels.append(labels)
+        all_targets.append(np.where((labels > 0)[:, None], t, 0.0))
+    rois = np.concatenate(all_rois).astype(np.float32)
+    labels = np.concatenate(all_labels)
+    t = np.concatenate(all_targets)
+    r = rois.shape[0]
+    targets = np.zeros((r, 4 * NUM_CLASSES), np.float32)
+    inside = np.zeros_like(targets)
+    for k in range(4):
+        targets[np.arange(r), 4 * labels + k] = t[:, k]
+        inside[np.arange(r), 4 * labels + k] = (labels > 0).astype(np.float32)
+    outside = (inside > 0).astype(np.float32)
+    logits = rng.normal(0, 2.0, size=(r, NUM_CLASSES))
+    confident = rng.random(r) < 0.5
+    logits[np.arange(r), labels] += np.where(confident, 7.0, 0.0)
+    prob = np.exp(logits - logits.max(1, keepdims=True))
+    prob = (prob / prob.sum(1, keepdims=True)).astype(np.float32)
+    pred = (targets + rng.normal(0, 0.8, size=targets.shape)).astype(np.float32)
+    return [prob, pred, rois, labels.astype(np.float32), targets, inside, outside]
+
+
+def make_layer(cfg):
+    param = text_format.Parse(
+        'name: "hard_roi_mining" type: "Python" python_param { module: "roi_data_layer.layer" '
+        "layer: \"OHEMDataLayer\" param_str: \"'num_classes': 21\" }"
+        + "".join(f' bottom: "b{i}"' for i in range(7)) + "".join(f' top: "t{i}"' for i in range(5)),
+        caffe_pb2.LayerParameter())
+    return OHEMDataLayer(param, LayerContext(cfg=cfg))
+
+
+def median_time(fn, repeat: int, sync=lambda: None) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv=None) -> float:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=128, help="TRAIN.BATCH_SIZE (default 128)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    print(f"device {device}, torch threads {torch.get_num_threads()}, "
+          f"BATCH_SIZE {args.batch_size}, {NUM_CLASSES} classes")
+    ratio = 0.0
+    for use_nms in (False, True):
+        for n_img in (1, 2):
+            cfg = default_config()
+            cfg.set_key("TRAIN.BATCH_SIZE", args.batch_size)
+            cfg.set_key("TRAIN.OHEM_USE_NMS", use_nms)
+            arrays = make_case(n_img, 2000, seed=n_img)
+            ref_args = arrays + [args.batch_size, use_nms, cfg.TRAIN.OHEM_NMS_THRESH]
+            ref_keep = reference_ohem(*ref_args)
+            layer = make_layer(cfg)
+            bottoms = [torch.from_numpy(a).to(device) for a in arrays]
+            got = []
+            layer.recorder = got.append
+            layer.forward(bottoms, [])
+            layer.recorder = None
+            ours_keep = got[0].keep.cpu().numpy()
+            assert np.array_equal(ours_keep, ref_keep), (use_nms, n_img, ours_keep, ref_keep)
+            n_supp = int(got[0].suppressed.sum())
+            t_ref = median_time(lambda: reference_ohem(*ref_args), max(3, args.repeat // 4))
+            t_ours = median_time(lambda: layer.forward(bottoms, []), args.repeat, sync)
+            ratio = t_ref / t_ours
+            print(f"NMS {'on ' if use_nms else 'off'} {n_img} image(s) x 2000 RoIs: kept "
+                  f"{len(ref_keep)} identical (NMS suppressed {n_supp}); reference "
+                  f"{t_ref * 1e3:.2f} ms, ours {t_ours * 1e3:.3f} ms, ratio {ratio:.1f}")
+    print(f"speedup {ratio:.1f}")
+    return ratio
+
+
+if __name__ == "__main__":
+    main()

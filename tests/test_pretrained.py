@@ -1,0 +1,49 @@
+"""torchvision VGG16 -> our BGR 0-255 mean-subtracted input: conv1_1 folding, checked numerically."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from readonly_ohem.errors import WeightsError
+from readonly_ohem.pretrained import (IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, VGG16_NAMES,
+                                      convert_vgg16_state_dict, fold_input_transform)
+
+PIXEL_MEANS = np.array([[[102.9801, 115.9465, 122.7717]]])
+
+
+def test_folded_conv1_equals_torchvision_in_the_interior_and_differs_by_the_mean_gap_at_borders():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 3, 3, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(8, generator=g, dtype=torch.float64)
+    bgr = torch.rand(1, 3, 9, 11, generator=g, dtype=torch.float64) * 255  # raw BGR pixels
+    # torchvision: RGB in [0, 1], normalized
+    mean = torch.tensor(IMAGENET_MEAN_RGB, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD_RGB, dtype=torch.float64).view(1, 3, 1, 1)
+    z = (bgr.flip(1) / 255 - mean) / std
+    ref = F.conv2d(z, w, b, padding=1)
+    # ours: BGR minus PIXEL_MEANS
+    y = bgr - torch.tensor(PIXEL_MEANS.ravel()).view(1, 3, 1, 1)
+    w2, b2 = fold_input_transform(w, b, PIXEL_MEANS)
+    assert w2.dtype == torch.float32
+    ours = F.conv2d(y, w2.double(), b2.double(), padding=1)
+    np.testing.assert_allclose(ours[..., 1:-1, 1:-1], ref[..., 1:-1, 1:-1], rtol=1e-5, atol=1e-4)
+    # borders: each padded tap adds W·(PM/255 - m)/s; reproduce the difference exactly
+    shift = (torch.tensor(PIXEL_MEANS.ravel()).flip(0) / 255 - mean.view(3)) / std.view(3)
+    ones = torch.ones(1, 3, 9, 11, dtype=torch.float64) * shift.view(1, 3, 1, 1)
+    inside = F.conv2d(ones, w, padding=1)  # taps that see real pixels
+    full = (w.sum(dim=(2, 3)) * shift).sum(1).view(1, 8, 1, 1)
+    np.testing.assert_allclose(ours - ref, full - inside, rtol=1e-4, atol=1e-4)
+    assert (ours - ref).abs().max() < 0.05 * w.abs().sum(dim=(1, 2, 3)).max()
+
+
+def test_convert_maps_names_and_rejects_other_dicts():
+    state = {}
+    for prefix in VGG16_NAMES:
+        state[f"{prefix}.weight"] = torch.zeros(4, 3, 3, 3) if prefix == "features.0" else torch.ones(2, 2)
+        state[f"{prefix}.bias"] = torch.zeros(4) if prefix == "features.0" else torch.ones(2)
+    out = convert_vgg16_state_dict(state, PIXEL_MEANS)
+    assert set(out) == set(VGG16_NAMES.values())
+    assert torch.equal(out["fc6"][0], state["classifier.0.weight"])
+    with pytest.raises(WeightsError, match="torchvision VGG16"):
+        convert_vgg16_state_dict({"fc.weight": torch.zeros(1)}, PIXEL_MEANS)

@@ -1,0 +1,237 @@
+"""The training loop: snapshots (names, bbox un-normalization, atomic writes), resume equality,
+NaN stop, SIGINT snapshot, logging; and a short real run on the mini-VOC when the data lands."""
+
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("readonly_ohem.net")
+
+from readonly_ohem.config import default_config  # noqa: E402
+from readonly_ohem.errors import ConfigError  # noqa: E402
+from readonly_ohem.solver import NonFiniteLossError  # noqa: E402
+from readonly_ohem.train import Trainer, atomic_torch_save, build_trainer  # noqa: E402
+from readonly_ohem.weights import blob_to_array, read_caffemodel  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+NET = """
+name: "tiny_frcn_head"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 6 } } }
+layer { name: "labels" type: "Input" top: "labels" input_param { shape { dim: 4 } } }
+layer { name: "bbox_targets" type: "Input" top: "bbox_targets" input_param { shape { dim: 4 dim: 8 } } }
+layer { name: "fc1" type: "InnerProduct" bottom: "data" top: "fc1"
+        inner_product_param { num_output: 5 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "relu1" type: "ReLU" bottom: "fc1" top: "fc1" }
+layer { name: "drop1" type: "Dropout" bottom: "fc1" top: "fc1" dropout_param { dropout_ratio: 0.5 } }
+layer { name: "cls_score" type: "InnerProduct" bottom: "fc1" top: "cls_score"
+        param { lr_mult: 1 } param { lr_mult: 2 decay_mult: 0 }
+        inner_product_param { num_output: 2 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "bbox_pred" type: "InnerProduct" bottom: "fc1" top: "bbox_pred"
+        param { lr_mult: 1 } param { lr_mult: 2 decay_mult: 0 }
+        inner_product_param { num_output: 8 weight_filler { type: "gaussian" std: 0.3 }
+                              bias_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "loss_cls" type: "SoftmaxWithLoss" bottom: "cls_score" bottom: "labels" top: "loss_cls" }
+layer { name: "loss_bbox" type: "SmoothL1Loss" bottom: "bbox_pred" bottom: "bbox_targets"
+        top: "loss_bbox" loss_weight: 1 }
+"""
+SOLVER = """train_net: "net.prototxt"
+base_lr: 0.05
+lr_policy: "step"
+gamma: 0.5
+stepsize: 3
+momentum: 0.9
+weight_decay: 0.001
+iter_size: 2
+display: 2
+average_loss: 3
+max_iter: 6
+snapshot_prefix: "tiny"
+"""
+MEANS = np.array([0, 0, 0, 0, 0.1, -0.2, 0.3, 0.05])
+STDS = np.array([0, 0, 0, 0, 0.1, 0.1, 0.2, 0.2])
+
+
+def feed(it, p, nan_at=None):
+    g = torch.Generator().manual_seed(100 * it + p)
+    f = {"data": torch.randn(4, 6, generator=g),
+         "labels": torch.randint(0, 2, (4,), generator=g).float(),
+         "bbox_targets": torch.randn(4, 8, generator=g)}
+    if nan_at is not None and it == nan_at:
+        f["bbox_targets"][0, 0] = float("nan")
+    return f
+
+
+@pytest.fixture
+def exp_dir(tmp_path):
+    (tmp_path / "net.prototxt").write_text(NET)
+    (tmp_path / "solver.prototxt").write_text(SOLVER)
+    return tmp_path
+
+
+def make(exp_dir, out="out", snapshot_iters=2, feed_fn=feed, stream=None, **cfg_keys):
+    cfg = default_config()
+    cfg.TRAIN.SNAPSHOT_ITERS = snapshot_iters
+    for k, v in cfg_keys.items():
+        cfg.TRAIN[k] = v
+    torch.manual_seed(cfg.RNG_SEED)
+    np.random.seed(cfg.RNG_SEED)
+    return build_trainer(exp_dir / "solver.prototxt", cfg, bbox_means=MEANS, bbox_stds=STDS,
+                         output=exp_dir / out, feed_fn=feed_fn, stream=stream)
+
+
+def weights(trainer):
+    return {q.key: q.tensor.detach().clone() for q in trainer.net.learnable_params()}
+
+
+def test_snapshots_names_and_bbox_unnormalization(exp_dir):
+    t = make(exp_dir, SNAPSHOT_INFIX="x")
+    models = t.train(3)
+    out = exp_dir / "out"
+    assert [m.name for m in models] == ["tiny_x_iter_2.caffemodel", "tiny_x_iter_3.caffemodel"]
+    for n in (2, 3):
+        assert (out / f"tiny_x_iter_{n}.state.pt").is_file()
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    w, b = (x.detach().numpy() for x in t.net.layer_params("bbox_pred"))
+    saved = {name: [blob_to_array(bl) for bl in blobs]
+             for name, _, blobs in read_caffemodel(out / "tiny_x_iter_3.caffemodel")}
+    np.testing.assert_allclose(saved["bbox_pred"][0], w * STDS[:, None], rtol=1e-6)
+    np.testing.assert_allclose(saved["bbox_pred"][1], b * STDS + MEANS, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(saved["cls_score"][0], t.net.layer_params("cls_score")[0].detach())
+    # the net keeps its normalized weights (restored after saving)
+    state = torch.load(out / "tiny_x_iter_3.state.pt", weights_only=False)
+    np.testing.assert_array_equal(state["weights"]["bbox_pred/0"].numpy(), w)
+
+
+def test_no_unnormalization_when_targets_not_normalized(exp_dir):
+    t = make(exp_dir, BBOX_NORMALIZE_TARGETS=False)
+    t.train(2)
+    saved = {name: [blob_to_array(bl) for bl in blobs]
+             for name, _, blobs in read_caffemodel(exp_dir / "out" / "tiny_iter_2.caffemodel")}
+    np.testing.assert_array_equal(saved["bbox_pred"][1], t.net.layer_params("bbox_pred")[1].detach())
+
+
+def test_resume_equals_uninterrupted_run(exp_dir):
+    straight = make(exp_dir, out="a")
+    straight.train(6)
+    first = make(exp_dir, out="b")
+    first.train(3)  # snapshots at 2 and 3
+    resumed = make(exp_dir, out="b")
+    resumed.load_state(exp_dir / "b" / "tiny_iter_3.state.pt")
+    assert resumed.solver.iter == 3
+    resumed.train(6)
+    wa, wb = weights(straight), weights(resumed)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    for k, h in straight.solver.history.items():
+        assert torch.equal(h, resumed.solver.history[k]), k
+    assert straight.solver.smoothed_loss() == resumed.solver.smoothed_loss()
+
+
+def test_atomic_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "s.state.pt"
+    atomic_torch_save({"a": 1}, path)
+
+    def killed(obj, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt  # the process dies mid-write
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_torch_save({"a": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["s.state.pt"]
+
+
+def test_nan_loss_stops_naming_iteration_blob_layer_and_keeps_last_snapshot(exp_dir):
+    t = make(exp_dir, feed_fn=lambda it, p: feed(it, p, nan_at=3))
+    with pytest.raises(NonFiniteLossError) as e:
+        t.train(6)
+    msg = str(e.value)
+    assert "iteration 3" in msg and "'loss_bbox'" in msg and "tiny_iter_2.caffemodel" in msg
+    assert t.solver.iter == 3
+    files = sorted(p.name for p in (exp_dir / "out").iterdir())
+    assert files == ["tiny_iter_2.caffemodel", "tiny_iter_2.state.pt"]
+    # the weights are those after iteration 3 (the failed one did not update)
+    ref = make(exp_dir, out="ref")
+    ref.train(3)
+    for k, v in weights(ref).items():
+        assert torch.equal(v, weights(t)[k]), k
+
+
+def test_sigint_writes_a_snapshot_and_stops(exp_dir):
+    def feed_and_interrupt(it, p):
+        if it == 1 and p == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+        return feed(it, p)
+
+    t = make(exp_dir, snapshot_iters=100, feed_fn=feed_and_interrupt)
+    models = t.train(6)
+    assert t.interrupted == signal.SIGINT
+    assert t.solver.iter == 2 and [m.name for m in models] == ["tiny_iter_2.caffemodel"]
+    assert (exp_dir / "out" / "tiny_iter_2.state.pt").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_display_lines_use_smoothed_losses(exp_dir, capsys):
+    import io
+
+    buf = io.StringIO()
+    t = make(exp_dir, stream=buf)
+    t.train(4)
+    text = buf.getvalue()
+    lines = [ln for ln in text.splitlines() if ln.startswith("Iteration")]
+    assert [ln.split(",")[0] for ln in lines] == ["Iteration 0", "Iteration 2"]
+    assert "loss_cls = " in lines[1] and "loss_bbox = " in lines[1] and "lr = 0.05" in lines[1]
+    assert "s/iter" in text and "iter 4/4" in text
+    # the window of 3 iterations: the mean of the last three reported losses
+    assert t.solver.smoothed_loss() == pytest.approx(np.mean(list(t.solver._losses)))
+
+
+def test_resume_rejects_a_foreign_file(exp_dir):
+    t = make(exp_dir)
+    bad = exp_dir / "bad.pt"
+    torch.save({"x": 1}, bad)
+    with pytest.raises(ConfigError, match="not a readonly-ohem training state"):
+        t.load_state(bad)
+
+
+def test_log_kept_rois_needs_an_ohem_layer(exp_dir):
+    from readonly_ohem.train import attach_kept_roi_log
+
+    t = make(exp_dir)
+    with pytest.raises(ConfigError, match="no OHEM layer"):
+        attach_kept_roi_log(t.net, str(exp_dir / "log"), 1, lambda: 0)
+
+
+# -- the real thing: mini-VOC, small OHEM net, RoIDataLayer ---------------------------------------
+def _small_solver(kind):
+    return REPO / "prototxt" / "small" / kind / "solver.prototxt"
+
+
+def test_train_command_on_minivoc_ohem_resume_equal(tmp_path):
+    minivoc = pytest.importorskip("readonly_ohem.data.minivoc")
+    solver = _small_solver("fast_rcnn_ohem")
+    if not solver.is_file():
+        pytest.skip("prototxt/small/fast_rcnn_ohem/solver.prototxt not there yet")
+    from readonly_ohem.train import train_command
+
+    minivoc.make_minivoc(tmp_path / "voc", seed=0, num_images=6)
+    cfgs = [str(p) for p in (REPO / "prototxt" / "cfgs").glob("*.yml")]
+    common = dict(solver=str(solver), imdb="voc_2007_trainval", data=str(tmp_path / "voc"),
+                  cfg=[c for c in cfgs if c.endswith("fast_rcnn_ohem.yml")],
+                  set_pairs=[["TRAIN.SCALES", "(128,)"], ["TRAIN.MAX_SIZE", "200"],
+                             ["TRAIN.SNAPSHOT_ITERS", "2"]])
+    assert train_command(iters=4, output=str(tmp_path / "a"), **common) == 0
+    assert train_command(iters=2, output=str(tmp_path / "b"), **common) == 0
+    state = next((tmp_path / "b").glob("*_iter_2.state.pt"))
+    assert train_command(iters=4, output=str(tmp_path / "b"), resume=str(state), **common) == 0
+    a = torch.load(next((tmp_path / "a").glob("*_iter_4.state.pt")), weights_only=False)
+    b = torch.load(next((tmp_path / "b").glob("*_iter_4.state.pt")), weights_only=False)
+    for k in a["weights"]:
+        assert torch.equal(a["weights"][k], b["weights"][k]), k
