@@ -200,7 +200,7 @@ def make_proposals(objects, distractors, w, h, rng) -> np.ndarray:
     target = int(rng.randint(300, 501))
     parts = []
     for o in objects:
-        for strength, n in ((0.04, 8), (0.1, 12), (0.25, 14), (0.5, 10)):
+        for strength, n in ((0.04, 4), (0.1, 7), (0.25, 12), (0.5, 12)):
             parts.append(_jitter(o["box"], strength, w, h, rng, n))
         x1, y1, x2, y2 = o["box"]  # halves and quarters of the object: partial views
         mx, my = (x1 + x2) // 2, (y1 + y2) // 2
