@@ -401,6 +401,11 @@ class Net(nn.Module):
         def bind(name, tensor, inplace):
             v = versions[name] + 1 if inplace else 0
             versions[name] = v
+            from_source = self._leaf_grad.get((name, v))
+            if (from_source or (from_source is not None and retain_diffs)) and grad_on \
+                    and not tensor.requires_grad and tensor.is_floating_point():
+                # Caffe computes this blob's diff though no graph leads here: a leaf for it
+                tensor = tensor.detach().requires_grad_(True)
             if retain_diffs and self._diff_version.get(name) == v:
                 if tensor.requires_grad and not tensor.is_leaf:
                     tensor.retain_grad()
@@ -420,14 +425,14 @@ class Net(nn.Module):
                         else:
                             raise SpecError(f"{self._where(rec.param)}: this data layer was not "
                                             f"built (its tops were given shapes): feed its top {t!r}")
-                        bind(t, self._leaf(t, tensor, grad_on), False)
+                        bind(t, tensor, False)
                     continue
                 with torch.no_grad():
                     tops = rec.module([], [])
                 self._check_tops(rec, tops)
                 for j, (t, x) in enumerate(zip(rec.tops, tops)):
                     x = self._as_tensor(t, feed[t]) if fed[j] else x.to(self.device)
-                    bind(t, self._leaf(t, x, grad_on), False)
+                    bind(t, x, False)
                 continue
             bottoms = []
             for i, b in enumerate(rec.bottoms):
@@ -443,12 +448,6 @@ class Net(nn.Module):
                     x = x.view_as(x)  # a distinct autograd node, so each blob keeps its own diff
                 bind(t, x, rec.inplace[j])
         return blobs
-
-    def _leaf(self, name: str, tensor: torch.Tensor, grad_on: bool) -> torch.Tensor:
-        if grad_on and self._leaf_grad.get(name) and not tensor.requires_grad \
-                and tensor.is_floating_point():
-            tensor = tensor.detach().requires_grad_(True)
-        return tensor
 
     def _check_tops(self, rec, tops) -> None:
         if not isinstance(tops, (list, tuple)) or len(tops) != len(rec.tops):
@@ -681,7 +680,7 @@ class _BackwardPlan:
                 n["bneed"] = [bn or f for bn, f in zip(n["bneed"], n["force"])]
                 n["pgrad"] = [True] * len(n["pgrad"])
         # -- map back onto the records
-        self.leaf_grad: dict[str, bool] = {}
+        self.leaf_grad: dict[tuple[str, int], bool] = {}
         for idx, n in enumerate(nodes):
             rec = n["rec"]
             if rec is None:
@@ -696,10 +695,18 @@ class _BackwardPlan:
                     s = nodes[split_index[src]]
                     ok = ok and s["need"] and s["bneed"][0]
                 rec.bottom_grad.append(ok)
+            # a layer with nothing to send back (e.g. a selector whose bottoms are all cut)
+            # computes nothing in backward: no graph for it
+            rec.need_backward = n["need"] and (any(rec.bottom_grad) or any(rec.param_grad))
+        # (blob, version) whose diff some consumer computes; from a source: (blob, 0, True)
+        versions: dict[str, int] = {}
         for rec in records:
             for k, b in enumerate(rec.bottoms):
-                if rec.bottom_grad[k] and self._producer_is_source(records, rec, k):
-                    self.leaf_grad[b] = True
+                if rec.bottom_grad[k]:
+                    src = records[self._src_of(records, rec, k)[0]].is_source
+                    self.leaf_grad[(b, versions[b])] = src
+            for j, t in enumerate(rec.tops):
+                versions[t] = versions[t] + 1 if rec.inplace[j] else 0
         self.diff_version = self._diff_versions(records)
 
     @staticmethod
@@ -736,11 +743,6 @@ class _BackwardPlan:
             if b in records[p].tops:
                 return (p, records[p].tops.index(b))
         raise AssertionError(b)
-
-    @classmethod
-    def _producer_is_source(cls, records, rec, k) -> bool:
-        p, _ = cls._src_of(records, rec, k)
-        return records[p].is_source
 
     @staticmethod
     def _diff_versions(records) -> dict[str, int]:

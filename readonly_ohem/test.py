@@ -216,8 +216,7 @@ def test_command(def_path, net_path, imdb, data=None, proposals=None, cfg=(), se
     config = load_config(cfg, set_pairs)
     net = Net.from_file(def_path, phase="TEST", cfg=config)
     report = net.load_caffemodel(net_path)
-    if report:
-        print(f"weights {net_path}: {report}", file=sys.stderr)
+    print(report, file=sys.stderr)  # loaded layers; names missing on either side
     net.to(torch.device(device))
     dataset = get_imdb(imdb, data, proposals, config)
     test_net(net, dataset, config, max_per_image=max_per_image, thresh=thresh,

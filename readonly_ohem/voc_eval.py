@@ -92,11 +92,13 @@ def voc_eval(detections, annotations: dict, classname: str, ovthresh: float = 0.
 
     # Best ground-truth box of each detection, computed per image (the same IoU arithmetic as the
     # original's per-detection loop: +1 widths, union = area_det + area_gt - inter).
-    ids = np.array(image_ids, dtype=object)
+    uniq, inv = np.unique(np.array(image_ids), return_inverse=True)
+    by_image = np.argsort(inv.reshape(-1), kind="stable")
+    bounds = np.searchsorted(inv.reshape(-1)[by_image], np.arange(len(uniq) + 1))
     ovmax = np.full(nd, -np.inf)
     jmax = np.zeros(nd, dtype=np.int64)
-    for image_id in set(image_ids):
-        rows = np.nonzero(ids == image_id)[0]
+    for u, image_id in enumerate(uniq.tolist()):
+        rows = by_image[bounds[u]:bounds[u + 1]]
         gt = gt_boxes[image_id]
         if gt.shape[0] > 0:
             overlaps = bbox_overlaps(BB[rows], gt)

@@ -29,8 +29,10 @@ import torch
 
 from readonly_ohem.ops.boxes import bbox_overlaps
 
-_FIRST_CHUNK = 512  # boxes per chunk of an unbounded NMS (later chunks double, up to _MAX_CHUNK)
-_MAX_CHUNK = 4096
+_FIRST_CHUNK = 256  # boxes per chunk of an unbounded NMS (later chunks double, up to _MAX_CHUNK)
+_MIN_CHUNK = 64  # smallest chunk when stopping early
+_MAX_CHUNK = 2048  # largest chunk when stopping early
+_MAX_FULL_CHUNK = 512  # largest chunk of an unbounded NMS (its cost is mostly the kept x chunk IoU)
 
 
 def descending_order(scores: torch.Tensor) -> torch.Tensor:
@@ -55,49 +57,92 @@ def greedy_nms(boxes: torch.Tensor, order: torch.Tensor, thresh: float, *, group
     Returns ``(keep, examined)``: kept box indices (into ``boxes``) in visiting order, and how
     many entries of ``order`` were visited (the rest are undecided; ``M`` when not stopped).
     """
-    device = boxes.device
     n = int(order.numel())
-    empty = torch.zeros(0, dtype=torch.long, device=device)
     if n == 0 or (max_keep is not None and max_keep <= 0):
-        return empty, 0
+        return order.new_zeros(0), 0
+    if max_keep is None and groups is not None:
+        # Visit group by group (each group in its own order: same result), so that only boxes
+        # kept earlier in the same group are compared with a chunk; then restore the order.
+        visit = order[torch.sort(groups[order], stable=True).indices]
+        keep, _ = _visit(boxes, visit, thresh, groups, suppress_equal, None, None, grouped=True)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(n, device=order.device)
+        return keep[torch.argsort(rank[keep])], n
+    return _visit(boxes, order, thresh, groups, suppress_equal, max_keep, tie_scores, grouped=False)
+
+
+def _visit(boxes, order, thresh, groups, suppress_equal, max_keep, tie_scores, grouped):
+    """The chunked greedy pass (see the module docstring)."""
+    n = int(order.numel())
+    device = boxes.device
     thr = torch.tensor(thresh, dtype=boxes.dtype, device=device)
-    kept_idx = empty
+    kept = []  # index tensors, in visiting order
+    n_kept = 0
     kept_boxes = boxes.new_zeros((0, 4))
     kept_groups = None if groups is None else groups.new_zeros((0,))
-    chunk = _FIRST_CHUNK if max_keep is None else max(64, 2 * max_keep)
+    chunk = _FIRST_CHUNK if max_keep is None else max(_MIN_CHUNK, 2 * max_keep)
     start = 0
     while start < n:
         cand = order[start:start + chunk]
         k = int(cand.numel())
         cboxes = boxes[cand]
-        q = torch.cat((kept_boxes, cboxes))  # (P + k, 4): everything that may suppress the chunk
-        iou = bbox_overlaps(q, cboxes)  # (P + k, k)
+        cgroups = None if groups is None else groups[cand]
+        prev_boxes, prev_groups = kept_boxes, kept_groups
+        if grouped and n_kept:
+            # visiting group-major: only the kept boxes of the chunk's first group can matter
+            first = int(torch.searchsorted(kept_groups, cgroups[:1]))
+            prev_boxes, prev_groups = kept_boxes[first:], kept_groups[first:]
+        p = int(prev_boxes.shape[0])
+        q = torch.cat((prev_boxes, cboxes))
+        # column-major copies make bbox_overlaps' column broadcasts contiguous (much faster)
+        iou = bbox_overlaps(q.t().contiguous().t(), cboxes.t().contiguous().t())  # (p + k, k)
         over = iou >= thr if suppress_equal else iou > thr
         if groups is not None:
-            cgroups = groups[cand]
-            over &= torch.cat((kept_groups, cgroups))[:, None] == cgroups[None, :]
-        p = int(kept_boxes.shape[0])
-        alive = ~over[:p].any(0)  # not suppressed by a box kept in an earlier chunk
-        within = over[p:].triu(1)  # within[a, b]: a is visited before b and would suppress it
-        keep = alive
-        while True:  # fixed point of keep[b] = alive[b] & ~any_a(keep[a] & within[a, b])
-            new = alive & ~(within & keep[:, None]).any(0)
-            if torch.equal(new, keep):
-                break
-            keep = new
+            over &= torch.cat((prev_groups, cgroups))[:, None] == cgroups[None, :]
+        alive = ~over[:p].any(0)  # not suppressed by a box kept before this chunk
+        within = over[p:].triu_(1).float()  # within[a, b]: a is visited before b and overlaps it
+        keep = _greedy_within(alive, within)
         new_idx = cand[keep]
-        kept_idx = torch.cat((kept_idx, new_idx))
+        kept.append(new_idx)
+        n_kept += int(new_idx.numel())
         kept_boxes = torch.cat((kept_boxes, cboxes[keep]))
         if groups is not None:
             kept_groups = torch.cat((kept_groups, cgroups[keep]))
         start += k
-        if max_keep is not None and kept_idx.numel() >= max_keep:
+        if max_keep is None:
+            chunk = min(2 * chunk, _MAX_FULL_CHUNK)
+            continue
+        if n_kept >= max_keep:
             if tie_scores is None or start >= n:
                 break
-            if bool(tie_scores[order[start]] < tie_scores[kept_idx[max_keep - 1]]):
+            last = torch.cat(kept)[max_keep - 1]
+            if bool(tie_scores[order[start]] < tie_scores[last]):
                 break
-        chunk = min(2 * chunk, _MAX_CHUNK)
-    return kept_idx, min(start, n)
+        # size the next chunk from the survival rate so far (at least _MIN_CHUNK)
+        need = max(max_keep - n_kept, 1)
+        rate = max(n_kept / start, 1.0 / 16)
+        chunk = min(max(_MIN_CHUNK, int(1.25 * need / rate) + 1), _MAX_CHUNK)
+    keep = torch.cat(kept) if kept else order.new_zeros(0)
+    return keep, min(start, n)
+
+
+def _greedy_within(alive: torch.Tensor, within: torch.Tensor) -> torch.Tensor:
+    """Greedy NMS inside one chunk: (k,) bool candidates, (k, k) float 0/1 strict-upper
+    "would suppress" matrix -> (k,) bool kept.
+
+    Decisions only ever become final: an undecided box is kept once no undecided or kept box
+    before it overlaps it, and suppressed once a kept one does. Every step decides at least the
+    first undecided box; on real data a few steps decide all.
+    """
+    kept = torch.zeros_like(alive)
+    undecided = alive.clone()
+    while bool(undecided.any()):
+        blockers = torch.mv(within.t(), (kept | undecided).float())  # overlapping, not suppressed
+        killers = torch.mv(within.t(), kept.float())
+        newly_kept = undecided & (blockers == 0)
+        kept |= newly_kept
+        undecided &= ~(newly_kept | (killers > 0))
+    return kept
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, thresh: float,

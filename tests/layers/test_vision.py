@@ -91,7 +91,7 @@ def test_convolution_gradcheck_and_shared_weights_over_two_bottoms():
     b = torch.randn(2, 4, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(2, 2, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(2, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *t: layer.forward(t[:2], t[2:]), (a, b, w, bias))
+    assert torch.autograd.gradcheck(lambda *t: layer.forward(t[:2], t[2:]), (a, b, w, bias), fast_mode=True)
     p, q = layer.forward([a, b], [w, bias])
     assert p.shape == (1, 2, 3, 3) and q.shape == (2, 2, 2, 2)
 
@@ -256,7 +256,7 @@ def test_pooling_gradcheck(method, pad):
     g = torch.Generator().manual_seed(pad)
     x = (torch.randperm(2 * 7 * 8, generator=g).double().view(1, 2, 7, 8) / 10).requires_grad_()
     layer = pool_layer(method, (3, 3), (2, 2), (pad, pad))
-    assert torch.autograd.gradcheck(lambda t: layer.forward([t], [])[0], (x,))
+    assert torch.autograd.gradcheck(lambda t: layer.forward([t], [])[0], (x,), fast_mode=True)
 
 
 def test_global_pooling():
@@ -338,7 +338,7 @@ def test_lrn_matches_loop_and_gradcheck(region, size):
     (y,) = layer.forward([x], [])
     want = lrn_reference(x.detach().numpy(), size, 0.0005, 0.75, 2, region == "ACROSS_CHANNELS")
     np.testing.assert_allclose(y.detach().numpy(), want, rtol=1e-6)  # alpha is a float32 field
-    assert torch.autograd.gradcheck(lambda t: layer.forward([t], [])[0], (x,))
+    assert torch.autograd.gradcheck(lambda t: layer.forward([t], [])[0], (x,), fast_mode=True)
 
 
 def test_lrn_even_size_is_an_error():
