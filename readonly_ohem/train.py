@@ -434,7 +434,12 @@ def train_command(solver, weights=None, imdb="voc_2007_trainval", data=None, pro
     if max_iters is None or max_iters <= 0:
         raise ConfigError(f"{solver}: no iteration count (give --iters or max_iter in the solver)")
     trainer.log(f"Output will be saved to `{out_dir}`; solving to iteration {max_iters}")
-    models = trainer.train(max_iters)
+    try:
+        models = trainer.train(max_iters)
+    finally:
+        for layer in find_data_layers(trainer.net):
+            if hasattr(layer, "close"):
+                layer.close()  # prefetch workers
     trainer.log("done solving; snapshots: " + ", ".join(str(m) for m in models))
     if trainer.interrupted is not None:
         return 128 + int(trainer.interrupted)

@@ -118,37 +118,59 @@ layer { name: "loss" type: "SoftmaxWithLoss" bottom: "cls_score" bottom: "labels
 """
 
 
-def _net_worker(rank, world, port, out_dir, net_path):
+SOLVER_FILE = """train_net: "tiny.prototxt"
+base_lr: 0.1
+lr_policy: "step"
+gamma: 0.5
+stepsize: 2
+momentum: 0.9
+weight_decay: 0.01
+iter_size: 2
+display: 0
+snapshot_prefix: "tiny"
+"""
+
+
+def _net_worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from readonly_ohem.distributed import GradReducer, broadcast_params
-        from readonly_ohem.net import Net
-        from readonly_ohem.solver import Solver
+        import io
 
-        torch.manual_seed(100 + rank)  # different fillers: the broadcast must fix that
-        net = Net.from_file(net_path, phase="TRAIN")
-        broadcast_params([q.tensor for q in net.learnable_params()])
-        sp = text_format.Parse(SOLVER, caffe_pb2.SolverParameter())
-        solver = Solver(sp, net, reducer=GradReducer(), seed_offset=rank)
-        for it in range(ITERS):
-            def feed(p):
-                g = torch.Generator().manual_seed(1000 * rank + 10 * it + p)
-                return {"data": torch.randn(4, 6, generator=g),
-                        "labels": torch.randint(0, 3, (4,), generator=g).float()}
-            solver.step(feed)
-        torch.save({q.key: q.tensor.detach() for q in net.learnable_params()},
+        from readonly_ohem.config import default_config
+        from readonly_ohem.distributed import DistContext
+        from readonly_ohem.train import build_trainer
+
+        def feed(it, p):  # each replica its own data
+            g = torch.Generator().manual_seed(1000 * rank + 10 * it + p)
+            return {"data": torch.randn(4, 6, generator=g),
+                    "labels": torch.randint(0, 3, (4,), generator=g).float()}
+
+        cfg = default_config()
+        cfg.TRAIN.SNAPSHOT_ITERS = 2
+        torch.manual_seed(100 + rank)  # different dropout per replica
+        ctx = DistContext(rank=rank, world_size=world)
+        trainer = build_trainer(Path(out_dir) / "solver.prototxt", cfg, output=Path(out_dir) / "out",
+                                ctx=ctx, feed_fn=feed, stream=io.StringIO())
+        trainer.train(ITERS)
+        torch.save({q.key: q.tensor.detach() for q in trainer.net.learnable_params()},
                    Path(out_dir) / f"net{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_two_gloo_processes_with_a_real_net(tmp_path):
+def test_two_gloo_processes_train_a_real_net_identically(tmp_path):
     pytest.importorskip("readonly_ohem.net")
-    net_path = tmp_path / "tiny.prototxt"
-    net_path.write_text(NET)
-    mp.spawn(_net_worker, args=(2, _free_port(), str(tmp_path), str(net_path)), nprocs=2, join=True)
+    (tmp_path / "tiny.prototxt").write_text(NET)
+    (tmp_path / "solver.prototxt").write_text(SOLVER_FILE)
+    mp.spawn(_net_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"net{r}.pt") for r in range(2))
     assert r0.keys() == r1.keys() and r0
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
+    # one state file per snapshot, holding each replica's RNG and data cursor
+    state = torch.load(tmp_path / "out" / f"tiny_iter_{ITERS}.state.pt", weights_only=False)
+    assert len(state["ranks"]) == 2
+    assert not torch.equal(state["ranks"][0]["rng"]["torch"], state["ranks"][1]["rng"]["torch"])
+    for k, v in state["weights"].items():
+        assert torch.equal(v, r0[k]), k

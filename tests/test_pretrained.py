@@ -47,3 +47,32 @@ def test_convert_maps_names_and_rejects_other_dicts():
     assert torch.equal(out["fc6"][0], state["classifier.0.weight"])
     with pytest.raises(WeightsError, match="torchvision VGG16"):
         convert_vgg16_state_dict({"fc.weight": torch.zeros(1)}, PIXEL_MEANS)
+
+
+def test_load_into_a_net_by_caffe_layer_name(tmp_path):
+    pytest.importorskip("readonly_ohem.net")
+    from readonly_ohem.net import Net
+    from readonly_ohem.pretrained import load_torchvision_vgg16
+
+    (tmp_path / "n.prototxt").write_text("""
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 4 dim: 4 } } }
+layer { name: "conv1_1" type: "Convolution" bottom: "data" top: "c"
+        convolution_param { num_output: 2 kernel_size: 3 pad: 1 } }
+layer { name: "fc6" type: "InnerProduct" bottom: "c" top: "f" inner_product_param { num_output: 3 } }
+layer { name: "cls_score" type: "InnerProduct" bottom: "f" top: "s" inner_product_param { num_output: 2 } }
+""")
+    net = Net.from_file(tmp_path / "n.prototxt", phase="TEST")
+    g = torch.Generator().manual_seed(0)
+    state = {"features.0.weight": torch.randn(2, 3, 3, 3, generator=g),
+             "features.0.bias": torch.randn(2, generator=g),
+             "classifier.0.weight": torch.randn(3, 32, generator=g),
+             "classifier.0.bias": torch.randn(3, generator=g),
+             "classifier.6.weight": torch.randn(1000, 3, generator=g),
+             "classifier.6.bias": torch.randn(1000, generator=g)}
+    torch.save(state, tmp_path / "vgg16.pth")
+    report = load_torchvision_vgg16(net, tmp_path / "vgg16.pth", PIXEL_MEANS)
+    assert report["loaded"] == ["conv1_1", "fc6"] and report["missing_in_net"] == ["fc8"]
+    assert report["missing_in_file"] == ["cls_score"]
+    w, b = fold_input_transform(state["features.0.weight"], state["features.0.bias"], PIXEL_MEANS)
+    assert torch.equal(net.layer_params("conv1_1")[0].detach(), w)
+    assert torch.equal(net.layer_params("fc6")[0].detach(), state["classifier.0.weight"])

@@ -214,24 +214,41 @@ def _small_solver(kind):
     return REPO / "prototxt" / "small" / kind / "solver.prototxt"
 
 
-def test_train_command_on_minivoc_ohem_resume_equal(tmp_path):
-    minivoc = pytest.importorskip("readonly_ohem.data.minivoc")
+@pytest.fixture
+def voc_data(tmp_path, request):
+    """(data dir, proposals file or None): a 6-image mini-VOC, else the shared original-pipeline set."""
+    try:
+        from readonly_ohem.data.minivoc import make_minivoc
+    except ImportError:
+        shared = request.getfixturevalue("shared_dir") / "original_pipeline" / "train"
+        return shared, shared / "voc_2007_trainval.mat"
+    make_minivoc(tmp_path / "voc", seed=0, num_images=6)
+    return tmp_path / "voc", None
+
+
+def test_train_command_ohem_resume_equals_uninterrupted(tmp_path, voc_data):
     solver = _small_solver("fast_rcnn_ohem")
     if not solver.is_file():
         pytest.skip("prototxt/small/fast_rcnn_ohem/solver.prototxt not there yet")
     from readonly_ohem.train import train_command
 
-    minivoc.make_minivoc(tmp_path / "voc", seed=0, num_images=6)
-    cfgs = [str(p) for p in (REPO / "prototxt" / "cfgs").glob("*.yml")]
-    common = dict(solver=str(solver), imdb="voc_2007_trainval", data=str(tmp_path / "voc"),
-                  cfg=[c for c in cfgs if c.endswith("fast_rcnn_ohem.yml")],
-                  set_pairs=[["TRAIN.SCALES", "(128,)"], ["TRAIN.MAX_SIZE", "200"],
-                             ["TRAIN.SNAPSHOT_ITERS", "2"]])
-    assert train_command(iters=4, output=str(tmp_path / "a"), **common) == 0
-    assert train_command(iters=2, output=str(tmp_path / "b"), **common) == 0
-    state = next((tmp_path / "b").glob("*_iter_2.state.pt"))
-    assert train_command(iters=4, output=str(tmp_path / "b"), resume=str(state), **common) == 0
-    a = torch.load(next((tmp_path / "a").glob("*_iter_4.state.pt")), weights_only=False)
-    b = torch.load(next((tmp_path / "b").glob("*_iter_4.state.pt")), weights_only=False)
+    data, proposals = voc_data
+    common = dict(solver=str(solver), imdb="voc_2007_trainval", data=str(data),
+                  proposals=None if proposals is None else str(proposals),
+                  cfg=[str(REPO / "prototxt" / "cfgs" / "fast_rcnn_ohem.yml")],
+                  set_pairs=[["TRAIN.SCALES", "(96,)"], ["TRAIN.MAX_SIZE", "160"],
+                             ["TRAIN.SNAPSHOT_ITERS", "1"]], stream=__import__("io").StringIO())
+    assert train_command(iters=2, output=str(tmp_path / "a"), **common) == 0
+    assert train_command(iters=1, output=str(tmp_path / "b"), **common) == 0
+    state = tmp_path / "b" / "small_fast_rcnn_ohem_iter_1.state.pt"
+    assert train_command(iters=2, output=str(tmp_path / "b"), resume=str(state), **common) == 0
+    a = torch.load(tmp_path / "a" / "small_fast_rcnn_ohem_iter_2.state.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "small_fast_rcnn_ohem_iter_2.state.pt", weights_only=False)
+    assert a["data"] == b["data"] and a["data"]  # the data layer's order and cursor
     for k in a["weights"]:
         assert torch.equal(a["weights"][k], b["weights"][k]), k
+    # the snapshot un-normalizes bbox_pred (shared by bbox_pred and bbox_pred_readonly)
+    saved = {name: [blob_to_array(bl) for bl in blobs] for name, _, blobs in
+             read_caffemodel(tmp_path / "a" / "small_fast_rcnn_ohem_iter_2.caffemodel")}
+    np.testing.assert_array_equal(saved["bbox_pred"][1], saved["bbox_pred_readonly"][1])
+    assert not np.array_equal(saved["bbox_pred"][1], a["weights"]["bbox_pred_b"].numpy())

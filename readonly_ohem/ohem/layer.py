@@ -133,7 +133,7 @@ class OHEMDataLayer(Layer):
         survived = torch.ones(r, dtype=torch.bool, device=loss.device)
         cand = torch.arange(r, device=loss.device)
         if use_nms and r:
-            surv, _, _ = nms_survivors(loss, rois[:, 1:5], group_ids(rois[:, 0], labels, c), thresh)
+            surv = nms_survivors(loss, rois[:, 1:5], group_ids(rois[:, 0], labels, c), thresh)
             survived[:] = False
             survived[surv] = True
             cand = torch.nonzero(survived).squeeze(1)

@@ -36,18 +36,18 @@ def bbox_loss(labels: torch.Tensor, bbox_pred: torch.Tensor, bbox_targets: torch
     if fg.numel() == 0:
         return out
     width = inside.shape[1]
+    lab = labels.index_select(0, fg)
+    block = 4 * lab[:, None] + torch.arange(4, device=lab.device)  # (F, 4) columns of the label
+    rest = inside.index_select(0, fg).scatter_(1, block, 0)
+    if bool(rest.abs_().sum() == 0):  # the usual layout: weights only in the label's 4 columns
+        out[fg] = _row_sums(fg[:, None] * width + block, labels, bbox_pred, bbox_targets,
+                            inside, outside)
+        return out
     nz = torch.nonzero(inside.index_select(0, fg) != 0)  # (E, 2) row-major: [fg row, column]
     if nz.numel() == 0:
         return out
     rows, cols = nz[:, 0], nz[:, 1]
-    flat = fg[rows] * width + cols
-
-    def take(t):
-        return t.reshape(-1).index_select(0, flat).double()
-
-    d = take(inside) * (take(bbox_pred) - take(bbox_targets))
-    ad = d.abs()
-    terms = take(outside) * torch.where(ad < 1, 0.5 * d * d, ad - 0.5)
+    terms = _terms(fg[rows] * width + cols, bbox_pred, bbox_targets, inside, outside)
     # Left-to-right sum per row: lay each row's terms out in a (F, max count) table (zeros after
     # the last term, which add exactly) and add its columns in order.
     counts = torch.bincount(rows, minlength=fg.numel())
@@ -55,8 +55,31 @@ def bbox_loss(labels: torch.Tensor, bbox_pred: torch.Tensor, bbox_targets: torch
     pos = torch.arange(rows.numel(), device=rows.device) - starts[rows]
     table = terms.new_zeros((fg.numel(), int(counts.max())))
     table[rows, pos] = terms
+    out[fg] = _sum_columns(table)
+    return out
+
+
+def _terms(flat, bbox_pred, bbox_targets, inside, outside):
+    """out_w * smoothL1(in_w * (pred - target)) in float64 at flat indices (any shape); entries
+    with in_w == 0 give 0 (the original skips them)."""
+
+    def take(t):
+        return t.reshape(-1)[flat].double()
+
+    w = take(inside)
+    d = w * (take(bbox_pred) - take(bbox_targets))
+    ad = d.abs()
+    terms = take(outside) * torch.where(ad < 1, 0.5 * d * d, ad - 0.5)
+    return torch.where(w != 0, terms, torch.zeros_like(terms))
+
+
+def _row_sums(flat, labels, bbox_pred, bbox_targets, inside, outside):
+    return _sum_columns(_terms(flat, bbox_pred, bbox_targets, inside, outside))
+
+
+def _sum_columns(table):
+    """(F, n) -> (F,): ((t0 + t1) + t2) + ..., the order of Python's ``sum`` over a row."""
     total = table[:, 0]
     for j in range(1, table.shape[1]):
         total = total + table[:, j]
-    out[fg] = total
-    return out
+    return total

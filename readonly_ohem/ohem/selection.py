@@ -21,41 +21,42 @@ from dataclasses import dataclass
 
 import torch
 
-from readonly_ohem.ops.nms import descending_order, greedy_nms
+from readonly_ohem.ops.nms import descending_order, greedy_nms, top_descending
 
 
 @dataclass
 class Selection:
-    """The hard RoIs and, for the RoIs NMS looked at, whether they survived.
+    """The hard RoIs and, when asked for (``full``), every RoI's NMS outcome.
 
     keep: (B,) long, hard RoI indices, hardest first.
-    survived: (R,) bool, True for RoIs that survived NMS (all RoIs when NMS is off).
-    examined: (R,) bool, RoIs whose NMS outcome was decided (all when ``full`` or NMS off).
+    survived: (R,) bool, True for RoIs that survived NMS (all of them when NMS is off);
+    None unless ``full``.
     """
 
     keep: torch.Tensor
-    survived: torch.Tensor
-    examined: torch.Tensor
+    survived: torch.Tensor | None = None
 
 
 def group_ids(image_ids: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
-    """(R,) long group id ordered as the original's loops: image id value, then label."""
+    """(R,) long group id, ordered as the original's loops: by image id value, then label."""
+    img = image_ids.long()
+    if img.numel() and bool((img.to(image_ids.dtype) == image_ids).all()):
+        return (img - img.min()) * num_labels + labels  # integral ids (always, in practice)
     _, img_rank = torch.unique(image_ids, sorted=True, return_inverse=True)
     return img_rank * num_labels + labels
 
 
 def nms_survivors(loss: torch.Tensor, boxes: torch.Tensor, groups: torch.Tensor, thresh: float,
-                  max_keep: int | None = None) -> tuple[torch.Tensor, int, torch.Tensor]:
+                  max_keep: int | None = None) -> torch.Tensor:
     """Survivors of per-group NMS with the float32 loss as score, in visiting order.
 
     loss (R,) float64; boxes (R, 4) float32; groups (R,) long. ``max_keep`` stops the visit
-    early (see ``greedy_nms``). Returns (survivor indices, number visited, visiting order).
+    early (see ``greedy_nms``): then only the survivors up to there are returned.
     """
     loss32 = loss.float()
-    order = descending_order(loss32)
-    keep, examined = greedy_nms(boxes.float(), order, thresh, groups=groups, max_keep=max_keep,
-                                tie_scores=loss32)
-    return keep, examined, order
+    keep, _ = greedy_nms(boxes.float(), thresh, scores=loss32, groups=groups, max_keep=max_keep,
+                         tie_scores=loss32)
+    return keep
 
 
 def rank_survivors(survivors: torch.Tensor, loss: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
@@ -74,20 +75,18 @@ def select_hard_rois(loss: torch.Tensor, rois: torch.Tensor, labels: torch.Tenso
     labels (R,) long in [0, num_labels). ``full`` decides NMS for every RoI (for records) instead
     of stopping once ``batch_size`` survivors are known; the kept rows are the same."""
     r = loss.shape[0]
-    device = loss.device
     b = max(0, min(int(batch_size), r))
-    survived = torch.zeros(r, dtype=torch.bool, device=device)
-    examined = torch.zeros(r, dtype=torch.bool, device=device)
     if not use_nms:
-        survived[:] = True
-        examined[:] = True
-        return Selection(descending_order(loss)[:b], survived, examined)
+        survived = torch.ones(r, dtype=torch.bool, device=loss.device) if full else None
+        return Selection(top_descending(loss, b), survived)
     if num_labels is None:
         num_labels = int(labels.max()) + 1 if r else 1
     groups = group_ids(rois[:, 0], labels, num_labels)
-    survivors, n_seen, order = nms_survivors(loss, rois[:, 1:5], groups, nms_thresh,
-                                             max_keep=None if full else b)
-    survived[survivors] = True
-    examined[order[:n_seen]] = True
+    survivors = nms_survivors(loss, rois[:, 1:5], groups, nms_thresh,
+                              max_keep=None if full else b)
     keep = rank_survivors(survivors, loss, groups)[:b]
-    return Selection(keep, survived, examined)
+    survived = None
+    if full:
+        survived = torch.zeros(r, dtype=torch.bool, device=loss.device)
+        survived[survivors] = True
+    return Selection(keep, survived)

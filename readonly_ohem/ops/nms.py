@@ -25,6 +25,7 @@ from ``(x2 - x1) + 1`` on scaled float32 RoIs, and its order on equal scores is 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from readonly_ohem.ops.boxes import bbox_overlaps
@@ -33,6 +34,8 @@ _FIRST_CHUNK = 256  # boxes per chunk of an unbounded NMS (later chunks double, 
 _MIN_CHUNK = 64  # smallest chunk when stopping early
 _MAX_CHUNK = 2048  # largest chunk when stopping early
 _MAX_FULL_CHUNK = 512  # largest chunk of an unbounded NMS (its cost is mostly the kept x chunk IoU)
+
+_FORCE_STEPS = False  # tests set True to check the any-device path on CPU
 
 
 def descending_order(scores: torch.Tensor) -> torch.Tensor:
@@ -44,38 +47,73 @@ def descending_order(scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(scores, stable=True).indices.flip(0)
 
 
-def greedy_nms(boxes: torch.Tensor, order: torch.Tensor, thresh: float, *, groups=None,
+def top_descending(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``descending_order(scores)[:k]`` without sorting everything when k is small."""
+    n = int(scores.numel())
+    k = max(0, min(int(k), n))
+    if 4 * k >= n:
+        return descending_order(scores)[:k]
+    kth = torch.topk(scores, k).values[-1]
+    cand = torch.nonzero(scores >= kth).squeeze(1)  # ascending index; every tie at the cut
+    if cand.numel() < k:  # NaN scores: fall back to the full sort
+        return descending_order(scores)[:k]
+    return cand[descending_order(scores[cand])][:k]
+
+
+class _VisitOrder:
+    """The visiting order, given outright or as scores ranked lazily (early stops rank few)."""
+
+    def __init__(self, order=None, scores=None):
+        self.order, self.scores = order, scores
+        self.n = int((order if order is not None else scores).numel())
+
+    def prefix(self, m: int) -> torch.Tensor:
+        if self.order is None and 4 * m >= self.n:
+            self.order = descending_order(self.scores)
+        if self.order is not None:
+            return self.order[:m]
+        return top_descending(self.scores, m)
+
+
+def greedy_nms(boxes: torch.Tensor, thresh: float, *, order: torch.Tensor | None = None,
+               scores: torch.Tensor | None = None, groups: torch.Tensor | None = None,
                suppress_equal: bool = False, max_keep: int | None = None,
-               tie_scores: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-    """Greedy NMS visiting ``boxes`` (N, 4) ``[x1, y1, x2, y2]`` in the given ``order`` (M,).
+               tie_scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy NMS over ``boxes`` (N, 4) ``[x1, y1, x2, y2]``, visiting them in ``order`` (M,)
+    or, given ``scores`` (N,) instead, in ``descending_order(scores)``.
 
     ``groups`` (N,) int: boxes only suppress boxes of their own group (per class, per image).
     ``max_keep``: stop once that many boxes are kept; with ``tie_scores`` (N,) the visit goes on
     while the next box's tie score equals that of the ``max_keep``-th kept box, so a caller that
     re-ranks the survivors with finer scores sees every candidate it could need.
 
-    Returns ``(keep, examined)``: kept box indices (into ``boxes``) in visiting order, and how
-    many entries of ``order`` were visited (the rest are undecided; ``M`` when not stopped).
+    Returns ``(keep, visited)``: kept box indices in visiting order, and the indices visited
+    (a prefix of the order: every box whose fate was decided; all of them when not stopped).
     """
-    n = int(order.numel())
-    if n == 0 or (max_keep is not None and max_keep <= 0):
-        return order.new_zeros(0), 0
+    if (order is None) == (scores is None):
+        raise ValueError("greedy_nms needs exactly one of order= and scores=")
+    visit = _VisitOrder(order, scores)
+    empty = torch.zeros(0, dtype=torch.long, device=boxes.device)
+    if visit.n == 0 or (max_keep is not None and max_keep <= 0):
+        return empty, empty
     if max_keep is None and groups is not None:
-        # Visit group by group (each group in its own order: same result), so that only boxes
-        # kept earlier in the same group are compared with a chunk; then restore the order.
-        visit = order[torch.sort(groups[order], stable=True).indices]
-        keep, _ = _visit(boxes, visit, thresh, groups, suppress_equal, None, None, grouped=True)
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(n, device=order.device)
-        return keep[torch.argsort(rank[keep])], n
-    return _visit(boxes, order, thresh, groups, suppress_equal, max_keep, tie_scores, grouped=False)
+        # Visit group by group (each group in its own order: same result), so that a chunk is
+        # compared only with boxes kept earlier in its own group; then restore the order.
+        full = visit.prefix(visit.n)
+        by_group = full[torch.sort(groups[full], stable=True).indices]
+        keep, _ = _visit(boxes, _VisitOrder(by_group), thresh, groups, suppress_equal, None, None,
+                         grouped=True)
+        rank = torch.empty_like(full)
+        rank[full] = torch.arange(visit.n, device=full.device)
+        return keep[torch.argsort(rank[keep])], full
+    return _visit(boxes, visit, thresh, groups, suppress_equal, max_keep, tie_scores,
+                  grouped=False)
 
 
-def _visit(boxes, order, thresh, groups, suppress_equal, max_keep, tie_scores, grouped):
+def _visit(boxes, visit, thresh, groups, suppress_equal, max_keep, tie_scores, grouped):
     """The chunked greedy pass (see the module docstring)."""
-    n = int(order.numel())
-    device = boxes.device
-    thr = torch.tensor(thresh, dtype=boxes.dtype, device=device)
+    n = visit.n
+    thr = torch.tensor(thresh, dtype=boxes.dtype, device=boxes.device)
     kept = []  # index tensors, in visiting order
     n_kept = 0
     kept_boxes = boxes.new_zeros((0, 4))
@@ -83,7 +121,7 @@ def _visit(boxes, order, thresh, groups, suppress_equal, max_keep, tie_scores, g
     chunk = _FIRST_CHUNK if max_keep is None else max(_MIN_CHUNK, 2 * max_keep)
     start = 0
     while start < n:
-        cand = order[start:start + chunk]
+        cand = visit.prefix(start + chunk)[start:]
         k = int(cand.numel())
         cboxes = boxes[cand]
         cgroups = None if groups is None else groups[cand]
@@ -96,12 +134,10 @@ def _visit(boxes, order, thresh, groups, suppress_equal, max_keep, tie_scores, g
         q = torch.cat((prev_boxes, cboxes))
         # column-major copies make bbox_overlaps' column broadcasts contiguous (much faster)
         iou = bbox_overlaps(q.t().contiguous().t(), cboxes.t().contiguous().t())  # (p + k, k)
-        over = iou >= thr if suppress_equal else iou > thr
+        over = iou >= thr if suppress_equal else iou > thr  # over[a, b]: a would suppress b
         if groups is not None:
             over &= torch.cat((prev_groups, cgroups))[:, None] == cgroups[None, :]
-        alive = ~over[:p].any(0)  # not suppressed by a box kept before this chunk
-        within = over[p:].triu_(1).float()  # within[a, b]: a is visited before b and overlaps it
-        keep = _greedy_within(alive, within)
+        keep = _greedy_chunk(over, p)
         new_idx = cand[keep]
         kept.append(new_idx)
         n_kept += int(new_idx.numel())
@@ -116,19 +152,49 @@ def _visit(boxes, order, thresh, groups, suppress_equal, max_keep, tie_scores, g
             if tie_scores is None or start >= n:
                 break
             last = torch.cat(kept)[max_keep - 1]
-            if bool(tie_scores[order[start]] < tie_scores[last]):
+            if bool(tie_scores[visit.prefix(start + 1)[start]] < tie_scores[last]):
                 break
-        # size the next chunk from the survival rate so far (at least _MIN_CHUNK)
+        # size the next chunk from the survival rate so far
         need = max(max_keep - n_kept, 1)
         rate = max(n_kept / start, 1.0 / 16)
         chunk = min(max(_MIN_CHUNK, int(1.25 * need / rate) + 1), _MAX_CHUNK)
-    keep = torch.cat(kept) if kept else order.new_zeros(0)
-    return keep, min(start, n)
+    keep = torch.cat(kept) if kept else boxes.new_zeros(0, dtype=torch.long)
+    return keep, visit.prefix(min(start, n))
 
 
-def _greedy_within(alive: torch.Tensor, within: torch.Tensor) -> torch.Tensor:
-    """Greedy NMS inside one chunk: (k,) bool candidates, (k, k) float 0/1 strict-upper
-    "would suppress" matrix -> (k,) bool kept.
+def _greedy_chunk(over: torch.Tensor, p: int) -> torch.Tensor:
+    """Greedy NMS of one chunk. over (p + k, k) bool: rows 0..p-1 are boxes kept before the chunk,
+    rows p.. the chunk itself in visiting order; over[a, b] = "a would suppress b" (IoU and
+    group tests passed). Returns (k,) bool kept."""
+    if over.device.type == "cpu" and not _FORCE_STEPS:
+        return _greedy_chunk_bits(over, p)
+    alive = ~over[:p].any(0)  # not suppressed by a box kept before this chunk
+    return _greedy_chunk_steps(alive, over[p:].triu(1).float())
+
+
+def _greedy_chunk_bits(over: torch.Tensor, p: int) -> torch.Tensor:
+    """CPU: the plain greedy loop, but only over boxes that some earlier box of the chunk
+    overlaps, with each box's earlier overlapping boxes as one Python-int bitmask."""
+    o = over.numpy()
+    k = o.shape[1]
+    alive = ~o[:p].any(0)
+    preds = np.tril(o[p:].T, -1)  # preds[b, a]: a is visited before b and would suppress it
+    contested = np.flatnonzero(preds.any(1) & alive)
+    free = alive.copy()
+    free[contested] = False
+    kept = int.from_bytes(np.packbits(free, bitorder="little").tobytes(), "little")
+    if contested.size:
+        masks = np.packbits(preds[contested], axis=1, bitorder="little")
+        for b, mask in zip(contested.tolist(), masks):
+            if not int.from_bytes(mask.tobytes(), "little") & kept:
+                kept |= 1 << b
+    bits = np.frombuffer(kept.to_bytes((k + 7) // 8, "little"), dtype=np.uint8)
+    return torch.from_numpy(np.unpackbits(bits, count=k, bitorder="little").astype(bool))
+
+
+def _greedy_chunk_steps(alive: torch.Tensor, within: torch.Tensor) -> torch.Tensor:
+    """Any device: (k,) bool candidates, (k, k) float 0/1 strict-upper "would suppress" matrix
+    -> (k,) bool kept, in vectorized steps.
 
     Decisions only ever become final: an undecided box is kept once no undecided or kept box
     before it overlaps it, and suppressed once a kept one does. Every step decides at least the
@@ -137,11 +203,10 @@ def _greedy_within(alive: torch.Tensor, within: torch.Tensor) -> torch.Tensor:
     kept = torch.zeros_like(alive)
     undecided = alive.clone()
     while bool(undecided.any()):
-        blockers = torch.mv(within.t(), (kept | undecided).float())  # overlapping, not suppressed
-        killers = torch.mv(within.t(), kept.float())
-        newly_kept = undecided & (blockers == 0)
+        counts = within.t() @ torch.stack((kept | undecided, kept), 1).to(within.dtype)  # (k, 2)
+        newly_kept = undecided & (counts[:, 0] == 0)  # no live box before it overlaps it
         kept |= newly_kept
-        undecided &= ~(newly_kept | (killers > 0))
+        undecided &= ~(newly_kept | (counts[:, 1] > 0))  # decided: kept, or a kept box overlaps
     return kept
 
 
@@ -152,7 +217,7 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, thresh: float,
     Suppresses IoU > ``thresh`` (+1 pixel areas, the boxes' dtype); ``suppress_equal=True``
     suppresses IoU >= thresh (the original's Cython CPU NMS). Equal scores: higher index first.
     """
-    keep, _ = greedy_nms(boxes, descending_order(scores), thresh, suppress_equal=suppress_equal)
+    keep, _ = greedy_nms(boxes, thresh, scores=scores, suppress_equal=suppress_equal)
     return keep
 
 
@@ -160,6 +225,6 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
                 suppress_equal: bool = False) -> torch.Tensor:
     """NMS within each group id (``groups`` (N,) int, e.g. class or image): kept indices of all
     groups together, by descending score (ties: higher index first)."""
-    keep, _ = greedy_nms(boxes, descending_order(scores), thresh, groups=groups,
+    keep, _ = greedy_nms(boxes, thresh, scores=scores, groups=groups,
                          suppress_equal=suppress_equal)
     return keep

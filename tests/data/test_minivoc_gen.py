@@ -57,3 +57,18 @@ def test_minivoc_has_hard_cases_and_ss_like_ious(tmp_path):
     ov = np.concatenate([e["gt_overlaps"].toarray().max(1)[e["gt_classes"] == 0] for e in imdb.roidb])
     fg, mid, bg = (ov >= 0.5).mean(), ((ov >= 0.1) & (ov < 0.5)).mean(), (ov < 0.1).mean()
     assert 0.02 < fg < 0.2 and 0.1 < mid < 0.45 and bg > 0.45, (fg, mid, bg)
+
+
+def test_cli_make_minivoc_and_proposals_without_opencv(tmp_path, capsys):
+    import importlib.util
+
+    import pytest
+
+    from readonly_ohem.cli import main
+
+    assert main(["make-minivoc", str(tmp_path / "m"), "--seed", "3", "--images", "4"]) in (0, None)
+    assert "4/4 images" in capsys.readouterr().out
+    assert get_imdb("voc_2007_test", tmp_path / "m", cache_dir=False).num_images == 2
+    if importlib.util.find_spec("cv2") is None:
+        assert main(["proposals", str(tmp_path / "m/VOCdevkit/VOC2007"), "--out", str(tmp_path / "p.mat")]) == 2
+        assert "opencv" in capsys.readouterr().err

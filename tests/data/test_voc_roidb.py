@@ -134,3 +134,20 @@ def test_roidb_cache_round_trip(fixtures_dir, tmp_path):
         np.testing.assert_array_equal(x["gt_classes"], y["gt_classes"])
         np.testing.assert_array_equal(x["gt_overlaps"].toarray(), y["gt_overlaps"].toarray())
         assert (x["width"], x["height"], x["image"]) == (y["width"], y["height"], y["image"])
+
+
+def test_roidb_cache_invalidated_when_an_input_changes(fixtures_dir, tmp_path):
+    import os
+    import shutil
+
+    from readonly_ohem.data import cache
+
+    src = fixtures_dir / "original_pipeline" / "train"
+    shutil.copytree(src / "VOCdevkit", tmp_path / "VOCdevkit")
+    mat = shutil.copy(src / "voc_2007_trainval.mat", tmp_path / "p.mat")
+    get_imdb("voc_2007_trainval", tmp_path, proposals=mat, cache_dir=tmp_path / "c").roidb
+    assert cache.load(get_imdb("voc_2007_trainval", tmp_path, proposals=mat, cache_dir=tmp_path / "c"))
+    xml = tmp_path / "VOCdevkit/VOC2007/Annotations/000101.xml"
+    st = xml.stat()
+    os.utime(xml, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert cache.load(get_imdb("voc_2007_trainval", tmp_path, proposals=mat, cache_dir=tmp_path / "c")) is None
