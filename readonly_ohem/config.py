@@ -57,7 +57,9 @@ class Config(dict):
         try:
             updates = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
         if not isinstance(updates, dict):
             raise ConfigError(f"{path}: a config file must hold a mapping of keys")
         return self.merge_dict(updates, source=str(path))

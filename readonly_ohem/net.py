@@ -315,6 +315,7 @@ class Net(nn.Module):
             shape = tuple(int(d) for d in pb.shape)
             has_lr = ps is not None and ps.HasField("lr_mult")
             has_decay = ps is not None and ps.HasField("decay_mult")
+            frozen = getattr(rec.module, "frozen_params", False)  # BatchNorm: lr_mult forced to 0
             if name and name in owners:
                 pid = owners[name]
                 info = self._param_info[pid]
@@ -339,8 +340,8 @@ class Net(nn.Module):
                 pid = len(self._param_info)
                 key = name or f"{rec.name}/{j}"
                 info = _ParamInfo(key=key, name=name, owner=rec.name, index=j, shape=shape)
-                if has_lr:
-                    info.lr_mult, info.lr_setter = float(ps.lr_mult), rec.name
+                if has_lr or frozen:
+                    info.lr_mult, info.lr_setter = (0.0 if frozen else float(ps.lr_mult)), rec.name
                 if has_decay:
                     info.decay_mult, info.decay_setter = float(ps.decay_mult), rec.name
                 if materialize:
@@ -731,6 +732,8 @@ class _BackwardPlan:
 
     @staticmethod
     def _lr_nonzero(rec, k) -> bool:
+        if getattr(rec.module, "frozen_params", False):
+            return False
         ps = rec.param.param[k] if k < len(rec.param.param) else None
         return ps is None or ps.lr_mult != 0
 

@@ -58,13 +58,34 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
-def _blob_outputs(net, blobs) -> dict[str, np.ndarray]:
+def _scalar_blobs(net) -> set[str]:
+    """Blobs Caffe holds as 0-d: the tops of loss layers and of Accuracy."""
+    names = set(net.loss_weights)
+    for rec in net.layers:
+        if rec.type.endswith("Loss") or rec.type == "Accuracy" or \
+                getattr(rec.module, "loss_by_default", False):
+            names.update(rec.tops)
+    return names
+
+
+def _blob_outputs(net, blobs, prefix: str = "") -> dict[str, np.ndarray]:
+    scalars = _scalar_blobs(net)
     out = {}
     for name, t in blobs.items():
         a = _to_numpy(t)
-        if name in net.loss_weights and a.size == 1:
+        if name in scalars and a.size == 1:
             a = a.reshape(())
-        out[name] = a
+        out[prefix + name] = a
+    return out
+
+
+def _as_float32(arrays: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+    """Caffe blobs are float32 (labels are float class ids): numeric arrays are converted."""
+    out = {}
+    for k, v in arrays.items():
+        if not (np.issubdtype(v.dtype, np.number) or v.dtype == np.bool_):
+            raise DataError(f"{source}: array {k!r} has dtype {v.dtype}, expected numbers")
+        out[k] = v.astype(np.float32, copy=False)
     return out
 
 
@@ -90,7 +111,7 @@ def run_command(prototxt, inputs, out, weights=None, phase: str = "TRAIN", backw
     from readonly_ohem.net import Net
 
     config = load_config(cfg or (), set_pairs or ())
-    feeds = split_batches(read_npz(inputs, "inputs"), str(inputs))
+    feeds = split_batches(_as_float32(read_npz(inputs, "inputs"), str(inputs)), str(inputs))
     if solver is not None:
         phase = "TRAIN"  # a solver trains its TRAIN-phase net
     shapes = {k: tuple(v.shape) for k, v in feeds[0].items()}
@@ -114,7 +135,8 @@ def _run_once(net, feed, backward: bool, top_diff) -> dict[str, np.ndarray]:
     if not backward:
         with torch.no_grad():
             return _blob_outputs(net, net.forward(feed))
-    diffs = read_npz(top_diff, "top diff") if top_diff is not None else None
+    diffs = (_as_float32(read_npz(top_diff, "top diff"), str(top_diff))
+             if top_diff is not None else None)
     for p in net.learnable_params():
         p.tensor.grad = None
     blobs = net.forward(feed, retain_diffs=True)
@@ -127,11 +149,7 @@ def _run_once(net, feed, backward: bool, top_diff) -> dict[str, np.ndarray]:
                                 f"is {list(blobs[name].shape)}")
     net.backward(blobs, diffs)
     result = _blob_outputs(net, blobs)
-    for name, d in net.blob_diffs().items():
-        a = _to_numpy(d)
-        if name in net.loss_weights and a.size == 1:
-            a = a.reshape(())
-        result[f"diff/{name}"] = a
+    result.update(_blob_outputs(net, net.blob_diffs(), prefix="diff/"))
     for layer, grads in net.param_diffs().items():
         for i, g in enumerate(grads):
             result[f"param_diff/{layer}/{i}"] = _to_numpy(g)

@@ -344,8 +344,10 @@ def load_initial_weights(net, weights: str | Path, cfg, stream=None) -> None:
         print(text, file=stream, flush=True)
 
 
-def attach_kept_roi_log(net, path: str, every: int, iteration: Callable[[], int]) -> None:
-    """``--log-kept-rois FILE --log-every K``: set each OHEM layer's ``recorder``."""
+def attach_kept_roi_log(net, path: str, every: int, iteration: Callable[[], int],
+                        classes=None) -> None:
+    """``--log-kept-rois FILE --log-every K``: set each OHEM layer's ``recorder`` to
+    ``readonly_ohem.inspect.make_recorder(path, every=, iteration=, data_layer=, classes=)``."""
     layers = find_ohem_layers(net)
     if not layers:
         raise ConfigError(f"--log-kept-rois {path}: the train net has no OHEM layer "
@@ -357,7 +359,7 @@ def attach_kept_roi_log(net, path: str, every: int, iteration: Callable[[], int]
                           "which this installation lacks") from None
     data_layers = find_data_layers(net)
     recorder = make_recorder(path, every=every, iteration=iteration,
-                             data_layer=data_layers[0] if data_layers else None)
+                             data_layer=data_layers[0] if data_layers else None, classes=classes)
     for layer in layers:
         layer.recorder = recorder
 
@@ -429,7 +431,8 @@ def train_command(solver, weights=None, imdb="voc_2007_trainval", data=None, pro
         trainer.load_state(resume)
         trainer.log(f"Resumed from {resume} at iteration {trainer.solver.iter}")
     if log_kept_rois:
-        attach_kept_roi_log(trainer.net, log_kept_rois, log_every, lambda: trainer.solver.iter)
+        attach_kept_roi_log(trainer.net, log_kept_rois, log_every, lambda: trainer.solver.iter,
+                            classes=getattr(imdb_obj, "classes", None))
     max_iters = iters if iters is not None else trainer.solver.max_iter
     if max_iters is None or max_iters <= 0:
         raise ConfigError(f"{solver}: no iteration count (give --iters or max_iter in the solver)")

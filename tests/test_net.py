@@ -427,3 +427,25 @@ def test_blob_shapes_and_records():
 def test_spec_errors_name_file_layer_and_blob(body, pattern):
     with pytest.raises(SpecError, match=pattern):
         make_net(INPUT % ("x", "x", 2, 2) + body)
+
+
+def test_batchnorm_blobs_are_never_learned():
+    """Caffe's BatchNorm forces lr_mult 0 on its three statistics blobs (SPEC §3)."""
+    from readonly_ohem.spec import parse_net_text
+
+    spec = parse_net_text("""
+    layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 4 dim: 3 } } }
+    layer { name: "y" type: "Input" top: "y" input_param { shape { dim: 4 } } }
+    layer { name: "bn" type: "BatchNorm" bottom: "x" top: "x" }
+    layer { name: "ip" type: "InnerProduct" bottom: "x" top: "s"
+            inner_product_param { num_output: 2 weight_filler { type: "gaussian" std: 0.1 } } }
+    layer { name: "loss" type: "SoftmaxWithLoss" bottom: "s" bottom: "y" top: "loss" }
+    """)
+    net = Net(spec, phase="TRAIN")
+    mults = {(p.owner, p.index): p.lr_mult for p in net.learnable_params()}
+    assert mults[("bn", 0)] == mults[("bn", 1)] == mults[("bn", 2)] == 0.0
+    assert mults[("ip", 0)] == 1.0
+    blobs = net.forward({"x": torch.randn(4, 3), "y": torch.tensor([0.0, 1.0, 1.0, 0.0])})
+    net.total_loss(blobs).backward()
+    assert all(p.grad is None or not p.grad.any() for p in net.layer_params("bn"))
+    assert net.layer_params("ip")[0].grad.abs().sum() > 0

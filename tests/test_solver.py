@@ -275,3 +275,11 @@ def test_caffe_golden_solver_step_small(fixtures_dir):
     for layer in ("conv1", "fc"):
         for i, t in enumerate(net.layer_params(layer)):
             np.testing.assert_allclose(t.detach().numpy(), exp[f"final_param/{layer}/{i}"], **tol)
+
+
+def test_from_file_builds_the_net_next_to_the_solver(fixtures_dir, tmp_path, monkeypatch):
+    pytest.importorskip("readonly_ohem.net")
+    monkeypatch.chdir(tmp_path)  # net.prototxt is not in the CWD: found beside the solver
+    s = Solver.from_file(fixtures_dir / "caffe_goldens" / "solver_step_small" / "solver.prototxt")
+    assert [q.key for q in s.net.learnable_params()] == ["conv1/0", "conv1/1", "fc/0", "fc/1"]
+    assert [q.lr_mult for q in s.net.learnable_params()] == [1, 2, 1, 2]

@@ -238,9 +238,13 @@ def test_train_command_ohem_resume_equals_uninterrupted(tmp_path, voc_data):
                   cfg=[str(REPO / "prototxt" / "cfgs" / "fast_rcnn_ohem.yml")],
                   set_pairs=[["TRAIN.SCALES", "(96,)"], ["TRAIN.MAX_SIZE", "160"],
                              ["TRAIN.SNAPSHOT_ITERS", "1"]], stream=__import__("io").StringIO())
-    assert train_command(iters=2, output=str(tmp_path / "a"), **common) == 0
-    assert train_command(iters=1, output=str(tmp_path / "b"), **common) == 0
-    state = tmp_path / "b" / "small_fast_rcnn_ohem_iter_1.state.pt"
+    log = tmp_path / "kept.log"
+    assert train_command(iters=2, output=str(tmp_path / "a"), log_kept_rois=str(log), log_every=1,
+                         **common) == 0
+    read_log = pytest.importorskip("readonly_ohem.inspect").read_log
+    assert read_log(log).iterations == [0, 1]  # the hook is attached: both iterations logged
+    # the straight run's own snapshot at 1 stands for an interrupted run
+    state = tmp_path / "a" / "small_fast_rcnn_ohem_iter_1.state.pt"
     assert train_command(iters=2, output=str(tmp_path / "b"), resume=str(state), **common) == 0
     a = torch.load(tmp_path / "a" / "small_fast_rcnn_ohem_iter_2.state.pt", weights_only=False)
     b = torch.load(tmp_path / "b" / "small_fast_rcnn_ohem_iter_2.state.pt", weights_only=False)

@@ -21,8 +21,9 @@ _ANCHORS = np.array([(60, 200, 255), (90, 240, 120), (250, 240, 60), (255, 150, 
                      (240, 40, 40), (255, 60, 220)], dtype=np.float64)
 PANEL_W = 300
 BG_PANEL = (250, 250, 250)
-FAINT = (255, 255, 255, 55)
-SUPPRESSED = (210, 210, 210, 150)
+FAINT = (255, 255, 255, 34)
+SUPPRESSED = (225, 225, 225, 120)
+MAX_FG_TAGS, MAX_BG_TAGS = 12, 3
 
 
 def loss_colors(values, lo: float, hi: float) -> np.ndarray:
@@ -61,7 +62,7 @@ def figure_size(width: int, height: int) -> tuple[int, int]:
     """The PNG's (width, height) for an image of ``width`` x ``height`` pixels."""
     s = _display_scale(width, height)
     w, h = int(round(width * s)), int(round(height * s))
-    return w + PANEL_W, max(h, 560) + _title_height()
+    return w + PANEL_W, max(h, 720) + _title_height()
 
 
 def _title_height() -> int:
@@ -83,8 +84,8 @@ def _load_photo(meta: dict, image=None) -> tuple[Image.Image, str | None]:
 
 
 def _tag(draw, xy, text, font, color, placed, size):
-    """A "class loss" tag above the box (inside at the top edge); skipped if it would cover
-    more than half of a tag already placed (keeps crowded objects readable)."""
+    """A "class loss" tag above the box (inside at the top edge); skipped if it would touch a
+    tag already placed (crowded objects keep their hardest RoIs' tags). Returns whether drawn."""
     l, t, r, b = draw.textbbox((0, 0), text, font=font)
     tw, th = r - l + 8, b - t + 4
     x, y = xy
@@ -94,12 +95,13 @@ def _tag(draw, xy, text, font, color, placed, size):
     for p in placed:
         ix = max(0, min(box[2], p[2]) - max(box[0], p[0]))
         iy = max(0, min(box[3], p[3]) - max(box[1], p[1]))
-        if ix * iy > 0.5 * tw * th:
-            return
+        if ix * iy > 0:
+            return False
     placed.append(box)
     draw.rectangle(box, fill=(0, 0, 0, 200))
     draw.rectangle((x, y, x + 4, y + th), fill=tuple(color) + (255,))
     draw.text((x + 6 - l, y + 2 - t), text, font=font, fill=(255, 255, 255, 255))
+    return True
 
 
 def _fmt(v) -> str:
@@ -120,7 +122,7 @@ def render_selection(meta: dict, arrays: dict, classes, out=None, image=None, ti
     dw, dh = int(round(W * s)), int(round(H * s))
     photo = photo.resize((dw, dh), Image.LANCZOS)
     grey = photo.convert("L").convert("RGB")
-    photo = Image.blend(photo, grey, 0.5).point(lambda v: int(v * 0.7))  # dim, half desaturated
+    photo = Image.blend(photo, grey, 0.4).point(lambda v: int(v * 0.75))  # dimmed, less saturated
 
     boxes = np.asarray(arrays["boxes"], dtype=np.float64) * s
     labels = np.asarray(arrays["labels"], dtype=np.int64)
@@ -153,18 +155,18 @@ def render_selection(meta: dict, arrays: dict, classes, out=None, image=None, ti
         x1, y1, x2, y2 = boxes[i]
         d.rectangle((x1 - 1, y1 - 1, x2 + 1, y2 + 1), outline=(0, 0, 0, 255), width=w + 2)
         d.rectangle((x1, y1, x2, y2), outline=c, width=w)
-    # tags: every kept foreground RoI, and the three hardest kept background ones (hardest first)
+    # tags, hardest first: kept foreground RoIs, then a few kept background ones, never overlapping
     font = _font(13)
     placed: list = []
     hard_first = kept_order[::-1]
-    bg_tagged = 0
-    for i in hard_first:
-        if labels[i] == 0:
-            if bg_tagged >= 3:
-                continue
-            bg_tagged += 1
-        name = _class_name(classes, labels[i])
-        _tag(d, (boxes[i, 0], boxes[i, 1]), f"{name} {loss[i]:.2f}", font, colors[i], placed, (dw, dh))
+    for fg, limit in ((True, MAX_FG_TAGS), (False, MAX_BG_TAGS)):
+        n = 0
+        for i in hard_first[(labels[hard_first] > 0) == fg]:
+            if n >= limit:
+                break
+            name = _class_name(classes, labels[i])
+            n += _tag(d, (boxes[i, 0], boxes[i, 1]), f"{name} {loss[i]:.2f}", font, colors[i], placed,
+                      (dw, dh))
     photo = Image.alpha_composite(photo.convert("RGBA"), layer).convert("RGB")
 
     fw, fh = figure_size(W, H)
@@ -174,7 +176,11 @@ def render_selection(meta: dict, arrays: dict, classes, out=None, image=None, ti
     draw = ImageDraw.Draw(fig)
     _title(draw, meta, loss, kept, labels, supp, harder, fw, title)
     notes = list(notes) + ([missing] if missing else [])
-    _panel(draw, fig, dw, th, lo, hi, classes, labels, kept, notes)
+    hardest = [f"{_class_name(classes, labels[i])} {loss[i]:.2f} = cls {arrays['loss_cls'][i]:.2f}"
+               f" + bbox {arrays['loss_bbox'][i]:.2f}" for i in kept_order[::-1][:5]]
+    settings = (f"policy {meta.get('policy', 'topk')}, BATCH_SIZE {meta.get('batch_size', '-')}, "
+                + (f"NMS IoU > {meta.get('nms_thresh', 0.7):g}" if meta.get("use_nms", True) else "NMS off"))
+    _panel(draw, fig, dw, th, lo, hi, classes, labels, kept, hardest, settings, notes)
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -209,7 +215,7 @@ def _title(draw, meta, loss, kept, labels, supp, harder, fw, title):
     draw.text((10, 36), line2, font=_font(14), fill=(220, 220, 220))
 
 
-def _panel(draw, fig, x0, y0, lo, hi, classes, labels, kept, notes):
+def _panel(draw, fig, x0, y0, lo, hi, classes, labels, kept, hardest, settings, notes):
     """Colour bar, legend, kept counts by class, notes: in the right-hand panel."""
     font, small = _font(14), _font(12)
     x = x0 + 16
@@ -265,6 +271,14 @@ def _panel(draw, fig, x0, y0, lo, hi, classes, labels, kept, notes):
         draw.text((x, y), f"... {len(rows) - 10} more classes", font=small, fill=(90, 90, 90))
         y += 17
     y += 10
+    draw.text((x, y), "hardest kept", font=font, fill=(0, 0, 0))
+    y += 22
+    for line in hardest:
+        draw.text((x, y), line, font=small, fill=(0, 0, 0))
+        y += 17
+    y += 10
+    draw.text((x, y), settings, font=small, fill=(90, 90, 90))
+    y += 24
     for note in notes:
         for line in _wrap(note, 38):
             draw.text((x, y), line, font=small, fill=(150, 30, 30))

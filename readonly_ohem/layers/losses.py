@@ -172,6 +172,7 @@ class SmoothL1Loss(Layer):
     """
 
     loss_by_default = False
+    grad_bottoms = (0, 1)  # the fork's backward: pred gets +grad, target −grad, the weights none
     min_bottoms, max_bottoms = 2, 4
     min_tops = max_tops = 1
 

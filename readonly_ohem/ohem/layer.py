@@ -16,17 +16,19 @@ first, B <= TRAIN.BATCH_SIZE. No gradient goes back (the original's backward is 
 
 ``layer.recorder`` (None by default; or ``ctx.extras["recorder"]``): a callable that receives a
 ``SelectionRecord`` after each forward. With a recorder attached NMS is decided for every RoI
-(so ``suppressed`` is exact); the kept rows are the same either way.
+(so ``suppressed`` is exact); the kept rows are the same either way. A recorder whose ``active``
+attribute is False (it will not log this call) gets a record with ``suppressed=None`` and costs
+no extra NMS work.
 """
 
 from __future__ import annotations
 
 import torch
-import yaml
 
 from readonly_ohem.config import default_config
 from readonly_ohem.errors import DataError
 from readonly_ohem.layers.base import Layer, register_python
+from readonly_ohem.layers.python import parse_param_str
 from readonly_ohem.ohem.loss import bbox_loss, cls_loss
 from readonly_ohem.ohem.policies import POLICIES, mine
 from readonly_ohem.ohem.record import SelectionRecord
@@ -47,14 +49,10 @@ class OHEMDataLayer(Layer):
     def __init__(self, param, ctx):
         super().__init__(param, ctx)
         self.cfg = ctx.cfg if ctx.cfg is not None else default_config()
-        text = param.python_param.param_str if param.HasField("python_param") else ""
-        try:
-            opts = yaml.safe_load(text) if text.strip() else {}
-        except yaml.YAMLError as e:
-            raise self.error(f"param_str is not valid YAML: {e}") from None
-        if not isinstance(opts, dict) or "num_classes" not in opts:
-            raise self.error(f"param_str must give num_classes (e.g. \"'num_classes': 21\"), "
-                             f"got {text!r}")
+        opts = dict(parse_param_str(param))
+        if "num_classes" not in opts:
+            raise self.error(f"python_param.param_str must give num_classes (e.g. "
+                             f"\"'num_classes': 21\"), got {param.python_param.param_str!r}")
         self.num_classes = int(opts.pop("num_classes"))
         self.policy = str(opts.pop("policy", "topk"))
         if self.policy not in POLICIES:
@@ -105,25 +103,28 @@ class OHEMDataLayer(Layer):
         loss_bbox = bbox_loss(labels, bbox_pred, *regs) if regs else torch.zeros_like(loss_cls)
         loss = loss_cls + loss_bbox
 
-        record = self.recorder is not None
+        recorder = self.recorder
+        # a recorder may say it will skip this call (``active``): then no full NMS is needed
+        full = recorder is not None and bool(getattr(recorder, "active", True))
         batch_size = int(cfg.BATCH_SIZE)
         use_nms = bool(cfg.OHEM_USE_NMS)
         thresh = float(cfg.OHEM_NMS_THRESH)
         c = cls_prob.shape[1]
         if self.policy == "topk":
             sel = select_hard_rois(loss, rois, labels, batch_size, use_nms, thresh,
-                                   num_labels=c, full=record)
+                                   num_labels=c, full=full)
             keep, survived = sel.keep, sel.survived
         else:
             keep, survived = self._mine_policy(loss, rois, labels, batch_size, use_nms, thresh, c)
 
         tops = [rois[keep], labels_blob[keep]] + [t[keep] for t in regs]
-        if record:
-            kept = torch.zeros_like(survived)
+        if recorder is not None:
+            kept = torch.zeros(loss.shape[0], dtype=torch.bool, device=loss.device)
             kept[keep] = True
-            self.recorder(SelectionRecord(
+            recorder(SelectionRecord(
                 keep=keep, loss_cls=loss_cls, loss_bbox=loss_bbox, loss=loss, labels=labels,
-                image=rois[:, 0].long(), boxes=rois[:, 1:5], suppressed=~survived, kept=kept,
+                image=rois[:, 0].long(), boxes=rois[:, 1:5],
+                suppressed=None if survived is None else ~survived, kept=kept,
                 policy=self.policy, batch_size=batch_size, use_nms=use_nms, nms_thresh=thresh))
         return tops
 

@@ -21,7 +21,8 @@ class SelectionRecord:
     loss_cls, loss_bbox, loss: (R,) float64 per-RoI losses (loss = loss_cls + loss_bbox).
     labels: (R,) long class labels. image: (R,) long batch index (rois[:, 0]).
     boxes: (R, 4) RoIs [x1, y1, x2, y2] in the scaled image (rois[:, 1:5]).
-    suppressed: (R,) bool, removed by the OHEM NMS. kept: (R,) bool, among the hard RoIs.
+    suppressed: (R,) bool, removed by the OHEM NMS (None when the recorder said it would not log
+    this call, see OHEMDataLayer). kept: (R,) bool, among the hard RoIs.
     policy, batch_size, use_nms, nms_thresh: the settings of this selection.
     """
 

@@ -32,6 +32,7 @@ from readonly_ohem.ops.boxes import bbox_overlaps
 
 _FIRST_CHUNK = 256  # boxes per chunk of an unbounded NMS (later chunks double, up to _MAX_CHUNK)
 _MIN_CHUNK = 64  # smallest chunk when stopping early
+_FIRST_FACTOR = 2  # first chunk when stopping early: this many times max_keep
 _MAX_CHUNK = 2048  # largest chunk when stopping early
 _MAX_FULL_CHUNK = 512  # largest chunk of an unbounded NMS (its cost is mostly the kept x chunk IoU)
 
@@ -51,6 +52,8 @@ def top_descending(scores: torch.Tensor, k: int) -> torch.Tensor:
     """``descending_order(scores)[:k]`` without sorting everything when k is small."""
     n = int(scores.numel())
     k = max(0, min(int(k), n))
+    if k == 0:
+        return torch.zeros(0, dtype=torch.long, device=scores.device)
     if 4 * k >= n:
         return descending_order(scores)[:k]
     kth = torch.topk(scores, k).values[-1]
@@ -118,7 +121,7 @@ def _visit(boxes, visit, thresh, groups, suppress_equal, max_keep, tie_scores, g
     n_kept = 0
     kept_boxes = boxes.new_zeros((0, 4))
     kept_groups = None if groups is None else groups.new_zeros((0,))
-    chunk = _FIRST_CHUNK if max_keep is None else max(_MIN_CHUNK, 2 * max_keep)
+    chunk = _FIRST_CHUNK if max_keep is None else max(_MIN_CHUNK, int(_FIRST_FACTOR * max_keep))
     start = 0
     while start < n:
         cand = visit.prefix(start + chunk)[start:]

@@ -97,32 +97,72 @@ def _first_max(va, ia, vb, ib):
     return torch.where(take_b, vb, va), torch.where(take_b, ib, ia)
 
 
-def _sparse_table(features: torch.Tensor, levels_h: int, levels_w: int):
+class _PackedKeys:
+    """float32: (value, index) packed in one int64 ordered as "larger value, then smaller index",
+    so combining candidates is one ``torch.maximum``. (-0.0 is read as +0.0: Caffe ties them too.)"""
+
+    @staticmethod
+    def encode(values, index):
+        bits = (values + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed order of the floats
+        return [(ordered.long() << 32) + (0xFFFFFFFF - index.long())]
+
+    @staticmethod
+    def combine(a, b):
+        return [torch.maximum(a[0], b[0])]
+
+    @staticmethod
+    def decode(state):
+        key = state[0]
+        hi = (key >> 32).int()
+        values = (hi ^ ((hi >> 31) & 0x7FFFFFFF)).view(torch.float32)
+        return values, (0xFFFFFFFF - (key & 0xFFFFFFFF)).int()
+
+
+class _Pairs:
+    """Any other dtype (float64 in gradchecks): the value and the index side by side."""
+
+    @staticmethod
+    def encode(values, index):
+        return [values, index.to(torch.int32).expand_as(values)]
+
+    @staticmethod
+    def combine(a, b):
+        return list(_first_max(a[0], a[1], b[0], b[1]))
+
+    @staticmethod
+    def decode(state):
+        return state[0], state[1]
+
+
+def _sparse_table(features: torch.Tensor, levels_h: int, levels_w: int, scheme):
     """(max, first index) over [h, h+2^kh) x [w, w+2^kw) for kh <= levels_h, kw <= levels_w.
 
-    -> values (L, C) and int32 plane indices (L, C), rows flattened over (kh, kw, n, h, w).
+    -> the scheme's state tensors, each (L, C) with rows flattened over (kh, kw, n, h, w).
     Rows whose rectangle leaves the map hold partial results and are never queried.
     """
     n, c, h, w = features.shape
-    shape = (levels_h + 1, levels_w + 1, n, h, w, c)
-    tv = features.new_empty(shape)
-    ti = torch.empty(shape, dtype=torch.int32, device=features.device)
-    tv[0, 0] = features.detach().permute(0, 2, 3, 1)
-    ti[0, 0] = torch.arange(h * w, device=features.device, dtype=torch.int32).view(1, h, w, 1)
+    index = torch.arange(h * w, device=features.device, dtype=torch.int32).view(1, h, w, 1)
+    base = scheme.encode(features.detach().permute(0, 2, 3, 1), index)
+    tables = [t.new_empty((levels_h + 1, levels_w + 1, n, h, w, c)) for t in base]
+    for t, b in zip(tables, base):
+        t[0, 0] = b
     for kh in range(levels_h + 1):
         if kh:
             s = 1 << (kh - 1)
-            pv, pi = tv[kh - 1, 0], ti[kh - 1, 0]
-            tv[kh, 0], ti[kh, 0] = pv, pi
-            tv[kh, 0, :, : h - s], ti[kh, 0, :, : h - s] = _first_max(
-                pv[:, : h - s], pi[:, : h - s], pv[:, s:], pi[:, s:])
+            prev = [t[kh - 1, 0] for t in tables]
+            merged = scheme.combine([p[:, : h - s] for p in prev], [p[:, s:] for p in prev])
+            for t, p, m in zip(tables, prev, merged):
+                t[kh, 0] = p
+                t[kh, 0, :, : h - s] = m
         for kw in range(1, levels_w + 1):
             s = 1 << (kw - 1)
-            pv, pi = tv[kh, kw - 1], ti[kh, kw - 1]
-            tv[kh, kw], ti[kh, kw] = pv, pi
-            tv[kh, kw, :, :, : w - s], ti[kh, kw, :, :, : w - s] = _first_max(
-                pv[:, :, : w - s], pi[:, :, : w - s], pv[:, :, s:], pi[:, :, s:])
-    return tv.view(-1, c), ti.view(-1, c)
+            prev = [t[kh, kw - 1] for t in tables]
+            merged = scheme.combine([p[:, :, : w - s] for p in prev], [p[:, :, s:] for p in prev])
+            for t, p, m in zip(tables, prev, merged):
+                t[kh, kw] = p
+                t[kh, kw, :, :, : w - s] = m
+    return [t.view(-1, c) for t in tables]
 
 
 def _floor_log2(x: torch.Tensor, limit: int) -> torch.Tensor:
@@ -133,13 +173,14 @@ def _floor_log2(x: torch.Tensor, limit: int) -> torch.Tensor:
 def _forward_ours(features, geo: RoIGeometry, pooled_h, pooled_w):
     n, c, h, w = features.shape
     r = geo.batch.shape[0]
+    scheme = _PackedKeys if features.dtype == torch.float32 else _Pairs
     bin_rows = geo.hend - geo.hstart  # (R, PH)
     bin_cols = geo.wend - geo.wstart  # (R, PW)
     empty = (bin_rows <= 0)[:, :, None] | (bin_cols <= 0)[:, None, :]  # (R, PH, PW)
     kh = _floor_log2(bin_rows, h)
     kw = _floor_log2(bin_cols, w)
     levels_h, levels_w = (int(kh.max()), int(kw.max())) if r else (0, 0)
-    table_v, table_i = _sparse_table(features, levels_h, levels_w)
+    tables = _sparse_table(features, levels_h, levels_w, scheme)
     level = kh[:, :, None] * (levels_w + 1) + kw[:, None, :]
     base = ((level * n + geo.batch[:, None, None]) * h)  # (R, PH, PW)
     rows = (geo.hstart, geo.hend - (1 << kh))  # first and last power-of-two block per bin
@@ -149,19 +190,17 @@ def _forward_ours(features, geo: RoIGeometry, pooled_h, pooled_w):
     step = max(1, _CHUNK_ELEMENTS // max(1, pooled_h * pooled_w * c))
     for lo in range(0, r, step):
         sl = slice(lo, lo + step)
-        best_v = best_i = None
+        best = None
         for hh in rows:
             for ww in cols:
                 flat = (base[sl] + hh[sl, :, None]) * w + ww[sl, None, :]
                 flat = flat.masked_fill(empty[sl], 0).view(-1)
-                cand_v, cand_i = table_v.index_select(0, flat), table_i.index_select(0, flat)
-                if best_v is None:
-                    best_v, best_i = cand_v, cand_i
-                else:
-                    best_v, best_i = _first_max(best_v, best_i, cand_v, cand_i)
+                cand = [t.index_select(0, flat) for t in tables]
+                best = cand if best is None else scheme.combine(best, cand)
+        values, index = scheme.decode(best)
         e = empty[sl].reshape(-1, 1)
-        out[sl] = best_v.masked_fill(e, 0).view(-1, pooled_h, pooled_w, c)
-        argmax[sl] = best_i.masked_fill(e, -1).view(-1, pooled_h, pooled_w, c)
+        out[sl] = values.masked_fill(e, 0).view(-1, pooled_h, pooled_w, c)
+        argmax[sl] = index.masked_fill(e, -1).view(-1, pooled_h, pooled_w, c)
     return out.permute(0, 3, 1, 2).contiguous(), argmax.permute(0, 3, 1, 2).contiguous()
 
 
@@ -245,6 +284,12 @@ def roi_pool_backward(grad_out: torch.Tensor, argmax: torch.Tensor, rois: torch.
     # accept_h[r, ph, y]: row y may receive bin row ph's diff (Caffe's test), likewise columns.
     accept_h = _accept(geo.start_h, geo.end_h, geo.bin_h, pooled_h, h)
     accept_w = _accept(geo.start_w, geo.end_w, geo.bin_w, pooled_w, w)
+    # Bins whose every cell passes need no per-cell test (all bins of well-formed RoIs, but for
+    # a rare float edge): only the others look at their argmax's row and column.
+    rows_ok = _all_accepted(accept_h, geo.hstart, geo.hend)  # (R, PH)
+    cols_ok = _all_accepted(accept_w, geo.wstart, geo.wend)  # (R, PW)
+    bins_ok = rows_ok[:, :, None] & cols_ok[:, None, :]
+    any_bad = not bool(bins_ok.all())
     ph = torch.arange(pooled_h, device=grad.device).view(1, 1, -1, 1)
     pw = torch.arange(pooled_w, device=grad.device).view(1, 1, 1, -1)
     ch = torch.arange(c, device=grad.device).view(1, -1, 1, 1)
@@ -253,11 +298,21 @@ def roi_pool_backward(grad_out: torch.Tensor, argmax: torch.Tensor, rois: torch.
         sl = slice(lo, lo + step)
         rr = torch.arange(lo, min(lo + step, r), device=grad.device).view(-1, 1, 1, 1)
         a = argmax[sl].long()
-        y, x = a.clamp(min=0) // w, a.clamp(min=0) % w
-        keep = (a >= 0) & accept_h[rr, ph, y] & accept_w[rr, pw, x]
-        flat = (geo.batch[rr] * c + ch) * (h * w) + a
-        grad.index_add_(0, flat[keep], grad_out[sl][keep])
+        keep = a >= 0
+        if any_bad:
+            y, x = a.clamp(min=0) // w, a.clamp(min=0) % w
+            cell_ok = accept_h[rr, ph, y] & accept_w[rr, pw, x]
+            keep &= bins_ok[sl].unsqueeze(1) | cell_ok
+        flat = (geo.batch[rr] * c + ch) * (h * w) + a.clamp(min=0)
+        grad.index_add_(0, flat.view(-1), grad_out[sl].masked_fill(~keep, 0).view(-1))
     return grad.view(n, c, h, w)
+
+
+def _all_accepted(accept, lo, hi):
+    """(R, P) bool: every cell y in [lo, hi) of bin p passes Caffe's test (empty bins: True)."""
+    y = torch.arange(accept.shape[2], device=accept.device)
+    in_bin = (y >= lo[:, :, None]) & (y < hi[:, :, None])
+    return ~(in_bin & ~accept).any(dim=2)
 
 
 def _accept(start, end, bin_size, pooled, size):

@@ -1,0 +1,215 @@
+"""Which RoIs would OHEM keep now? One forward of a trained OHEM train net on one image.
+
+``inspect --def TRAIN_PROTOTXT --net MODEL --image IMG.jpg [--proposals FILE] --out PNG``
+builds the OHEM train net in TRAIN phase (dropout on in the readonly head, as in training;
+seeded with ``RNG_SEED``), feeds the data layer's tops as ``RoIDataLayer`` would for this one
+image (all RoIs, OHEM style: labels from the ground truth, bbox targets), and draws the
+selection of the OHEM layer.
+
+- Ground truth: ``IMG.xml`` beside the image, or ``../Annotations/<id>.xml`` (VOC layout);
+  without it every RoI is labelled background (the picture says so).
+- Proposals: ``.npz``/``.json`` keyed by image id (or holding ``boxes``), a one-image ``.mat``;
+  without ``--proposals`` a sliding-window grid (the picture says so).
+- bbox loss: a ``.caffemodel`` snapshot holds ``bbox_pred`` un-normalized with the training
+  set's target means/stds, which it does not record; we normalize back with
+  ``TRAIN.BBOX_NORMALIZE_MEANS/STDS`` (the config's), so the bbox part is approximate unless
+  training used those (``BBOX_NORMALIZE_TARGETS_PRECOMPUTED``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from readonly_ohem.errors import ConfigError, DataError
+
+# the OHEM experiment settings (reference_cfgs/fast_rcnn_ohem.yml), applied before --cfg/--set
+OHEM_KEYS = dict(USE_OHEM=True, BG_THRESH_LO=0.0, IMS_PER_BATCH=1, BATCH_SIZE=64, ASPECT_GROUPING=False)
+
+
+def find_annotation(image: Path) -> Path | None:
+    for p in (image.with_suffix(".xml"), image.parent.parent / "Annotations" / f"{image.stem}.xml"):
+        if p.is_file():
+            return p
+    return None
+
+
+def read_gt(xml: Path, classes) -> dict:
+    """Non-difficult objects of a VOC XML as the training roidb has them (0-based, floored)."""
+    from readonly_ohem.data.pascal_voc import parse_voc_xml
+
+    objs = [o for o in parse_voc_xml(xml) if not o["difficult"]]
+    unknown = sorted({o["name"] for o in objs} - set(classes[1:]))
+    if unknown:
+        raise DataError(f"{xml}: class(es) {unknown} are not among the net's {len(classes)} classes")
+    boxes = np.floor(np.maximum(np.array([o["bbox"] for o in objs], np.float64).reshape(-1, 4) - 1, 0))
+    return dict(boxes=boxes, gt_classes=np.array([list(classes).index(o["name"]) for o in objs], np.int32))
+
+
+def grid_proposals(width: int, height: int, max_boxes: int = 2000) -> np.ndarray:
+    """(K, 4) sliding windows: 6 sizes x 3 aspect ratios, half-window strides, clipped."""
+    out = []
+    for frac in (0.12, 0.2, 0.3, 0.45, 0.65, 0.9):
+        for aspect in (0.5, 1.0, 2.0):
+            base = frac * min(width, height)
+            w = min(base * np.sqrt(aspect), width)
+            h = min(base / np.sqrt(aspect), height)
+            xs = np.arange(0, max(width - w, 0) + 1, max(w / 2, 1))
+            ys = np.arange(0, max(height - h, 0) + 1, max(h / 2, 1))
+            x, y = np.meshgrid(xs, ys)
+            out.append(np.stack([x.ravel(), y.ravel(), x.ravel() + w - 1, y.ravel() + h - 1], 1))
+    boxes = np.floor(np.concatenate(out))
+    boxes[:, 2] = np.minimum(boxes[:, 2], width - 1)
+    boxes[:, 3] = np.minimum(boxes[:, 3], height - 1)
+    boxes = np.unique(boxes, axis=0)
+    if boxes.shape[0] > max_boxes:
+        boxes = boxes[np.round(np.linspace(0, boxes.shape[0] - 1, max_boxes)).astype(int)]
+    return boxes
+
+
+def read_proposals(path: Path, image_id: str) -> np.ndarray:
+    """(K, 4) 0-based cleaned proposals of one image from .npz/.json (by id or ``boxes``) or .mat."""
+    from readonly_ohem.data.proposals import _read_keyed, clean_proposals, read_mat_boxes
+
+    if not path.is_file():
+        raise DataError(f"--proposals {path}: file not found")
+    if path.suffix.lower() == ".mat":
+        raw = read_mat_boxes(path)
+        if len(raw) != 1:
+            raise DataError(f"{path}: holds proposals for {len(raw)} images; give a one-image file "
+                            f"or a .npz keyed by image id")
+        boxes = raw[0][:, (1, 0, 3, 2)] - 1
+    else:
+        table = _read_keyed(path)
+        key = image_id if image_id in table else ("boxes" if "boxes" in table else None)
+        if key is None:
+            raise DataError(f"{path}: no proposals for image {image_id!r} (keys: {sorted(table)[:5]})")
+        boxes = np.asarray(table[key], dtype=np.float64).reshape(-1, 4)
+    boxes, _ = clean_proposals(boxes)
+    if boxes.shape[0] == 0:
+        raise DataError(f"{path}: no usable proposals for image {image_id!r}")
+    return boxes
+
+
+def _config(cfg_files, set_pairs):
+    from readonly_ohem.config import default_config
+
+    cfg = default_config()
+    for k, v in OHEM_KEYS.items():
+        cfg.TRAIN[k] = v
+    for f in cfg_files or ():
+        cfg.merge_file(f)
+    cfg.set_list(set_pairs or ())
+    return cfg
+
+
+def _bbox_targets(entry: dict, cfg, num_classes: int) -> np.ndarray:
+    """(N, 5) targets as the training roidb has them, normalized with the config's means/stds."""
+    from readonly_ohem.data.roidb import compute_targets
+
+    t = compute_targets(entry["boxes"], entry["max_overlaps"], entry["max_classes"], cfg.TRAIN.BBOX_THRESH)
+    if cfg.TRAIN.BBOX_NORMALIZE_TARGETS:
+        rows = t[:, 0] > 0
+        t[rows, 1:] = ((t[rows, 1:] - np.asarray(cfg.TRAIN.BBOX_NORMALIZE_MEANS))
+                       / np.asarray(cfg.TRAIN.BBOX_NORMALIZE_STDS)).astype(np.float32)
+    return t
+
+
+@torch.no_grad()
+def _normalize_bbox_pred(net, cfg, num_classes: int) -> bool:
+    """Undo the snapshot's un-normalization of bbox_pred with the config's means/stds."""
+    if not (cfg.TRAIN.BBOX_REG and cfg.TRAIN.BBOX_NORMALIZE_TARGETS):
+        return False
+    names = [r.name for r in net.layers]
+    name = "bbox_pred" if "bbox_pred" in names else ("bbox_pred_readonly" if "bbox_pred_readonly" in names else None)
+    if name is None or len(net.layer_params(name)) != 2:
+        return False
+    w, b = net.layer_params(name)
+    means = torch.as_tensor(np.tile(cfg.TRAIN.BBOX_NORMALIZE_MEANS, num_classes), dtype=w.dtype)
+    stds = torch.as_tensor(np.tile(cfg.TRAIN.BBOX_NORMALIZE_STDS, num_classes), dtype=w.dtype)
+    if stds.numel() != w.shape[0]:
+        return False
+    b.sub_(means.to(b.device)).div_(stds.to(b.device))
+    w.div_(stds.to(w.device).view(-1, *([1] * (w.ndim - 1))))
+    return True
+
+
+def inspect_image(def_path, net_path, image, proposals=None, cfg_files=(), set_pairs=(), out=None,
+                  device: str = "cpu") -> dict:
+    """Run the readonly head + OHEM layer once on ``image``; draw to ``out``.
+
+    Returns ``{meta, arrays, classes, notes, summary, picture}`` (``meta``/``arrays`` as a log
+    record's, so ``render_selection`` and the stats code read them)."""
+    from readonly_ohem.data.blob import image_size
+    from readonly_ohem.data.minibatch import build_minibatch, plan_minibatch
+    from readonly_ohem.data.roidb import merge_gt_and_proposals, prepare_roidb
+    from readonly_ohem.inspect.draw import render_selection
+    from readonly_ohem.inspect.log import default_classes, split_record
+    from readonly_ohem.net import Net
+
+    image = Path(image)
+    if not image.is_file():
+        raise DataError(f"--image {image}: file not found")
+    cfg = _config(cfg_files, set_pairs)
+    net = Net.from_file(str(def_path), phase="TRAIN", cfg=cfg)
+    ohem = [r for r in net.layers if hasattr(r.module, "recorder")]
+    data = [r for r in net.layers if hasattr(r.module, "set_roidb")]
+    if not ohem or not data:
+        raise ConfigError(f"--def {def_path}: needs an OHEM train net (a RoIDataLayer and an "
+                          f"OHEMDataLayer); this one has {'no OHEM layer' if not ohem else 'no RoIDataLayer'}")
+    report = net.load_caffemodel(str(net_path))
+    net.to(device)
+    num_classes = int(data[0].module.num_classes)
+    classes = default_classes(num_classes)
+    notes = [f"model {Path(net_path).name}, TRAIN phase (dropout on, seed {cfg.RNG_SEED})"]
+    missing = list(getattr(report, "missing", []) or [])
+    if missing:
+        notes.append(f"not in the model file (left at their fillers): {', '.join(missing[:4])}")
+    if _normalize_bbox_pred(net, cfg, num_classes):
+        notes.append("bbox loss: targets normalized with TRAIN.BBOX_NORMALIZE_MEANS/STDS")
+
+    width, height = image_size(image)
+    xml = find_annotation(image)
+    gt = read_gt(xml, classes) if xml else None
+    if gt is None:
+        notes.append("no annotation found: every RoI labelled background")
+    if proposals:
+        props = read_proposals(Path(proposals), image.stem)
+    else:
+        props = grid_proposals(width, height)
+        notes.append(f"no --proposals: a sliding-window grid of {props.shape[0]} boxes")
+    entry = merge_gt_and_proposals(gt, props, num_classes)
+    entry.update(image=str(image), image_id=image.stem, width=width, height=height)
+    prepare_roidb([entry])
+    entry["bbox_targets"] = _bbox_targets(entry, cfg, num_classes)
+    plan = plan_minibatch([entry], cfg, np.random.RandomState(cfg.RNG_SEED), ohem=True)
+    blobs = build_minibatch([entry], plan, num_classes, cfg)
+    from readonly_ohem.data.layer import TOP_NAMES
+
+    feed = {top: blobs[name].to(device) for top, name in zip(data[0].tops, TOP_NAMES)}
+    records = []
+    for r in ohem:
+        r.module.recorder = records.append
+    torch.manual_seed(cfg.RNG_SEED)
+    net.forward(feed)
+    if not records:
+        raise ConfigError(f"--def {def_path}: the OHEM layer did not run")
+    keep = np.asarray(plan["keep"][0])
+    from readonly_ohem.data.blob import blob_scale
+
+    scale = blob_scale(height, width, cfg.TRAIN.SCALES[int(plan["scale_inds"][0])], cfg.TRAIN.MAX_SIZE)
+    meta_in = dict(image_id=image.stem, image_path=str(image), flipped=False, width=width, height=height,
+                   scale=scale, roidb_rows=keep, roidb_boxes=entry["boxes"][keep])
+    (meta, arrays), = split_record(records[-1], [meta_in])
+    meta.update(iter=None, **{"pass": 0})
+    title = f"OHEM would keep now  -  image {image.name}  -  scale {scale:.3f}"
+    if gt is None:
+        title += "  -  no ground truth: every RoI labelled background"
+    picture = render_selection(meta, arrays, classes, out, title=title, notes=notes) if out else None
+    summary = (f"{image.name}: kept {meta['num_kept']} of {meta['num_rois']} RoIs "
+               f"({meta['num_kept_fg']} fg of {meta['num_fg']}), NMS suppressed {meta['num_suppressed']} "
+               f"({meta['num_harder_than_kept']} harder than the easiest kept); loss of kept "
+               f"{meta['kept_loss_min']:.3f}..{meta['kept_loss_max']:.3f}" + "".join(f"\n  note: {n}" for n in notes))
+    return dict(meta=meta, arrays=arrays, classes=classes, notes=notes, summary=summary, picture=picture)
