@@ -5,7 +5,7 @@ Cases: 1 image x 2000 RoIs and 2 images x 2000 RoIs, 21 classes, NMS on and off.
 asserts both keep identical RoIs in identical order, then prints the best of --repeat times. The last line
 is the time ratio of the NMS-on, 2-image case: ``speedup X.X``.
 
-    python scripts/bench_mining.py [--repeat 20] [--batch-size 128] [--device cpu|cuda]
+    python scripts/bench_mining.py [--repeat 20] [--batch-size 128] [--device cpu|cuda] [--threads 1]
 """
 
 from __future__ import annotations
@@ -171,7 +171,10 @@ def main(argv=None) -> float:
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=128, help="TRAIN.BATCH_SIZE (default 128)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: the reference is single-threaded, and the "
+                         "layer's small tensors gain nothing from OpenMP, whose barriers stall "
+                         "for milliseconds on a busy shared machine)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

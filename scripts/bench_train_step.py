@@ -93,19 +93,13 @@ class SavedBytes:
         return t
 
 
-def time_steps(solver, feeds, warmup, iters, device):
-    per_iter = solver.iter_size
-    times, k = [], 0
-    for i in range(warmup + iters):
-        batch = feeds[k: k + per_iter]
-        k += per_iter
-        sync(device)
-        t0 = time.perf_counter()
-        solver.step(lambda p: batch[p])
-        sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def time_step(solver, batch, device):
+    """Seconds of one SGD iteration on ``batch`` (iter_size feeds)."""
+    sync(device)
+    t0 = time.perf_counter()
+    solver.step(lambda p: batch[p])
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def step_memory(solver, feeds, device):
@@ -122,34 +116,28 @@ def step_memory(solver, feeds, device):
     return saved.total, "bytes saved for backward (CPU)"
 
 
-def readonly_head_time(solver, feeds, warmup, iters, device):
-    """Forward of the ``*_readonly`` layers alone, on the blobs of a real forward, per iteration."""
+def readonly_head_time(solver, batch, device):
+    """Forward of the ``*_readonly`` layers alone over all RoIs, on the blobs of a real forward of
+    each pass of ``batch``: (seconds per iteration, mean RoIs per pass)."""
     net = solver.net
     recs = [r for r in net.layers if r.name.endswith("_readonly") and r.module is not None]
     if not recs:
         raise SystemExit("the OHEM net has no *_readonly layers")
-    per_iter = solver.iter_size
-    times, rois, k = [], [], 0
-    for i in range(warmup + iters):
-        total = 0.0
-        for _ in range(per_iter):
-            with torch.no_grad():
-                blobs = net.forward(feeds[k])
-            k += 1
-            inputs = {b: blobs[b] for r in recs for b in r.bottoms}
-            rois.append(int(blobs["rois"].shape[0]))
-            sync(device)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                for r in recs:
-                    tops = r.module([inputs[b] for b in r.bottoms], net.layer_params(r.name))
-                    for name, t in zip(r.tops, tops):
-                        inputs[name] = t
-            sync(device)
-            total += time.perf_counter() - t0
-        if i >= warmup:
-            times.append(total)
-    return statistics.median(times), float(np.mean(rois))
+    total, rois = 0.0, []
+    for feed in batch:
+        with torch.no_grad():
+            blobs = net.forward(feed)
+        inputs = {b: blobs[b] for r in recs for b in r.bottoms}
+        rois.append(int(blobs["rois"].shape[0]))
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for r in recs:
+                tops = r.module([inputs[b] for b in r.bottoms], net.layer_params(r.name))
+                inputs.update(zip(r.tops, tops))
+        sync(device)
+        total += time.perf_counter() - t0
+    return total, float(np.mean(rois))
 
 
 def main(argv=None):
@@ -177,31 +165,42 @@ def main(argv=None):
         tmp = tempfile.TemporaryDirectory()
         data = tmp.name
         make_minivoc(data, seed=0, num_images=args.images)
-    n_feeds = {}
-    results = {}
+    runs = {}
     for name, kind_dir, ohem in (("FRCN", frcn_dir, False), ("OHEM", ohem_dir, True)):
         solver, data_rec, _ = build(kind_dir, cfg_files, ohem, args.imdb, data,
                                     args.proposals, args.device, set_pairs)
-        n = (args.warmup + args.iters + 1) * solver.iter_size
-        feeds = make_feeds(data_rec, n, args.device)
-        n_feeds[name] = feeds
-        mem, mem_what = step_memory(solver, feeds, args.device)
-        t = time_steps(solver, feeds[solver.iter_size:], args.warmup, args.iters, args.device)
-        results[name] = dict(time=t, mem=mem, solver=solver)
-        rois = np.mean([f["rois"].shape[0] for f in feeds])
-        print(f"{name:5s} step  {1000 * t:9.2f} ms/iter  ({solver.iter_size} pass(es)/iter, "
-              f"{rois:.0f} RoIs per pass into the net)  {mem_what}: {mem / 2**20:.1f} MiB")
-
-    ohem_solver = results["OHEM"]["solver"]
-    head, rois = readonly_head_time(ohem_solver, n_feeds["OHEM"], args.warmup, args.iters, args.device)
-    frcn, ohem = results["FRCN"]["time"], results["OHEM"]["time"]
+        k = solver.iter_size
+        feeds = make_feeds(data_rec, (args.warmup + args.iters + 1) * k, args.device)
+        batches = [feeds[i * k:(i + 1) * k] for i in range(args.warmup + args.iters + 1)]
+        mem, mem_what = step_memory(solver, batches[0], args.device)
+        runs[name] = dict(solver=solver, batches=batches[1:], mem=mem, mem_what=mem_what,
+                          rois=np.mean([f["rois"].shape[0] for f in feeds]), times=[])
+    head_times, head_rois = [], []
+    # interleaved, so that load on a shared machine hits both nets alike
+    for i in range(args.warmup + args.iters):
+        for name in ("FRCN", "OHEM"):
+            r = runs[name]
+            t = time_step(r["solver"], r["batches"][i], args.device)
+            if i >= args.warmup:
+                r["times"].append(t)
+        t, n = readonly_head_time(runs["OHEM"]["solver"], runs["OHEM"]["batches"][i], args.device)
+        if i >= args.warmup:
+            head_times.append(t)
+            head_rois.append(n)
+    for name, r in runs.items():
+        r["time"] = statistics.median(r["times"])
+        print(f"{name:5s} step  {1000 * r['time']:9.2f} ms/iter  ({r['solver'].iter_size} pass(es)/iter, "
+              f"{r['rois']:.0f} RoIs per pass into the net)  {r['mem_what']}: {r['mem'] / 2**20:.1f} MiB")
+    head = statistics.median(head_times)
+    frcn, ohem = runs["FRCN"]["time"], runs["OHEM"]["time"]
     ideal = frcn + head
-    print(f"readonly head forward over all RoIs ({rois:.0f} per pass): {1000 * head:.2f} ms/iter")
+    print(f"readonly head forward over all RoIs ({np.mean(head_rois):.0f} per pass): "
+          f"{1000 * head:.2f} ms/iter")
     print(f"net {args.net}  device {args.device}  threads {torch.get_num_threads()}  "
-          f"timed iters {args.iters} (median)")
+          f"timed iters {args.iters} (median, interleaved)")
     print(f"OHEM / FRCN step time   {ohem / frcn:.2f}")
     print(f"ideal (FRCN + head)     {1000 * ideal:.2f} ms/iter")
-    print(f"peak memory OHEM / FRCN {results['OHEM']['mem'] / max(results['FRCN']['mem'], 1):.2f}")
+    print(f"peak memory OHEM / FRCN {runs['OHEM']['mem'] / max(runs['FRCN']['mem'], 1):.2f}")
     print(f"ratio_to_ideal {ohem / ideal:.2f}")
     if tmp is not None:
         tmp.cleanup()

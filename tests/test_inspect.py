@@ -246,3 +246,13 @@ def test_cli_errors(hand_log, tmp_path):
         inspect_command(def_path="x.prototxt")
     with pytest.raises(ConfigError, match="needs a log"):
         inspect_command()
+
+
+def test_stats_plot_without_matplotlib_says_what_to_install(hand_log, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
+    out = io.StringIO()
+    with pytest.raises(ConfigError, match=r"readonly-ohem\[plot\]"):
+        inspect_command(str(hand_log), stats=True, out=str(tmp_path / "s.png"), stream=out)
+    assert "loss kept" in out.getvalue()  # the table was printed first

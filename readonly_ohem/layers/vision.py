@@ -48,7 +48,8 @@ class Convolution(Layer):
             raise self.error(f"needs one top per bottom, got {len(param.bottom)} bottom(s) and "
                              f"{len(param.top)} top(s)")
         if cp.axis != 1:
-            raise self.error(f"convolution_param axis {cp.axis} is not supported (only 1: N, C, H, W)")
+            raise self.error(f"convolution_param axis {cp.axis} is not supported "
+                             "(only 1: N, C, H, W)")
         if cp.num_output <= 0:
             raise self.error("convolution_param num_output must be > 0")
         self.num_output, self.group, self.bias_term = cp.num_output, cp.group, cp.bias_term
@@ -58,7 +59,8 @@ class Convolution(Layer):
         self.stride = self._pair(cp, "stride", "stride_h", "stride_w", 1)
         self.pad = self._pair(cp, "pad", "pad_h", "pad_w", 0)
         if len(cp.dilation) > 2:
-            raise self.error(f"dilation has {len(cp.dilation)} values; 2-D convolution takes 1 or 2")
+            raise self.error(f"dilation has {len(cp.dilation)} values; "
+                             "2-D convolution takes 1 or 2")
         self.dilation = (tuple(cp.dilation) * 2)[:2] if cp.dilation else (1, 1)
         if min(self.kernel) <= 0 or min(self.stride) <= 0 or min(self.dilation) <= 0:
             raise self.error("kernel, stride and dilation must be > 0")
@@ -69,7 +71,8 @@ class Convolution(Layer):
         has_h, has_w = cp.HasField(name_h), cp.HasField(name_w)
         if has_h or has_w:
             if values:
-                raise self.error(f"either {name} or {name_h}/{name_w} should be specified; not both")
+                raise self.error(f"either {name} or {name_h}/{name_w} should be specified; "
+                                 "not both")
             if not (has_h and has_w):
                 raise self.error(f"{name_h} and {name_w} must be specified together")
             return getattr(cp, name_h), getattr(cp, name_w)
@@ -137,12 +140,17 @@ def caffe_pool2d(x: torch.Tensor, method: str, kernel, stride, pad, ceil_mode: b
     if oh <= 0 or ow <= 0:
         raise ValueError(f"pooled output would be {oh} x {ow} for input {h} x {w}")
     if 2 * ph <= kh and 2 * pw <= kw:
-        if method == "MAX":
-            out = F.max_pool2d(x, kernel, stride, pad, ceil_mode=ceil_mode, return_indices=return_mask)
-            top = out[0] if return_mask else out
-        else:
-            top = F.avg_pool2d(x, kernel, stride, pad, ceil_mode=ceil_mode, count_include_pad=True)
-        if top.shape[2:] == (oh, ow):
+        try:
+            if method == "MAX":
+                out = F.max_pool2d(x, kernel, stride, pad, ceil_mode=ceil_mode,
+                                   return_indices=return_mask)
+                top = out[0] if return_mask else out
+            else:
+                top = F.avg_pool2d(x, kernel, stride, pad, ceil_mode=ceil_mode,
+                                   count_include_pad=True)
+        except RuntimeError:  # PyTorch refuses a size Caffe accepts: the general path below
+            top = None
+        if top is not None and top.shape[2:] == (oh, ow):
             if return_mask:
                 return top, out[1].to(x.dtype)
             return top
@@ -199,7 +207,8 @@ class Pooling(Layer):
             self.kernel = None
         else:
             if has_k and has_kh and has_kw:
-                raise self.error("the filter size is kernel_size OR kernel_h and kernel_w; not both")
+                raise self.error("the filter size is kernel_size OR kernel_h and kernel_w; "
+                                 "not both")
             if not has_k and not (has_kh and has_kw):
                 raise self.error("kernel_size (or both kernel_h and kernel_w) is required")
             self.kernel = (pp.kernel_size,) * 2 if has_k else (pp.kernel_h, pp.kernel_w)

@@ -38,14 +38,16 @@ def bbox_overlaps(boxes, query_boxes):
     b, np_in = _to_torch(boxes)
     q, _ = _to_torch(query_boxes)
     q = q.to(b.dtype)
-    iw = torch.minimum(b[:, None, 2], q[None, :, 2]) - torch.maximum(b[:, None, 0], q[None, :, 0]) + 1
-    ih = torch.minimum(b[:, None, 3], q[None, :, 3]) - torch.maximum(b[:, None, 1], q[None, :, 1]) + 1
-    inter = iw.clamp(min=0) * ih.clamp(min=0)
-    area_b = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
-    area_q = (q[:, 2] - q[:, 0] + 1) * (q[:, 3] - q[:, 1] + 1)
-    union = area_b[:, None] + area_q[None, :] - inter
-    iou = torch.where(inter > 0, inter / torch.where(inter > 0, union, torch.ones_like(union)),
-                      torch.zeros_like(inter))
+    bx1, by1, bx2, by2 = b.t().contiguous()
+    qx1, qy1, qx2, qy2 = q.t().contiguous()
+    # in-place chains: this sits in the OHEM NMS hot path, where allocations dominate
+    iw = torch.minimum(bx2[:, None], qx2[None, :]).sub_(torch.maximum(bx1[:, None], qx1[None, :]))
+    ih = torch.minimum(by2[:, None], qy2[None, :]).sub_(torch.maximum(by1[:, None], qy1[None, :]))
+    inter = iw.add_(1).clamp_(min=0).mul_(ih.add_(1).clamp_(min=0))
+    area_b = (bx2 - bx1 + 1) * (by2 - by1 + 1)
+    area_q = (qx2 - qx1 + 1) * (qy2 - qy1 + 1)
+    union = (area_b[:, None] + area_q[None, :]).sub_(inter)
+    iou = torch.where(inter > 0, inter / union, torch.zeros((), dtype=inter.dtype))
     return _back(iou, np_in)
 
 

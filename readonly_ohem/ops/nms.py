@@ -69,13 +69,16 @@ class _VisitOrder:
     def __init__(self, order=None, scores=None):
         self.order, self.scores = order, scores
         self.n = int((order if order is not None else scores).numel())
+        self._top = None  # the longest prefix ranked so far
 
     def prefix(self, m: int) -> torch.Tensor:
         if self.order is None and 4 * m >= self.n:
             self.order = descending_order(self.scores)
         if self.order is not None:
             return self.order[:m]
-        return top_descending(self.scores, m)
+        if self._top is None or self._top.numel() < min(m, self.n):
+            self._top = top_descending(self.scores, m + 64)  # a little ahead: the next peek
+        return self._top[:m]
 
 
 def greedy_nms(boxes: torch.Tensor, thresh: float, *, order: torch.Tensor | None = None,

@@ -18,9 +18,11 @@ Caffe's rules (SPEC §3), all in the features' dtype like Caffe's ``Dtype``:
 
 The forward is vectorized with a 2-D sparse table of (max, first index) over power-of-two
 rectangles: any bin is the union of four overlapping such rectangles, and "larger value, then
-smaller row-major index" picks the first maximum of the union. ``torchvision.ops.roi_pool``'s
-forward (a port of the same kernel) is used instead when its compiled ops load and agree with ours
-on a self-check; the backward is always ours.
+smaller row-major index" picks the first maximum of the union (for float32 both live in one
+int64 key, so combining is ``torch.maximum``). On CUDA, ``torchvision.ops.roi_pool``'s forward (a
+port of the same kernel) is used instead when its compiled ops load, the scale is a power of two
+(it scales corners in double, Caffe in float) and it agrees with ours on a self-check; the
+backward is always ours (torchvision's skips Caffe's in-RoI test).
 """
 
 from __future__ import annotations
@@ -81,13 +83,14 @@ def check_rois(features: torch.Tensor, rois: torch.Tensor, what: str = "roi_pool
     if rois.dim() == 0 or rois.numel() != rois.shape[0] * 5:
         raise DataError(f"{what}: rois must be (R, 5) [batch_idx, x1, y1, x2, y2], "
                         f"got shape {tuple(rois.shape)}")
-    rois = rois.reshape(-1, 5)
+    rois = rois.reshape(-1, 5).to(features.device)
     if rois.shape[0]:
         b = rois[:, 0].long()
         lo, hi = int(b.min()), int(b.max())
         if lo < 0 or hi >= features.shape[0]:
             bad = lo if lo < 0 else hi
-            raise DataError(f"{what}: a RoI has batch index {bad}, outside [0, {features.shape[0]})")
+            raise DataError(f"{what}: a RoI has batch index {bad}, "
+                            f"outside [0, {features.shape[0]})")
     return rois
 
 
@@ -99,13 +102,15 @@ def _first_max(va, ia, vb, ib):
 
 class _PackedKeys:
     """float32: (value, index) packed in one int64 ordered as "larger value, then smaller index",
-    so combining candidates is one ``torch.maximum``. (-0.0 is read as +0.0: Caffe ties them too.)"""
+    so combining candidates is one ``torch.maximum``: the high half holds the float's bits made
+    order-preserving, the low half ~index. (-0.0 is read as +0.0: Caffe ties them too.)
+    The key 0 decodes to (0.0, -1), an empty bin's output."""
 
     @staticmethod
     def encode(values, index):
         bits = (values + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
         ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed order of the floats
-        return [(ordered.long() << 32) + (0xFFFFFFFF - index.long())]
+        return [(ordered.long() << 32) | (~index.long() & 0xFFFFFFFF)]
 
     @staticmethod
     def combine(a, b):
@@ -116,7 +121,7 @@ class _PackedKeys:
         key = state[0]
         hi = (key >> 32).int()
         values = (hi ^ ((hi >> 31) & 0x7FFFFFFF)).view(torch.float32)
-        return values, (0xFFFFFFFF - (key & 0xFFFFFFFF)).int()
+        return values, ~key.int()  # the low 32 bits hold ~index
 
 
 class _Pairs:
@@ -138,15 +143,22 @@ class _Pairs:
 def _sparse_table(features: torch.Tensor, levels_h: int, levels_w: int, scheme):
     """(max, first index) over [h, h+2^kh) x [w, w+2^kw) for kh <= levels_h, kw <= levels_w.
 
-    -> the scheme's state tensors, each (L, C) with rows flattened over (kh, kw, n, h, w).
-    Rows whose rectangle leaves the map hold partial results and are never queried.
+    -> the scheme's state tensors, each (L + 1, C) with rows flattened over (kh, kw, n, h, w);
+    the last row is the empty bin's (0.0, -1). Rows whose rectangle leaves the map hold partial
+    results and are never queried.
     """
     n, c, h, w = features.shape
     index = torch.arange(h * w, device=features.device, dtype=torch.int32).view(1, h, w, 1)
     base = scheme.encode(features.detach().permute(0, 2, 3, 1), index)
-    tables = [t.new_empty((levels_h + 1, levels_w + 1, n, h, w, c)) for t in base]
+    count = (levels_h + 1) * (levels_w + 1) * n * h * w
+    flat_tables = [t.new_empty((count + 1, c)) for t in base]
+    tables = [t[:count].view(levels_h + 1, levels_w + 1, n, h, w, c) for t in flat_tables]
+    empty_row = scheme.encode(features.new_zeros((1, c)),
+                              torch.full((1, 1), -1, device=features.device))
     for t, b in zip(tables, base):
         t[0, 0] = b
+    for t, e in zip(flat_tables, empty_row):
+        t[count:] = e
     for kh in range(levels_h + 1):
         if kh:
             s = 1 << (kh - 1)
@@ -162,7 +174,7 @@ def _sparse_table(features: torch.Tensor, levels_h: int, levels_w: int, scheme):
             for t, p, m in zip(tables, prev, merged):
                 t[kh, kw] = p
                 t[kh, kw, :, :, : w - s] = m
-    return [t.view(-1, c) for t in tables]
+    return flat_tables
 
 
 def _floor_log2(x: torch.Tensor, limit: int) -> torch.Tensor:
@@ -181,12 +193,14 @@ def _forward_ours(features, geo: RoIGeometry, pooled_h, pooled_w):
     kw = _floor_log2(bin_cols, w)
     levels_h, levels_w = (int(kh.max()), int(kw.max())) if r else (0, 0)
     tables = _sparse_table(features, levels_h, levels_w, scheme)
+    empty_row = tables[0].shape[0] - 1
     level = kh[:, :, None] * (levels_w + 1) + kw[:, None, :]
     base = ((level * n + geo.batch[:, None, None]) * h)  # (R, PH, PW)
     rows = (geo.hstart, geo.hend - (1 << kh))  # first and last power-of-two block per bin
     cols = (geo.wstart, geo.wend - (1 << kw))
-    out = features.new_empty((r, pooled_h, pooled_w, c))
-    argmax = torch.empty((r, pooled_h, pooled_w, c), dtype=torch.int32, device=features.device)
+    out = features.new_empty((r, c, pooled_h, pooled_w))
+    argmax = torch.empty((r, c, pooled_h, pooled_w), dtype=torch.int32, device=features.device)
+    out_rows, argmax_rows = out.permute(0, 2, 3, 1), argmax.permute(0, 2, 3, 1)  # (R, PH, PW, C)
     step = max(1, _CHUNK_ELEMENTS // max(1, pooled_h * pooled_w * c))
     for lo in range(0, r, step):
         sl = slice(lo, lo + step)
@@ -194,18 +208,18 @@ def _forward_ours(features, geo: RoIGeometry, pooled_h, pooled_w):
         for hh in rows:
             for ww in cols:
                 flat = (base[sl] + hh[sl, :, None]) * w + ww[sl, None, :]
-                flat = flat.masked_fill(empty[sl], 0).view(-1)
+                flat = flat.masked_fill(empty[sl], empty_row).view(-1)
                 cand = [t.index_select(0, flat) for t in tables]
                 best = cand if best is None else scheme.combine(best, cand)
         values, index = scheme.decode(best)
-        e = empty[sl].reshape(-1, 1)
-        out[sl] = values.masked_fill(e, 0).view(-1, pooled_h, pooled_w, c)
-        argmax[sl] = index.masked_fill(e, -1).view(-1, pooled_h, pooled_w, c)
-    return out.permute(0, 3, 1, 2).contiguous(), argmax.permute(0, 3, 1, 2).contiguous()
+        out_rows[sl] = values.view(-1, pooled_h, pooled_w, c)
+        argmax_rows[sl] = index.view(-1, pooled_h, pooled_w, c)
+    return out, argmax
 
 
 # -- torchvision: its forward is a port of the same kernel (its backward is not: see above) ----
 _TV_CHECKED: dict = {}
+_TV_DEVICES = ("cuda",)  # on CPU torchvision's kernel is a plain loop, slower than ours
 
 
 def _torchvision_op():
@@ -221,7 +235,9 @@ def _torchvision_usable(features: torch.Tensor, spatial_scale: float) -> bool:
     """True where torchvision's forward equals ours: it scales corners in double, Caffe in Dtype,
     which agree exactly when the scale is a power of two; plus a one-time self-check per
     device/dtype on a case with half-way corners, borders, empty bins and a malformed RoI."""
-    if features.dtype not in (torch.float32, torch.float64) or spatial_scale <= 0:
+    if features.device.type not in _TV_DEVICES or spatial_scale <= 0:
+        return False
+    if features.dtype not in (torch.float32, torch.float64):
         return False
     if math.frexp(spatial_scale)[0] != 0.5:
         return False
@@ -242,7 +258,8 @@ def _torchvision_self_check(device, dtype) -> bool:
                              [1, -40, -24, 24, 40], [0, 40, 24, 40, 24], [1, 40, 8, 200, 72],
                              [0, 80, 64, 16, 32], [1, 8, 8, 8.5, 120]], dtype=dtype)
         feats, rois = feats.to(device), rois.to(device)
-        want_out, want_arg = _forward_ours(feats, RoIGeometry(rois, 1 / 16, 5, 4, 9, 11, dtype), 5, 4)
+        geo = RoIGeometry(rois, 1 / 16, 5, 4, 9, 11, dtype)
+        want_out, want_arg = _forward_ours(feats, geo, 5, 4)
         got_out, got_arg = op(feats, rois, 1 / 16, 5, 4)
         return bool(torch.equal(got_out, want_out) and torch.equal(got_arg.int(), want_arg))
     except Exception:
@@ -289,7 +306,8 @@ def roi_pool_backward(grad_out: torch.Tensor, argmax: torch.Tensor, rois: torch.
     rows_ok = _all_accepted(accept_h, geo.hstart, geo.hend)  # (R, PH)
     cols_ok = _all_accepted(accept_w, geo.wstart, geo.wend)  # (R, PW)
     bins_ok = rows_ok[:, :, None] & cols_ok[:, None, :]
-    any_bad = not bool(bins_ok.all())
+    empty = ((geo.hend <= geo.hstart)[:, :, None] | (geo.wend <= geo.wstart)[:, None, :])
+    any_bad, any_empty = not bool(bins_ok.all()), bool(empty.any())
     ph = torch.arange(pooled_h, device=grad.device).view(1, 1, -1, 1)
     pw = torch.arange(pooled_w, device=grad.device).view(1, 1, 1, -1)
     ch = torch.arange(c, device=grad.device).view(1, -1, 1, 1)
@@ -297,14 +315,17 @@ def roi_pool_backward(grad_out: torch.Tensor, argmax: torch.Tensor, rois: torch.
     for lo in range(0, r, step):
         sl = slice(lo, lo + step)
         rr = torch.arange(lo, min(lo + step, r), device=grad.device).view(-1, 1, 1, 1)
-        a = argmax[sl].long()
-        keep = a >= 0
-        if any_bad:
-            y, x = a.clamp(min=0) // w, a.clamp(min=0) % w
-            cell_ok = accept_h[rr, ph, y] & accept_w[rr, pw, x]
-            keep &= bins_ok[sl].unsqueeze(1) | cell_ok
-        flat = (geo.batch[rr] * c + ch) * (h * w) + a.clamp(min=0)
-        grad.index_add_(0, flat.view(-1), grad_out[sl].masked_fill(~keep, 0).view(-1))
+        a = argmax[sl]
+        diff = grad_out[sl]
+        if any_bad or any_empty:
+            a = a.clamp(min=0).long()
+            keep = ~empty[sl].unsqueeze(1)
+            if any_bad:
+                cell_ok = accept_h[rr, ph, a // w] & accept_w[rr, pw, a % w]
+                keep = keep & (bins_ok[sl].unsqueeze(1) | cell_ok)
+            diff = diff.masked_fill(~keep, 0)
+        flat = (geo.batch[rr] * c + ch) * (h * w) + a  # (r, C, PH, PW) int64
+        grad.index_add_(0, flat.reshape(-1), diff.reshape(-1))
     return grad.view(n, c, h, w)
 
 

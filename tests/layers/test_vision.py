@@ -185,6 +185,7 @@ POOL_CASES = [  # (H, W, kernel, stride, pad, ceil_mode): PyTorch's path and the
     (6, 5, (3, 3), (3, 3), (2, 2), True),  # pad > kernel / 2: unfold path
     (5, 7, (1, 2), (3, 3), (0, 0), True),  # stride > kernel, no pad: last row window off the map
     (8, 8, (3, 3), (2, 2), (2, 1), True),  # the minus-one rule (pad 2 on rows)
+    (2, 5, (3, 3), (2, 2), (0, 0), True),  # map smaller than the kernel: Caffe still gives 1 row
 ]
 
 

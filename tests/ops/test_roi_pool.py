@@ -252,6 +252,11 @@ def test_torchvision_used_only_when_it_agrees(monkeypatch):
     feats = _features(torch.float32)
     rois = torch.tensor(ROIS, dtype=torch.float32)
     want = roi_pool_forward(feats, rois, 0.25, 3, 2, use_torchvision=False)
+    monkeypatch.setattr(rp, "_torchvision_op", lambda: good)
+    calls.clear()
+    roi_pool_forward(feats, rois, 0.25, 3, 2)  # CPU: ours, even with torchvision present
+    assert not calls
+    monkeypatch.setattr(rp, "_TV_DEVICES", ("cpu",))
     for op, used in ((good, True), (bad, False)):
         monkeypatch.setattr(rp, "_TV_CHECKED", {})
         monkeypatch.setattr(rp, "_torchvision_op", lambda op=op: op)
