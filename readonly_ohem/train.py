@@ -28,11 +28,9 @@ the images; effective batch = processes × iter_size × IMS_PER_BATCH images).
 from __future__ import annotations
 
 import io
-import os
 import random
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -41,6 +39,7 @@ import numpy as np
 import torch
 
 from readonly_ohem import distributed
+from readonly_ohem.atomic import atomic_write
 from readonly_ohem.errors import ConfigError
 from readonly_ohem.progress import Progress, _clock
 from readonly_ohem.solver import NonFiniteLossError, Solver
@@ -48,21 +47,9 @@ from readonly_ohem.solver import NonFiniteLossError, Solver
 
 # -- small helpers ---------------------------------------------------------------------------------
 def atomic_torch_save(obj, path: str | Path) -> None:
-    """``torch.save`` to a temp file in the same directory, then ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """``torch.save`` that leaves any previous file intact if killed mid-write."""
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def rng_state() -> dict:

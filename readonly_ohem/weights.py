@@ -11,8 +11,6 @@ left-padded with 1s to 4 axes, equals them (V1 biases are 1x1x1xN, fc weights 1x
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -21,6 +19,7 @@ import numpy as np
 import torch
 from google.protobuf.message import DecodeError
 
+from readonly_ohem.atomic import atomic_write
 from readonly_ohem.errors import SpecError, WeightsError
 from readonly_ohem.proto import caffe_pb2
 from readonly_ohem.spec import v1_type_name
@@ -188,25 +187,14 @@ def write_caffemodel(path, net_name: str,
                      layers: Iterable[tuple[str, str, Sequence]]) -> None:
     """Write ``(name, type, [array, ...])`` layers as a new-format binary NetParameter with
     BlobShape (what ``Net::Save`` writes, less the layer parameters Caffe does not read back).
-    Atomic: a temp file in the same directory, then ``os.replace``."""
+    Atomic (``readonly_ohem.atomic``): a killed write leaves any previous file intact."""
     net = caffe_pb2.NetParameter(name=net_name)
     for name, ltype, arrays in layers:
         lp = net.layer.add(name=name, type=ltype)
         for a in arrays:
             lp.blobs.add().CopyFrom(array_to_blob(a))
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(net.SerializeToString())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_write(path) as f:
+        f.write(net.SerializeToString())
 
 
 # -- fillers (Caffe's filler.hpp) ---------------------------------------------------------------

@@ -20,11 +20,11 @@ import collections
 
 import numpy as np
 import torch
-import yaml
 
 from readonly_ohem.data.minibatch import build_minibatch, plan_minibatch
 from readonly_ohem.errors import DataError
 from readonly_ohem.layers.base import Layer, register_python
+from readonly_ohem.layers.python import parse_param_str
 
 TOP_NAMES = ("data", "rois", "labels", "bbox_targets", "bbox_inside_weights", "bbox_outside_weights")
 
@@ -129,9 +129,8 @@ class RoIDataLayer(Layer):
 
         self.cfg = ctx.cfg if ctx.cfg is not None else default_config()
         try:
-            params = yaml.safe_load(param.python_param.param_str or "{}") or {}
-            self.num_classes = int(params["num_classes"])
-        except (yaml.YAMLError, KeyError, TypeError, ValueError, AttributeError):
+            self.num_classes = int(parse_param_str(param)["num_classes"])
+        except (KeyError, TypeError, ValueError):
             raise self.error(f"param_str must give num_classes (e.g. \"'num_classes': 21\"), "
                              f"got {param.python_param.param_str!r}") from None
         want = 6 if self.cfg.TRAIN.BBOX_REG else 3
