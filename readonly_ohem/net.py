@@ -37,6 +37,11 @@ from torch import nn
 from readonly_ohem.errors import OhemError, SpecError
 from readonly_ohem.layers.base import LAYERS, Layer, LayerContext, ParamBlob
 
+# Caffe computes in true float32. TF32, PyTorch's default for cuDNN convolutions on Ampere and
+# newer GPUs, is ~1e-3 off, and every net built here is meant to match Caffe to ~1e-4.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 
 @dataclass
 class LayerRecord:
