@@ -4,7 +4,7 @@ A VGG16-sized conv5 map (1 x 512 x 38 x 50 for a 600 x 800 image), 2000 random R
 image, spatial_scale 1/16, 7 x 7 bins, forward and backward. Asserts that the outputs agree,
 prints the times side by side; no assertion on time.
 
-    python scripts/bench_roi_pool.py [--device cuda] [--rois 2000] [--repeat 3]
+    python scripts/bench_roi_pool.py [--device cuda] [--rois 2000] [--repeat 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -88,7 +88,10 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--loop-repeat", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(args.seed)
     feats = torch.randn(1, 512, 38, 50, generator=g).to(device)

@@ -6,14 +6,17 @@ unnormalized; eps = 2.22e-16 (numpy's float eps, as the original's ``flt_min``).
 are read into float64 first (SPEC §5); each RoI's bbox terms are summed left to right in column
 order, as the original's Python ``sum``, so equal rows give bit-equal losses on every device.
 
-Only foreground rows' non-zero inside-weight entries are touched, so the cost is O(R + #entries),
-not O(R x 4C).
+The usual layout (the original minibatch's) puts a foreground row's non-zero inside weights in its
+label's 4 columns only: then the bbox term reads just those (R, 4) blocks. One exact count over
+the inside weights tells whether that holds; otherwise every non-zero weight of a foreground row
+is visited, O(R + #entries).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 FLT_MIN = float(np.finfo(float).eps)  # the original's "flt_min" (really the float64 epsilon)
 
@@ -21,7 +24,7 @@ FLT_MIN = float(np.finfo(float).eps)  # the original's "flt_min" (really the flo
 def cls_loss(cls_prob: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """-log(max(p[label], eps)) in float64: cls_prob (R, C), labels (R,) long -> (R,) float64."""
     p = cls_prob.gather(1, labels[:, None])[:, 0].double()
-    return -torch.log(p.clamp_min(FLT_MIN))
+    return p.clamp_min_(FLT_MIN).log_().neg_()
 
 
 def bbox_loss(labels: torch.Tensor, bbox_pred: torch.Tensor, bbox_targets: torch.Tensor,
@@ -31,18 +34,48 @@ def bbox_loss(labels: torch.Tensor, bbox_pred: torch.Tensor, bbox_targets: torch
     Background rows (label <= 0) get 0; columns whose inside weight is 0 are skipped.
     """
     r = labels.shape[0]
+    if r == 0:
+        return torch.zeros(0, dtype=torch.float64, device=labels.device)
+    out = None
+    if inside.shape[1] % 4 == 0:
+        out = _label_block_loss(labels, bbox_pred, bbox_targets, inside, outside)
+    if out is not None:
+        return out
+    return _general_loss(labels, bbox_pred, bbox_targets, inside, outside)
+
+
+def _label_block_loss(labels, bbox_pred, bbox_targets, inside, outside):
+    """The loss from each row's label block (R, 4), or None when some foreground row has a
+    non-zero inside weight outside its label's 4 columns (or a background row has any)."""
+    r, width = inside.shape
+    c = width // 4
+    # row of each RoI's label block in the (R * C, 4) view of a (R, 4C) blob
+    rows = torch.arange(0, r * c, c, device=labels.device).add_(labels)
+    blocks = [t.reshape(-1, 4).index_select(0, rows)
+              for t in (bbox_pred, bbox_targets, inside, outside)]
+    pred, target, w, w_out = torch.stack(blocks).double().unbind(0)  # (R, 4) float64 each
+    counted = (w != 0) & (labels > 0)[:, None]  # (R, 4) the entries the original visits
+    # Exact test that no other entry of inside is non-zero: read each 4 bytes of the 0/1 maps as
+    # one int32 (byte m = column m of a block) and compare the sums. The label-block entries are
+    # a subset of all entries, so the sums are equal only when both sets of non-zeros are.
+    if not torch.equal(inside.bool().view(-1).view(torch.int32).sum(),
+                       counted.view(torch.int32).sum()):
+        return None
+    d = (pred - target).mul_(w)
+    # smooth_l1_loss(d, 0) is 0.5 |d| |d| if |d| < 1 else |d| - 0.5: the original's, bit for bit
+    terms = F.smooth_l1_loss(d, torch.zeros_like(d), reduction="none", beta=1.0).mul_(w_out)
+    terms = torch.where(counted, terms, torch.zeros((), dtype=terms.dtype, device=terms.device))
+    return _sum_columns(terms)
+
+
+def _general_loss(labels, bbox_pred, bbox_targets, inside, outside):
+    """Inside weights anywhere: visit every non-zero entry of the foreground rows."""
+    r = labels.shape[0]
     out = torch.zeros(r, dtype=torch.float64, device=labels.device)
     fg = torch.nonzero(labels > 0).squeeze(1)  # (F,)
     if fg.numel() == 0:
         return out
     width = inside.shape[1]
-    lab = labels.index_select(0, fg)
-    block = 4 * lab[:, None] + torch.arange(4, device=lab.device)  # (F, 4) columns of the label
-    rest = inside.index_select(0, fg).scatter_(1, block, 0)
-    if bool(rest.abs_().sum() == 0):  # the usual layout: weights only in the label's 4 columns
-        out[fg] = _row_sums(fg[:, None] * width + block, labels, bbox_pred, bbox_targets,
-                            inside, outside)
-        return out
     nz = torch.nonzero(inside.index_select(0, fg) != 0)  # (E, 2) row-major: [fg row, column]
     if nz.numel() == 0:
         return out
@@ -71,10 +104,6 @@ def _terms(flat, bbox_pred, bbox_targets, inside, outside):
     ad = d.abs()
     terms = take(outside) * torch.where(ad < 1, 0.5 * d * d, ad - 0.5)
     return torch.where(w != 0, terms, torch.zeros_like(terms))
-
-
-def _row_sums(flat, labels, bbox_pred, bbox_targets, inside, outside):
-    return _sum_columns(_terms(flat, bbox_pred, bbox_targets, inside, outside))
 
 
 def _sum_columns(table):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from readonly_ohem.ops.nms import descending_order, greedy_nms, top_descending
+from readonly_ohem.ops.nms import descending_order, greedy_nms, prefix_nms, top_descending
 
 
 @dataclass
@@ -76,11 +76,16 @@ def select_hard_rois(loss: torch.Tensor, rois: torch.Tensor, labels: torch.Tenso
     of stopping once ``batch_size`` survivors are known; the kept rows are the same."""
     r = loss.shape[0]
     b = max(0, min(int(batch_size), r))
-    if not use_nms:
-        survived = torch.ones(r, dtype=torch.bool, device=loss.device) if full else None
-        return Selection(top_descending(loss, b), survived)
     if num_labels is None:
         num_labels = int(labels.max()) + 1 if r else 1
+    if not use_nms:
+        survived = torch.ones(r, dtype=torch.bool, device=loss.device) if full else None
+        keep = _top_distinct(loss, b)
+        return Selection(keep if keep is not None else top_descending(loss, b), survived)
+    if not full and b:
+        keep = _first_survivors(loss, rois, labels, b, nms_thresh, num_labels)
+        if keep is not None:
+            return Selection(keep)
     groups = group_ids(rois[:, 0], labels, num_labels)
     survivors = nms_survivors(loss, rois[:, 1:5], groups, nms_thresh,
                               max_keep=None if full else b)
@@ -90,3 +95,51 @@ def select_hard_rois(loss: torch.Tensor, rois: torch.Tensor, labels: torch.Tenso
         survived = torch.zeros(r, dtype=torch.bool, device=loss.device)
         survived[survivors] = True
     return Selection(keep, survived)
+
+
+def _top_distinct(scores: torch.Tensor, k: int) -> torch.Tensor | None:
+    """The ``k`` highest of ``scores`` (R,), highest first, when they and the next one are all
+    distinct (then no tie rule is needed: one ``topk``); None otherwise. k <= R."""
+    n = int(scores.numel())
+    if k == 0:
+        return torch.zeros(0, dtype=torch.long, device=scores.device)
+    values, idx = torch.topk(scores, min(k + 1, n))
+    if values.numel() > 1 and not bool((values[1:] < values[:-1]).all()):
+        return None  # ties (or NaN) among them: the general path orders them
+    return idx[:k]
+
+
+def _first_survivors(loss, rois, labels, b, thresh, num_labels):
+    """The ``b`` hard RoIs with NMS, from the highest-loss candidates only, or None when a tie in
+    float32 loss (or non-integral image ids, or too many pairs) needs the general path.
+
+    The candidates are the K highest float32 losses (K grows until b of them survive); when
+    those K and the next are all distinct, they are a prefix of the visiting order, NMS decides
+    them exactly (``prefix_nms``), and the first b survivors in that order are also the first b
+    by float64 loss (float32 rounding keeps strict order), with no tie to break.
+    """
+    r = loss.shape[0]
+    loss32 = loss.float()
+    k = min(r, max(_MIN_CANDIDATES, _CANDIDATE_FACTOR * b))
+    while True:
+        cand = _top_distinct(loss32, k)
+        if cand is None:
+            return None
+        sub = rois.index_select(0, cand)  # (K, 5)
+        img = sub[:, 0]
+        img_long = img.long()
+        if not torch.equal(img_long.to(img.dtype), img):
+            return None
+        groups = img_long.mul_(num_labels).add_(labels.index_select(0, cand))
+        kept = prefix_nms(sub[:, 1:5].float(), groups, thresh, max_pairs=_MAX_PAIRS)
+        if kept is None:
+            return None
+        survivors = cand[kept]
+        if survivors.numel() >= b or k == r:
+            return survivors[:b]
+        k = min(r, 2 * k)
+
+
+_MIN_CANDIDATES = 64
+_CANDIDATE_FACTOR = 2  # first K = this many times BATCH_SIZE (doubled while too few survive)
+_MAX_PAIRS = 1 << 18  # same-group candidate pairs beyond which the chunked NMS is used

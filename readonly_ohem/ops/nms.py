@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from readonly_ohem.ops.boxes import bbox_overlaps
+from readonly_ohem.ops.boxes import bbox_overlaps, box_areas
 
 _FIRST_CHUNK = 256  # boxes per chunk of an unbounded NMS (later chunks double, up to _MAX_CHUNK)
 _MIN_CHUNK = 64  # smallest chunk when stopping early
@@ -214,6 +214,70 @@ def _greedy_chunk_steps(alive: torch.Tensor, within: torch.Tensor) -> torch.Tens
         kept |= newly_kept
         undecided &= ~(newly_kept | (counts[:, 1] > 0))  # decided: kept, or a kept box overlaps
     return kept
+
+
+def prefix_nms(boxes: torch.Tensor, groups: torch.Tensor, thresh: float,
+               suppress_equal: bool = False, max_pairs: int | None = None) -> torch.Tensor | None:
+    """Greedy NMS of ``boxes`` (K, 4) already in visiting order (box 0 first), a box suppressing
+    only boxes of its own group (``groups`` (K,) int): (K,) bool kept.
+
+    Exact for any prefix of a longer visiting order: a box's fate depends only on the boxes
+    visited before it. Made for a few hundred boxes (OHEM's candidates), in a fixed number of
+    vectorized ops plus a few per round:
+
+    - the boxes are sorted by group (stably), and the IoU is computed only for the pairs
+      (earlier, later) of one group, as one flat list (``paired_overlaps``), not a K x K matrix;
+    - over the pairs above the threshold (the edges), the greedy result is the fixed point of
+      ``kept[b] = no edge (a, b) with kept[a]``, iterated from ``kept = all``: after round t
+      every box whose longest chain of overlapping earlier boxes is shorter than t is right, so
+      it stops within (longest chain + 1) rounds (a few on real data).
+
+    Returns None, without doing the work, when the pairs number more than ``max_pairs``.
+    """
+    k = int(boxes.shape[0])
+    device = boxes.device
+    if k == 0:
+        return torch.zeros(0, dtype=torch.bool, device=device)
+    sorted_groups, perm = torch.sort(groups, stable=True)
+    first = torch.searchsorted(sorted_groups, sorted_groups)  # first slot of each one's group
+    n_before = torch.arange(k, device=device).sub_(first)  # earlier boxes of its group, per slot
+    n_pairs = int(n_before.sum())
+    if max_pairs is not None and n_pairs > max_pairs:
+        return None
+    if n_pairs == 0:
+        return torch.ones(k, dtype=torch.bool, device=device)
+    # pair q: later slot ``later[q]``, earlier slot first[later] + (q - first pair of later)
+    later = torch.repeat_interleave(n_before, output_size=n_pairs)
+    shift = (first + n_before).sub_(torch.cumsum(n_before, 0))  # first - (first pair of the slot)
+    earlier = torch.arange(n_pairs, device=device).add_(shift.index_select(0, later))
+    sboxes = boxes.index_select(0, perm)
+    iou = paired_overlaps(sboxes, earlier, later)
+    thr = torch.tensor(thresh, dtype=iou.dtype, device=device)
+    edges = torch.nonzero(iou >= thr if suppress_equal else iou > thr).squeeze(1)
+    src, dst = earlier.index_select(0, edges), later.index_select(0, edges)  # src suppresses dst
+    kept = torch.ones(k, dtype=torch.bool, device=device)
+    while True:
+        hit = torch.zeros(k, dtype=torch.float32, device=device).index_add_(
+            0, dst, kept.index_select(0, src).to(torch.float32))
+        new = hit == 0
+        if torch.equal(new, kept):
+            break
+        kept = new
+    out = torch.empty(k, dtype=torch.bool, device=device)
+    out[perm] = kept
+    return out
+
+
+def paired_overlaps(boxes: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """IoU of ``boxes[first[i]]`` with ``boxes[second[i]]``: boxes (K, 4), first/second (P,) long
+    -> (P,), the same arithmetic, op for op, as ``ops.boxes.bbox_overlaps`` (+1 widths, 0 where
+    the boxes do not intersect) without its all-pairs matrix."""
+    cols = torch.cat((boxes.t(), box_areas(boxes)[None]))  # (5, K): x1, y1, x2, y2, area
+    a, b = cols.index_select(1, first), cols.index_select(1, second)  # (5, P) each
+    iwh = torch.minimum(a[2:4], b[2:4]).sub_(torch.maximum(a[:2], b[:2])).add_(1).clamp_(min=0)
+    inter = iwh[0] * iwh[1]
+    union = (a[4] + b[4]).sub_(inter)
+    return torch.where(inter > 0, inter / union, torch.zeros((), dtype=inter.dtype, device=inter.device))
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, thresh: float,

@@ -294,9 +294,10 @@ def roi_pool_backward(grad_out: torch.Tensor, argmax: torch.Tensor, rois: torch.
     """
     n, c, h, w = features_shape
     r, _, pooled_h, pooled_w = grad_out.shape
-    grad = grad_out.new_zeros(n * c * h * w)
+    sink = n * c * h * w  # one extra slot takes the diffs Caffe drops
+    grad = grad_out.new_zeros(sink + 1)
     if r == 0:
-        return grad.view(n, c, h, w)
+        return grad[:sink].view(n, c, h, w)
     geo = RoIGeometry(rois.reshape(-1, 5), spatial_scale, pooled_h, pooled_w, h, w, grad_out.dtype)
     # accept_h[r, ph, y]: row y may receive bin row ph's diff (Caffe's test), likewise columns.
     accept_h = _accept(geo.start_h, geo.end_h, geo.bin_h, pooled_h, h)
@@ -316,17 +317,16 @@ def roi_pool_backward(grad_out: torch.Tensor, argmax: torch.Tensor, rois: torch.
         sl = slice(lo, lo + step)
         rr = torch.arange(lo, min(lo + step, r), device=grad.device).view(-1, 1, 1, 1)
         a = argmax[sl]
-        diff = grad_out[sl]
-        if any_bad or any_empty:
-            a = a.clamp(min=0).long()
-            keep = ~empty[sl].unsqueeze(1)
-            if any_bad:
-                cell_ok = accept_h[rr, ph, a // w] & accept_w[rr, pw, a % w]
-                keep = keep & (bins_ok[sl].unsqueeze(1) | cell_ok)
-            diff = diff.masked_fill(~keep, 0)
         flat = (geo.batch[rr] * c + ch) * (h * w) + a  # (r, C, PH, PW) int64
-        grad.index_add_(0, flat.reshape(-1), diff.reshape(-1))
-    return grad.view(n, c, h, w)
+        if any_bad or any_empty:
+            drop = a < 0
+            if any_bad:
+                y, x = a.clamp(min=0).long().div(w, rounding_mode="floor"), a.clamp(min=0) % w
+                cell_ok = accept_h[rr, ph, y] & accept_w[rr, pw, x.long()]
+                drop |= ~(bins_ok[sl].unsqueeze(1) | cell_ok)
+            flat.masked_fill_(drop, sink)
+        grad.index_add_(0, flat.view(-1), grad_out[sl].reshape(-1))
+    return grad[:sink].view(n, c, h, w)
 
 
 def _all_accepted(accept, lo, hi):
