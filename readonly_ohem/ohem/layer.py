@@ -117,7 +117,7 @@ class OHEMDataLayer(Layer):
         else:
             keep, survived = self._mine_policy(loss, rois, labels, batch_size, use_nms, thresh, c)
 
-        tops = [rois[keep], labels_blob[keep]] + [t[keep] for t in regs]
+        tops = [t.index_select(0, keep) for t in [rois, labels_blob] + regs]
         if recorder is not None:
             kept = torch.zeros(loss.shape[0], dtype=torch.bool, device=loss.device)
             kept[keep] = True
@@ -162,8 +162,14 @@ class OHEMDataLayer(Layer):
         if regs and tuple(bbox_pred.shape) != (r, 4 * c):
             raise self.error(f"bottom {BOTTOMS[1]} must be ({r}, {4 * c}), got {tuple(bbox_pred.shape)}")
         labels = labels_blob.long()
-        if r and bool(((labels < 0) | (labels >= c) | (labels != labels_blob)).any()):
+        if not r:
+            return labels
+        lo, hi = (float(v) for v in torch.aminmax(labels if labels_blob.dtype == torch.bool
+                                                  else labels_blob))  # NaN fails both tests
+        integral = labels_blob.dtype == labels.dtype or torch.equal(labels.to(labels_blob.dtype),
+                                                                     labels_blob)
+        if not (lo >= 0 and hi < c and integral):
             raise DataError(f"layer {self.name!r} (OHEMDataLayer): bottom {BOTTOMS[3]} must hold "
-                            f"integer class labels in [0, {c}), got values "
-                            f"{labels_blob.min().item()}..{labels_blob.max().item()}")
+                            f"integer class labels in [0, {c}), got values {lo:g}..{hi:g}"
+                            + ("" if integral else " (not all integers)"))
         return labels

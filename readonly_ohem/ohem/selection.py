@@ -13,6 +13,12 @@ can stop after BATCH_SIZE survivors (plus any float32 ties with the last, which 
 ranking may still reorder). Equal float64 losses rank as the original's concatenated list with a
 stable argsort reversed: later (image, label) group first, and inside a group the lower index
 first. Without NMS, equal losses rank the higher index first.
+
+Fast path (no record asked for): when the top K + 1 losses are distinct in float32 (no tie rule
+needed), the K highest are a prefix of the visiting order; ``ops.nms.prefix_nms`` decides them in
+a fixed number of vectorized ops (K = 2 x BATCH_SIZE, doubled while fewer than BATCH_SIZE
+survive), and the first BATCH_SIZE survivors are the hard RoIs. Ties, non-integral image ids or
+a huge candidate set take the general path above, with the same result.
 """
 
 from __future__ import annotations
@@ -119,12 +125,15 @@ def _first_survivors(loss, rois, labels, b, thresh, num_labels):
     by float64 loss (float32 rounding keeps strict order), with no tie to break.
     """
     r = loss.shape[0]
-    loss32 = loss.float()
     k = min(r, max(_MIN_CANDIDATES, _CANDIDATE_FACTOR * b))
     while True:
-        cand = _top_distinct(loss32, k)
-        if cand is None:
-            return None
+        # the top k + 1 float64 losses, distinct once rounded to float32: then they are also the
+        # top k + 1 in float32 (every other loss rounds to at most the (k + 1)-th)
+        values, cand = torch.topk(loss, min(k + 1, r))
+        values = values.float()
+        if values.numel() > 1 and not bool((values[1:] < values[:-1]).all()):
+            return None  # float32 ties (or NaN): the general path orders them
+        cand = cand[:k]
         sub = rois.index_select(0, cand)  # (K, 5)
         img = sub[:, 0]
         img_long = img.long()

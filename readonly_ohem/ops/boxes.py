@@ -51,6 +51,28 @@ def bbox_overlaps(boxes, query_boxes):
     return _back(iou, np_in)
 
 
+def paired_intersections(boxes, first, second):
+    """Intersection (P,) and summed areas (P,) of each pair, in ``bbox_overlaps``' arithmetic:
+    iw = (min(x2) - max(x1)) + 1, clamped at 0 (here min(x2) + min(-x1): negation is exact)."""
+    cols = boxes.t()
+    wh = cols[2:] - cols[:2]
+    area = wh.add_(1).prod(0, keepdim=True)  # (x2 - x1 + 1) * (y2 - y1 + 1), as box_areas
+    cols = torch.cat((cols[:2].neg(), cols[2:], area))  # (5, K): -x1, -y1, x2, y2, area
+    a, b = cols.index_select(1, first), cols.index_select(1, second)  # (5, P) each
+    m = torch.minimum(a[:4], b[:4])  # -max(x1), -max(y1), min(x2), min(y2)
+    iwh = (m[2:] + m[:2]).add_(1).clamp_(min=0)
+    return iwh[0] * iwh[1], a[4] + b[4]
+
+
+def bbox_overlaps_paired(boxes: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """IoU of ``boxes[first[i]]`` with ``boxes[second[i]]``: boxes (K, 4), first/second (P,) long
+    -> (P,), the same arithmetic as ``bbox_overlaps`` (+1 widths, 0 where the boxes do
+    not intersect) without its all-pairs matrix."""
+    inter, area_sum = paired_intersections(boxes, first, second)
+    union = area_sum.sub_(inter)
+    return torch.where(inter > 0, inter / union, torch.zeros((), dtype=inter.dtype, device=inter.device))
+
+
 def bbox_transform(ex_rois, gt_rois):
     """Regression targets (tx, ty, tw, th) taking ``ex_rois`` onto ``gt_rois``: (N, 4) -> (N, 4).
 

@@ -19,6 +19,11 @@ the chunk is the fixed point of ``keep[b] = alive[b] and no kept a < b suppresse
 boxes kept so far can suppress later ones, so callers that need just the first ``max_keep``
 survivors (OHEM) stop early. Works on any device; nothing is copied to the host but counts.
 
+``prefix_nms`` is the same greedy NMS for a few hundred boxes given in visiting order (OHEM's
+highest-loss candidates): IoU only over same-group pairs (``bbox_overlaps_paired``, the arithmetic of
+``bbox_overlaps`` pair by pair), then the fixed point of "kept = no kept suppressor" in a few
+vectorized rounds; no host loop over boxes, nothing from numpy.
+
 torchvision's ``nms`` on boxes shifted by +1 is not used: ``(x2 + 1) - x1`` rounds differently
 from ``(x2 - x1) + 1`` on scaled float32 RoIs, and its order on equal scores is unspecified.
 """
@@ -28,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from readonly_ohem.ops.boxes import bbox_overlaps, box_areas
+from readonly_ohem.ops.boxes import bbox_overlaps, bbox_overlaps_paired, box_areas, paired_intersections
 
 _FIRST_CHUNK = 256  # boxes per chunk of an unbounded NMS (later chunks double, up to _MAX_CHUNK)
 _MIN_CHUNK = 64  # smallest chunk when stopping early
@@ -226,7 +231,7 @@ def prefix_nms(boxes: torch.Tensor, groups: torch.Tensor, thresh: float,
     vectorized ops plus a few per round:
 
     - the boxes are sorted by group (stably), and the IoU is computed only for the pairs
-      (earlier, later) of one group, as one flat list (``paired_overlaps``), not a K x K matrix;
+      (earlier, later) of one group, as one flat list (``bbox_overlaps_paired``), not a K x K matrix;
     - over the pairs above the threshold (the edges), the greedy result is the fixed point of
       ``kept[b] = no edge (a, b) with kept[a]``, iterated from ``kept = all``: after round t
       every box whose longest chain of overlapping earlier boxes is shorter than t is right, so
@@ -240,7 +245,8 @@ def prefix_nms(boxes: torch.Tensor, groups: torch.Tensor, thresh: float,
         return torch.zeros(0, dtype=torch.bool, device=device)
     sorted_groups, perm = torch.sort(groups, stable=True)
     first = torch.searchsorted(sorted_groups, sorted_groups)  # first slot of each one's group
-    n_before = torch.arange(k, device=device).sub_(first)  # earlier boxes of its group, per slot
+    slot = torch.arange(k, device=device)
+    n_before = slot - first  # earlier boxes of its group, per slot
     n_pairs = int(n_before.sum())
     if max_pairs is not None and n_pairs > max_pairs:
         return None
@@ -248,36 +254,49 @@ def prefix_nms(boxes: torch.Tensor, groups: torch.Tensor, thresh: float,
         return torch.ones(k, dtype=torch.bool, device=device)
     # pair q: later slot ``later[q]``, earlier slot first[later] + (q - first pair of later)
     later = torch.repeat_interleave(n_before, output_size=n_pairs)
-    shift = (first + n_before).sub_(torch.cumsum(n_before, 0))  # first - (first pair of the slot)
+    shift = slot - torch.cumsum(n_before, 0)  # first - (first pair of the slot)
     earlier = torch.arange(n_pairs, device=device).add_(shift.index_select(0, later))
-    sboxes = boxes.index_select(0, perm)
-    iou = paired_overlaps(sboxes, earlier, later)
-    thr = torch.tensor(thresh, dtype=iou.dtype, device=device)
-    edges = torch.nonzero(iou >= thr if suppress_equal else iou > thr).squeeze(1)
-    src, dst = earlier.index_select(0, edges), later.index_select(0, edges)  # src suppresses dst
-    kept = torch.ones(k, dtype=torch.bool, device=device)
+    over = _paired_over(boxes.index_select(0, perm), earlier, later, thresh, suppress_equal)
+    edges = torch.nonzero(over).squeeze(1)
+    # the edges in visiting order (box index): src would suppress dst
+    src = perm.index_select(0, earlier.index_select(0, edges))
+    dst = perm.index_select(0, later.index_select(0, edges))
+    return _fixed_point(src, dst, k)
+
+
+def _fixed_point(src: torch.Tensor, dst: torch.Tensor, k: int) -> torch.Tensor:
+    """(K,) bool kept: the fixed point of ``kept[b] = no edge (a, b) with kept[a]`` from all
+    kept. kept is 1.0 / 0.0; the sums count kept suppressors exactly (integers) in any order."""
+    if src.device.type == "cpu" and not _FORCE_STEPS:
+        # bincount sums the kept suppressors of each box (fastest on CPU; its CUDA kernel is
+        # not deterministic-mode safe, hence the matrix below elsewhere)
+        kept = torch.bincount(dst, minlength=k).eq_(0).to(torch.float64)  # round 1: any edge
+        while True:
+            new = torch.bincount(dst, weights=kept.index_select(0, src), minlength=k).eq_(0)
+            if torch.equal(new, kept):
+                return kept.bool()
+            kept = new
+    m = torch.zeros((k, k), dtype=torch.float32, device=src.device)
+    m.index_put_((dst, src), torch.ones((), dtype=m.dtype, device=m.device))  # unique pairs
+    kept = torch.ones(k, dtype=m.dtype, device=m.device)
     while True:
-        hit = torch.zeros(k, dtype=torch.float32, device=device).index_add_(
-            0, dst, kept.index_select(0, src).to(torch.float32))
-        new = hit == 0
+        new = m.mv(kept).eq_(0)
         if torch.equal(new, kept):
-            break
+            return kept.bool()
         kept = new
-    out = torch.empty(k, dtype=torch.bool, device=device)
-    out[perm] = kept
-    return out
 
 
-def paired_overlaps(boxes: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """IoU of ``boxes[first[i]]`` with ``boxes[second[i]]``: boxes (K, 4), first/second (P,) long
-    -> (P,), the same arithmetic, op for op, as ``ops.boxes.bbox_overlaps`` (+1 widths, 0 where
-    the boxes do not intersect) without its all-pairs matrix."""
-    cols = torch.cat((boxes.t(), box_areas(boxes)[None]))  # (5, K): x1, y1, x2, y2, area
-    a, b = cols.index_select(1, first), cols.index_select(1, second)  # (5, P) each
-    iwh = torch.minimum(a[2:4], b[2:4]).sub_(torch.maximum(a[:2], b[:2])).add_(1).clamp_(min=0)
-    inter = iwh[0] * iwh[1]
-    union = (a[4] + b[4]).sub_(inter)
-    return torch.where(inter > 0, inter / union, torch.zeros((), dtype=inter.dtype, device=inter.device))
+def _paired_over(boxes, first, second, thresh, suppress_equal):
+    """``bbox_overlaps_paired(boxes, first, second)`` above ``thresh`` (>= with ``suppress_equal``;
+    compared in the boxes' dtype), (P,) bool. With a positive threshold (non-negative for >) a
+    pair that does not intersect (IoU 0, or 0/0) is never above it: the IoU's ``where`` is left
+    out."""
+    if thresh < 0 or (suppress_equal and thresh == 0):
+        iou = bbox_overlaps_paired(boxes, first, second)
+    else:
+        inter, area_sum = paired_intersections(boxes, first, second)
+        iou = inter.div_(area_sum.sub_(inter))
+    return iou >= thresh if suppress_equal else iou > thresh  # a float is cast to iou's dtype
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, thresh: float,

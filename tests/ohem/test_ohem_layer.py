@@ -431,3 +431,110 @@ def test_runs_through_the_cli(tmp_path):
         np.testing.assert_array_equal(out["rois_hard"], arrays[2][hard])
         np.testing.assert_array_equal(out["labels_hard"], arrays[3][hard])
         np.testing.assert_array_equal(out["bbox_outside_weights_hard"], arrays[6][hard])
+
+
+# -- the fast paths (label blocks, top-K candidates) against the reference and their fallbacks ---
+def test_label_block_loss_equals_the_general_loss_bit_for_bit():
+    from readonly_ohem.ohem import loss as loss_mod
+
+    rng = np.random.default_rng(30)
+    prob, pred, rois, labels, targets, inside, outside = make_inputs(rng, 2, 300)
+    inside = inside.copy()
+    fg = np.flatnonzero(labels > 0)
+    inside[fg[0], 4 * int(labels[fg[0]])] = -0.0  # a -0.0 weight: skipped by the original
+    inside[fg[1], 4 * int(labels[fg[1]]) + 1] = 0.0
+    pred = pred.copy()
+    pred[fg[1], 4 * int(labels[fg[1]]) + 1] = np.inf  # under a zero weight: must stay skipped
+    pred[fg[2], 4 * int(labels[fg[2]]) + 2] = 0.3 + targets[fg[2], 4 * int(labels[fg[2]]) + 2]
+    t = [torch.from_numpy(a) for a in (labels, pred, targets, inside, outside)]
+    lab = t[0].long()
+    fast = bbox_loss(lab, *t[1:])
+    general = loss_mod._general_loss(torch.zeros(lab.shape[0], dtype=torch.float64),
+                                     torch.nonzero(lab > 0).squeeze(1), *t[1:])
+    assert torch.equal(fast, general)
+    # the original's bbox term, line for line (ref_loss without the classification part)
+    want = np.zeros(labels.shape[0])
+    for i in np.where(labels > 0)[0]:
+        idx = np.where(inside[i, :] != 0)[0]
+        d = inside[i, idx].astype(np.float64) * (pred[i, idx].astype(np.float64)
+                                                 - targets[i, idx].astype(np.float64))
+        want[i] = sum(outside[i, idx].astype(np.float64)
+                      * [0.5 * x * x if abs(x) < 1 else abs(x) - 0.5 for x in d])
+    assert np.array_equal(fast.numpy(), want) and np.isfinite(want).all()
+
+
+def test_weights_in_background_rows_fall_back_exactly():
+    rng = np.random.default_rng(31)
+    arrays = make_inputs(rng, 2, 300)
+    inside = arrays[5].copy()
+    bg = np.flatnonzero(arrays[3] == 0)
+    inside[bg[:5], 7] = 1.0  # ignored by the original (background rows have no bbox loss)
+    arrays[5] = inside
+    check_against_reference(arrays, cfg_with(BATCH_SIZE=64))
+
+
+def distinct_losses(arrays, rng):
+    """make_inputs with its p[label] = 0 rows (equal losses at the top: the tie path) made small
+    distinct probabilities instead, so that the top-K fast path decides."""
+    prob = arrays[0].copy()
+    zero = prob == 0
+    prob[zero] = rng.uniform(1e-7, 1e-5, size=int(zero.sum())).astype(np.float32)
+    return [prob] + list(arrays[1:])
+
+
+def spy_fast_path(monkeypatch):
+    from readonly_ohem.ohem import selection
+
+    used, sizes = [], []
+    fast, prefix = selection._first_survivors, selection.prefix_nms
+
+    def first_survivors(*args, **kwargs):
+        out = fast(*args, **kwargs)
+        used.append(out is not None)
+        return out
+
+    def prefix_nms(boxes, *args, **kwargs):
+        sizes.append(int(boxes.shape[0]))
+        return prefix(boxes, *args, **kwargs)
+
+    monkeypatch.setattr(selection, "_first_survivors", first_survivors)
+    monkeypatch.setattr(selection, "prefix_nms", prefix_nms)
+    return used, sizes
+
+
+@pytest.mark.parametrize("n_img,r_per_img,batch", [(1, 300, 64), (2, 2000, 128), (1, 2000, 32)])
+def test_top_candidates_fast_path_matches_reference(monkeypatch, n_img, r_per_img, batch):
+    rng = np.random.default_rng(34 + n_img + r_per_img)
+    arrays = distinct_losses(make_inputs(rng, n_img, r_per_img), rng)
+    used, _ = spy_fast_path(monkeypatch)
+    check_against_reference(arrays, cfg_with(BATCH_SIZE=batch))
+    assert used == [True]  # (the recorded forward decides NMS for all RoIs: the general path)
+
+
+def test_heavy_suppression_grows_the_candidates(monkeypatch):
+    # 3 stacks of near-identical boxes: few survive among the top 2 x BATCH_SIZE candidates
+    rng = np.random.default_rng(32)
+    arrays = distinct_losses(make_inputs(rng, 1, 600, fg_frac=0.0), rng)
+    rois = arrays[2].copy()
+    rois[:, 1:] = np.array([[10, 10, 60, 60], [200, 200, 300, 280], [90, 300, 180, 420]],
+                           np.float32)[np.arange(600) % 3] + rng.normal(0, 0.5, (600, 4)).astype(np.float32)
+    arrays[2] = rois
+    used, sizes = spy_fast_path(monkeypatch)
+    for b in (16, 128):
+        hard = check_against_reference(arrays, cfg_with(BATCH_SIZE=b))
+        assert 3 <= len(hard) < 20
+    assert used == [True, True] and sizes == [64, 128, 256, 512, 600, 256, 512, 600]
+
+
+def test_float32_ties_among_the_candidates_take_the_general_path(monkeypatch):
+    rng = np.random.default_rng(33)
+    arrays = distinct_losses(make_inputs(rng, 2, 200), rng)
+    rows = np.arange(0, 400, 7)
+    arrays[0][0, int(arrays[3][0])] = 1e-4  # a hard RoI, copied (all its blobs) to every 7th row
+    for i in (0, 1, 3, 4, 5, 6):
+        arrays[i][rows] = arrays[i][0]
+    arrays[2][rows, 1:] = arrays[2][0, 1:] + 300 * rng.random((rows.size, 1)).astype(np.float32)
+    used, _ = spy_fast_path(monkeypatch)
+    for use_nms in (True, False):
+        check_against_reference(arrays, cfg_with(BATCH_SIZE=48, OHEM_USE_NMS=use_nms))
+    assert used == [False]

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import readonly_ohem.ops.nms as nms_mod
+from readonly_ohem.ops.boxes import bbox_overlaps, bbox_overlaps_paired
 from readonly_ohem.ops.nms import batched_nms, descending_order, greedy_nms, nms, top_descending
 
 
@@ -154,3 +155,72 @@ def test_descending_order_and_top_descending():
     y = torch.from_numpy(rng.integers(0, 50, size=2000).astype(np.float64))  # many ties
     for k in (0, 1, 7, 100, 499, 2000):
         assert top_descending(y, k).tolist() == descending_order(y)[:k].tolist()
+
+
+# -- prefix_nms: greedy NMS of boxes given in visiting order (OHEM's candidates) ----------------
+def per_group_loop(boxes, groups, thresh, suppress_equal=False):
+    """Plain greedy loop in index order (box 0 first), a box only suppressing its own group."""
+    n = boxes.shape[0]
+    scores = np.linspace(1.0, 0.0, n, dtype=np.float64)  # visiting order = index order
+    kept = np.zeros(n, dtype=bool)
+    for g in np.unique(groups):
+        sel = np.nonzero(groups == g)[0]
+        dets = np.concatenate((boxes[sel], scores[sel, None].astype(boxes.dtype)), 1)
+        kept[sel[loop_nms(dets, thresh, suppress_equal)]] = True
+    return kept
+
+
+@pytest.mark.parametrize("n,n_groups,thresh,seed", [(1, 1, 0.7, 0), (40, 1, 0.5, 1),
+                                                    (256, 4, 0.7, 2), (300, 9, 0.3, 3)])
+def test_prefix_nms_matches_per_group_loop(n, n_groups, thresh, seed):
+    rng = np.random.default_rng(seed)
+    boxes = clustered_boxes(rng, n, n_clusters=5, scale=0.96)
+    groups = rng.integers(0, n_groups, size=n) * 21 + 3
+    for suppress_equal in (False, True):
+        want = per_group_loop(boxes, groups, thresh, suppress_equal)
+        got = nms_mod.prefix_nms(torch.from_numpy(boxes), torch.from_numpy(groups), thresh,
+                                 suppress_equal=suppress_equal)
+        assert got.tolist() == want.tolist()
+    assert n < 10 or not want.all()
+    # a prefix is decided alone exactly as inside the whole
+    m = n // 2
+    part = nms_mod.prefix_nms(torch.from_numpy(boxes[:m]), torch.from_numpy(groups[:m]), thresh)
+    assert part.tolist() == want[:m].tolist()
+
+
+def test_prefix_nms_long_chain_and_pair_limit():
+    n = 200
+    x = torch.arange(n, dtype=torch.float32)
+    boxes = torch.stack((x, torch.zeros(n), x + 9, torch.full((n,), 9.0)), 1)  # chain of overlaps
+    groups = torch.zeros(n, dtype=torch.long)
+    want = per_group_loop(boxes.numpy(), groups.numpy(), 0.7)
+    assert nms_mod.prefix_nms(boxes, groups, 0.7).tolist() == want.tolist()
+    assert nms_mod.prefix_nms(boxes, groups, 0.7, max_pairs=n * (n - 1) // 2 - 1) is None
+    assert nms_mod.prefix_nms(boxes[:0], groups[:0], 0.7).tolist() == []
+
+
+def test_bbox_overlaps_paired_is_bbox_overlaps_bit_for_bit():
+    rng = np.random.default_rng(9)
+    boxes = clustered_boxes(rng, 400, scale=0.937)
+    boxes[:20, 2:] = boxes[:20, :2] - 1  # zero-area boxes (w = 0)
+    boxes[20:30, 2] = boxes[20:30, 0] - 3  # negative width
+    boxes = torch.from_numpy(boxes)
+    first = torch.from_numpy(rng.integers(0, 400, size=3000))
+    second = torch.from_numpy(rng.integers(0, 400, size=3000))
+    full = bbox_overlaps(boxes, boxes)
+    want = full[first, second]
+    got = bbox_overlaps_paired(boxes, first, second)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))  # same bits
+    for thresh, eq in ((0.7, False), (0.5, True), (0.0, False)):
+        over = nms_mod._paired_over(boxes, first, second, thresh, eq)
+        assert torch.equal(over, want >= thresh if eq else want > thresh)
+
+
+def test_prefix_nms_matrix_rounds_equal_bincount_rounds(monkeypatch):
+    rng = np.random.default_rng(10)
+    boxes = torch.from_numpy(clustered_boxes(rng, 300, n_clusters=4))
+    groups = torch.from_numpy(rng.integers(0, 3, size=300))
+    want = nms_mod.prefix_nms(boxes, groups, 0.6)
+    monkeypatch.setattr(nms_mod, "_FORCE_STEPS", True)  # the any-device (CUDA) rounds
+    assert nms_mod.prefix_nms(boxes, groups, 0.6).tolist() == want.tolist()
+    assert want.tolist() == per_group_loop(boxes.numpy(), groups.numpy(), 0.6).tolist()
