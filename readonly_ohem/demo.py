@@ -2,8 +2,8 @@
 
 Steps (each prints its progress): write the mini-VOC (``data.minivoc``); train the small net
 (``prototxt/small``) with plain Fast R-CNN and with OHEM; test both with the SAME detection
-settings (``--max-per-image 100 --thresh 0.05``, the original ``test_net.py`` defaults) and, as a
-second row, with the settings the original OHEM script used (2000 per image at 1e-5); print a
+settings (``--max-per-image 100 --thresh 0.05``, the original ``test_net.py`` defaults) and, in a
+second column, with the settings the original OHEM script used (2000 per image at 1e-5); print a
 table (mAP, seconds per iteration, foreground fraction among the RoIs the trained heads saw); draw
 the RoIs OHEM kept on one image with the selection statistics (``readonly_ohem.inspect``).
 
@@ -28,6 +28,7 @@ hardest after NMS 0.7 (``prototxt/cfgs/fast_rcnn_ohem.yml``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -37,9 +38,12 @@ import numpy as np
 import torch
 
 from readonly_ohem.data.layer import MinibatchPlanner
+from readonly_ohem.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
-PROTOTXT = ROOT / "prototxt"
+_HERE = Path(__file__).resolve().parent
+# the repository's prototxt/ (editable install, checkout), or a copy packaged inside the package
+PROTOTXT = next((d for d in (_HERE.parent / "prototxt", _HERE / "prototxt") if d.is_dir()),
+                _HERE.parent / "prototxt")
 SMALL = PROTOTXT / "small"
 SMALL_CFG = PROTOTXT / "cfgs" / "small.yml"
 OHEM_CFG = PROTOTXT / "cfgs" / "fast_rcnn_ohem.yml"
@@ -192,8 +196,6 @@ def test_model(model: Path, data_dir: Path, out_dir: Path, seed: int, settings=T
     Returns ``{(max_per_image, thresh): {"mAP" (over the classes present), "mAP_voc20" (over all
     20, absent classes AP 0), "per_class", "images_per_second", "result_dir"}}``.
     """
-    import contextlib
-
     from readonly_ohem.data.pascal_voc import get_imdb
     from readonly_ohem.net import Net
     from readonly_ohem.test import test_net
@@ -257,13 +259,16 @@ def run_demo(output="demo_output", iters: int | None = None, seed: int = 0,
     from readonly_ohem.data.minivoc import make_minivoc
 
     stream = stream if stream is not None else sys.stdout
+    needed = [SMALL_CFG, OHEM_CFG, TEST_DEF] + [solver for solver, _ in METHODS.values()]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        raise ConfigError(f"the demo needs the shipped nets and configs; not found: {', '.join(missing)} "
+                          "(install from a checkout: pip install -e .)")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     data = out / "minivoc"
     say(f"[1/5] mini-VOC ({num_images} images, seed {seed}) -> {data}", stream)
-    import contextlib
-
     with contextlib.redirect_stdout(stream):
         make_minivoc(data, seed=seed, num_images=num_images)
 
@@ -330,8 +335,6 @@ def run_demo(output="demo_output", iters: int | None = None, seed: int = 0,
 
 def demo_command(output="demo_output", iters=None, seed=0) -> int:
     """``readonly-ohem demo [--output DIR] [--iters N] [--seed S]``."""
-    from readonly_ohem.errors import ConfigError
-
     if iters is not None and iters < 1:
         raise ConfigError(f"--iters must be >= 1, got {iters}")
     run_demo(output, iters=iters, seed=seed)
