@@ -58,6 +58,7 @@ class LayerRecord:
     inplace: list[bool] = field(default_factory=list)  # per top
     top_shapes: list[tuple] = field(default_factory=list)  # at build time (declared/given inputs)
     param_ids: list[int] = field(default_factory=list)  # into Net._params
+    param_shapes: list[tuple] = field(default_factory=list)  # this layer's own blob shapes
     loss_weights: list[float] = field(default_factory=list)  # per top
     # filled by the backward analysis
     need_backward: bool = False
@@ -324,10 +325,18 @@ class Net(nn.Module):
             if name and name in owners:
                 pid = owners[name]
                 info = self._param_info[pid]
-                if info.shape != shape:
+                permissive = ps.share_mode == ps.PERMISSIVE
+                if permissive and math.prod(info.shape) != math.prod(shape):
+                    raise SpecError(
+                        f"{where}: shared param {name!r} (share_mode PERMISSIVE) has "
+                        f"{math.prod(shape)} values {list(shape)} here but "
+                        f"{math.prod(info.shape)} {list(info.shape)} in its owner layer "
+                        f"{info.owner!r}")
+                if not permissive and info.shape != shape:
                     raise SpecError(
                         f"{where}: shared param {name!r} has shape {list(shape)} here but "
-                        f"{list(info.shape)} in its owner layer {info.owner!r}")
+                        f"{list(info.shape)} in its owner layer {info.owner!r} (Caffe's STRICT "
+                        "share_mode; PERMISSIVE only needs equal counts)")
                 for attr, has, setter in (("lr_mult", has_lr, "lr_setter"),
                                           ("decay_mult", has_decay, "decay_setter")):
                     if not has:
@@ -362,6 +371,7 @@ class Net(nn.Module):
                     owners[name] = pid
             info.users.append((rec.name, j))
             rec.param_ids.append(pid)
+            rec.param_shapes.append(shape)  # PERMISSIVE sharing: a view of the owner's data
 
     # -- the backward plan (Caffe's Net::Init with InsertSplits) ---------------------------------
     def _plan_backward(self) -> None:
@@ -444,8 +454,8 @@ class Net(nn.Module):
             for i, b in enumerate(rec.bottoms):
                 x = blobs[b]
                 bottoms.append(x if rec.bottom_grad[i] else x.detach())
-            params = [self._params[pid] if g else self._params[pid].detach()
-                      for pid, g in zip(rec.param_ids, rec.param_grad)]
+            params = [self._param_as(pid, shape, g)
+                      for pid, shape, g in zip(rec.param_ids, rec.param_shapes, rec.param_grad)]
             with torch.set_grad_enabled(grad_on and rec.need_backward):
                 tops = rec.module(bottoms, params)
             self._check_tops(rec, tops)
@@ -524,9 +534,10 @@ class Net(nn.Module):
         out = {}
         for rec in self.layers:
             if rec.param_ids:
-                out[rec.name] = [self._params[pid].grad.detach() if self._params[pid].grad
-                                 is not None else torch.zeros_like(self._params[pid])
-                                 for pid in rec.param_ids]
+                out[rec.name] = [(self._params[pid].grad.detach() if self._params[pid].grad
+                                  is not None else torch.zeros_like(self._params[pid]))
+                                 .reshape(shape)
+                                 for pid, shape in zip(rec.param_ids, rec.param_shapes)]
         return out
 
     # -- params ---------------------------------------------------------------------------------
@@ -543,7 +554,14 @@ class Net(nn.Module):
             raise SpecError(f"{self.source}: no layer named {name!r}") from None
 
     def layer_params(self, name: str) -> list[nn.Parameter]:
-        return [self._params[pid] for pid in self.record(name).param_ids]
+        """The layer's blobs, in its own shapes: the shared ``nn.Parameter`` objects, or a view of
+        one where a ``share_mode: PERMISSIVE`` sharer declares another shape of the same count."""
+        rec = self.record(name)
+        return [self._param_as(pid, shape) for pid, shape in zip(rec.param_ids, rec.param_shapes)]
+
+    def _param_as(self, pid: int, shape: tuple, grad: bool = True) -> torch.Tensor:
+        p = self._params[pid] if grad else self._params[pid].detach()
+        return p if tuple(p.shape) == tuple(shape) else p.view(shape)
 
     def param_info(self, pid: int) -> _ParamInfo:
         return self._param_info[pid]
@@ -737,8 +755,9 @@ class _BackwardPlan:
 
     @staticmethod
     def _lr_nonzero(rec, k) -> bool:
-        if getattr(rec.module, "frozen_params", False):
-            return False
+        # From the spec as written, as Caffe's Net::Init: a BatchNorm without `param { lr_mult: 0 }`
+        # still "needs backward" there (its forced lr 0 lives in the layer's own copy), which
+        # decides which blob diffs Caffe computes; its learning rate is 0 all the same.
         ps = rec.param.param[k] if k < len(rec.param.param) else None
         return ps is None or ps.lr_mult != 0
 

@@ -173,9 +173,12 @@ def load_into(targets: Mapping[str, Sequence[torch.Tensor]], path) -> LoadReport
             report.loaded.append(name)
     # A layer is missing when some of its tensors got nothing, directly or through a layer that
     # shares them (an ImageNet model has fc6 but no fc6_readonly: both are loaded).
-    loaded = {id(t) for t, _ in plan}
+    def key(t):  # a PERMISSIVE sharer's view counts as its owner's tensor
+        return id(t if t._base is None else t._base)
+
+    loaded = {key(t) for t, _ in plan}
     report.missing = [n for n, ts in targets.items()
-                      if n not in seen and any(id(t) not in loaded for t in ts)]
+                      if n not in seen and any(key(t) not in loaded for t in ts)]
     with torch.no_grad():
         for t, arr in plan:
             src = torch.from_numpy(arr).reshape(t.shape)

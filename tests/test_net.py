@@ -233,6 +233,33 @@ def test_sharing_shape_clash_is_an_error():
         make_net(text)
 
 
+def test_sharing_permissive_needs_equal_counts_and_views_the_owner():
+    """Caffe's share_mode PERMISSIVE: only the counts must agree; the sharer sees the owner's
+    data in its own shape (Blob::ShareData), and its diff lands in the one shared diff."""
+    text = (INPUT % ("x", "x", 2, 6) + INPUT % ("y", "y", 2, 3)
+            + ip("ro", "x", "ro", 2, 'param { name: "w" } param { name: "b" }')
+            + ip("tr", "y", "tr", 4, 'param { name: "w" share_mode: PERMISSIVE } '
+                                     'param { name: "b2" }')
+            + 'layer { name: "loss" type: "TestLoss" bottom: "tr" top: "loss" }\n')
+    net = make_net(text)
+    w_ro, w_tr = net.layer_params("ro")[0], net.layer_params("tr")[0]
+    assert tuple(w_ro.shape) == (2, 6) and tuple(w_tr.shape) == (4, 3)
+    assert torch.equal(w_tr, w_ro.detach().reshape(4, 3))  # one storage, two shapes
+    f = feed("x", "y", shape=(2, 3))
+    blobs = net.forward({"x": torch.zeros(2, 6), "y": f["y"]})
+    expect = f["y"] @ w_ro.detach().reshape(4, 3).t() + net.layer_params("tr")[1].detach()
+    torch.testing.assert_close(blobs["tr"], expect)
+    net.total_loss(blobs).backward()
+    diffs = net.param_diffs()
+    assert diffs["ro"][0].shape == (2, 6) and diffs["tr"][0].shape == (4, 3)
+    torch.testing.assert_close(diffs["ro"][0].reshape(4, 3), diffs["tr"][0])
+    # STRICT (the default) refuses the same net; PERMISSIVE refuses unequal counts
+    with pytest.raises(SpecError, match=r"shared param 'w' has shape \[4, 3\].*STRICT"):
+        make_net(text.replace(" share_mode: PERMISSIVE", ""))
+    with pytest.raises(SpecError, match=r"PERMISSIVE.*15 values"):
+        make_net(text.replace("num_output: 4", "num_output: 5"))
+
+
 def test_default_param_spec_mults_and_lr_mult_zero_freezes():
     net = make_net(INPUT % ("x", "x", 3, 4)
                    + ip("frozen", "x", "h", 3, "param { lr_mult: 0 } param { lr_mult: 0 }")
@@ -449,3 +476,26 @@ def test_batchnorm_blobs_are_never_learned():
     net.total_loss(blobs).backward()
     assert all(p.grad is None or not p.grad.any() for p in net.layer_params("bn"))
     assert net.layer_params("ip")[0].grad.abs().sum() > 0
+
+
+def test_batchnorm_without_param_blocks_still_needs_backward_as_in_caffe():
+    """Caffe decides "needs backward" from the net's ParamSpec (default lr_mult 1) before
+    BatchNorm forces its own copy to lr 0: the blob after it gets a diff, the stats never learn."""
+    from readonly_ohem.spec import parse_net_text
+
+    spec = parse_net_text("""
+    layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 4 dim: 3 } } }
+    layer { name: "y" type: "Input" top: "y" input_param { shape { dim: 4 } } }
+    layer { name: "bn" type: "BatchNorm" bottom: "x" top: "z" }
+    layer { name: "ip" type: "InnerProduct" bottom: "z" top: "s"
+            inner_product_param { num_output: 2 weight_filler { type: "gaussian" std: 0.1 } } }
+    layer { name: "loss" type: "SoftmaxWithLoss" bottom: "s" bottom: "y" top: "loss" }
+    """)
+    net = Net(spec, phase="TRAIN")
+    blobs = net.forward({"x": torch.randn(4, 3), "y": torch.tensor([0.0, 1.0, 1.0, 0.0])},
+                        retain_diffs=True)
+    net.total_loss(blobs).backward()
+    diffs = net.blob_diffs()
+    assert diffs["z"].abs().sum() > 0  # Caffe's IP writes its bottom diff here
+    assert not diffs["x"].any()  # an Input blob needs no diff without force_backward
+    assert all(p.lr_mult == 0.0 for p in net.learnable_params() if p.owner == "bn")
