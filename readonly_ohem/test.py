@@ -81,8 +81,9 @@ def im_detect(net, im_bgr: np.ndarray, boxes: np.ndarray, cfg):
     """Score the proposals of one image: returns ``(scores (R, C) float32, pred_boxes (R, 4C))``.
 
     im_bgr: (H, W, 3) uint8 BGR. boxes: (R, 4) float64 0-based proposals.
-    pred_boxes: float64 0-based per-class boxes (bbox_pred applied to each proposal, clipped to
-    [0, W-1] × [0, H-1]); the proposals tiled C times when ``TEST.BBOX_REG`` is off. A duplicate
+    pred_boxes: 0-based per-class boxes (bbox_pred applied to each proposal, clipped to
+    [0, W-1] × [0, H-1]), float32 as the original (computed in the deltas' dtype); the float64
+    proposals tiled C times when ``TEST.BBOX_REG`` is off. A duplicate
     RoI gets the scores and boxes of the first proposal of its group (the original's mapping).
     """
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
@@ -100,9 +101,11 @@ def im_detect(net, im_bgr: np.ndarray, boxes: np.ndarray, cfg):
         blobs = net.forward({"data": data.to(device), "rois": torch.from_numpy(rois).to(device)})
     scores = _as_2d(blobs["cls_score"] if cfg.TEST.SVM else blobs["cls_prob"])
     if cfg.TEST.BBOX_REG:
-        # float64 as the original's numpy (float64 boxes with float32 deltas)
-        deltas = _as_2d(blobs["bbox_pred"]).astype(np.float64)
-        pred_boxes = clip_boxes(bbox_transform_inv(boxes, deltas), im_bgr.shape[:2])
+        # float32, as the original: its bbox_transform_inv casts the float64 boxes to the dtype
+        # of the deltas (Caffe's float32 bbox_pred) before any arithmetic
+        deltas = _as_2d(blobs["bbox_pred"])
+        pred_boxes = clip_boxes(bbox_transform_inv(boxes.astype(deltas.dtype), deltas),
+                                im_bgr.shape[:2])
     else:
         pred_boxes = np.tile(boxes, (1, scores.shape[1]))
     if dedup:
@@ -114,10 +117,11 @@ def detect_classes(scores: np.ndarray, pred_boxes: np.ndarray, num_classes: int,
                    nms_thresh: float, max_per_image: int) -> list:
     """One image's final detections: ``[dets of class j]``, j = 0..C-1 (class 0 left empty).
 
-    dets: (N, 5) float32 ``[x1, y1, x2, y2, score]`` in NMS keep order. Scores > ``thresh``
+    dets: (N, 5) float32 ``[x1, y1, x2, y2, score]`` in NMS keep order (the result files' line
+    order, which decides voc_eval's order among equal scores). Scores > ``thresh``
     (strict), NMS per class, then scores >= the ``max_per_image``-th best over all classes.
     """
-    from readonly_ohem.ops.nms import nms
+    from readonly_ohem.ops.nms import greedy_nms
 
     out = [np.zeros((0, 5), np.float32) for _ in range(num_classes)]
     if scores.shape[0] == 0:
@@ -127,10 +131,12 @@ def detect_classes(scores: np.ndarray, pred_boxes: np.ndarray, num_classes: int,
         cls_dets = np.hstack((pred_boxes[inds, j * 4:(j + 1) * 4],
                               scores[inds, j][:, None])).astype(np.float32, copy=False)
         if cls_dets.shape[0] > 0:
+            # visiting order: the original's own ``scores.argsort()[::-1]`` (numpy's default
+            # sort, whose order of equal scores is numpy's), so ties resolve as the original
+            order = np.argsort(cls_dets[:, 4])[::-1].copy()
             t = torch.from_numpy(np.ascontiguousarray(cls_dets))
-            keep = nms(t[:, :4], t[:, 4], nms_thresh)
-            keep = keep.cpu().numpy() if isinstance(keep, torch.Tensor) else np.asarray(keep)
-            cls_dets = cls_dets[keep.astype(np.int64).reshape(-1)]
+            keep, _ = greedy_nms(t[:, :4], nms_thresh, order=torch.from_numpy(order))
+            cls_dets = cls_dets[keep.cpu().numpy().astype(np.int64).reshape(-1)]
         out[j] = cls_dets
     if max_per_image > 0:
         image_scores = np.hstack([out[j][:, -1] for j in range(1, num_classes)])
@@ -155,7 +161,8 @@ def _evaluate(imdb, result_dir: Path, prefix: str):
     use_07 = True if year is None else int(year) < 2010
     classes = [c for c in imdb.classes if c != "__background__"]
     dets = {c: read_results_file(result_dir / f"{prefix}{c}.txt") for c in classes}
-    result = evaluate_classes(dets, annotations, classes, use_07_metric=use_07)
+    result = evaluate_classes(dets, annotations, classes, use_07_metric=use_07,
+                              image_set=list(imdb.image_index))
     result["metric"] = "voc07" if use_07 else "area"
     return result
 

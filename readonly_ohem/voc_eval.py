@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 
 from readonly_ohem.errors import DataError
-from readonly_ohem.ops.boxes import bbox_overlaps
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep",
@@ -58,22 +57,48 @@ def voc_ap(rec, prec, use_07_metric: bool = True) -> float:
     return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
 
 
+def _overlaps(bb: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """IoU (D, G) of detections bb (D, 4) with gt (G, 4), 1-based float64, in the original
+    devkit loop's arithmetic: iw = max(min(x2) - max(x1) + 1, 0), union = area_det + area_gt -
+    inter, inter / union with no special case (a zero union gives NaN there, which then makes
+    ``np.max`` NaN and the detection a false positive, as in the original)."""
+    ixmin = np.maximum(gt[None, :, 0], bb[:, None, 0])
+    iymin = np.maximum(gt[None, :, 1], bb[:, None, 1])
+    ixmax = np.minimum(gt[None, :, 2], bb[:, None, 2])
+    iymax = np.minimum(gt[None, :, 3], bb[:, None, 3])
+    iw = np.maximum(ixmax - ixmin + 1.0, 0.0)
+    ih = np.maximum(iymax - iymin + 1.0, 0.0)
+    inters = iw * ih
+    uni = ((bb[:, None, 2] - bb[:, None, 0] + 1.0) * (bb[:, None, 3] - bb[:, None, 1] + 1.0)
+           + (gt[None, :, 2] - gt[None, :, 0] + 1.0) * (gt[None, :, 3] - gt[None, :, 1] + 1.0)
+           - inters)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return inters / uni
+
+
 def voc_eval(detections, annotations: dict, classname: str, ovthresh: float = 0.5,
-             use_07_metric: bool = True):
+             use_07_metric: bool = True, image_set=None):
     """Evaluate one class: returns ``(rec, prec, ap)`` as the original ``voc_eval``.
 
     detections: sequence of rows ``(image_id, score, x1, y1, x2, y2)``, 1-based boxes (all
         classes' rows may not be mixed: these are this class's detections).
     annotations: ``{image_id: [dict(name, bbox=[x1, y1, x2, y2] 1-based, difficult), ...]}`` for
         every image of the image set (the set evaluated; its order does not matter).
+    image_set: the image set's ids in file order, repeats included (default: the keys of
+        ``annotations``). The original counts ``npos`` once per image-set line, so an id listed
+        twice counts its objects twice.
     rec, prec: (D,) float64 in descending-score order; empty when there are no detections.
     """
-    gt_boxes, gt_difficult, npos = {}, {}, 0
+    gt_boxes, gt_difficult = {}, {}
     for image_id, objs in annotations.items():
         objs = [o for o in objs if o["name"] == classname]
         gt_boxes[image_id] = np.array([o["bbox"] for o in objs], dtype=np.float64).reshape(-1, 4)
         gt_difficult[image_id] = np.array([bool(int(o["difficult"])) for o in objs], dtype=bool)
-        npos += int((~gt_difficult[image_id]).sum())
+    image_set = list(annotations) if image_set is None else [str(i) for i in image_set]
+    missing = [i for i in image_set if i not in gt_boxes]
+    if missing:
+        raise DataError(f"{classname}: no annotations for image-set ids {', '.join(missing[:5])}")
+    npos = sum(int((~gt_difficult[i]).sum()) for i in image_set)
 
     image_ids = [str(d[0]) for d in detections]
     nd = len(image_ids)
@@ -101,7 +126,7 @@ def voc_eval(detections, annotations: dict, classname: str, ovthresh: float = 0.
         rows = by_image[bounds[u]:bounds[u + 1]]
         gt = gt_boxes[image_id]
         if gt.shape[0] > 0:
-            overlaps = bbox_overlaps(BB[rows], gt)
+            overlaps = _overlaps(BB[rows], gt)
             ovmax[rows] = overlaps.max(axis=1)
             jmax[rows] = overlaps.argmax(axis=1)
 
@@ -206,14 +231,16 @@ def read_results_dir(dets_dir, imageset: str) -> dict:
 # -- evaluation of a whole image set -------------------------------------------------------------
 
 def evaluate_classes(dets_by_class: dict, annotations: dict, classes, use_07_metric: bool = True,
-                     ovthresh: float = 0.5) -> dict:
+                     ovthresh: float = 0.5, image_set=None) -> dict:
     """AP of every class (a class without rows has AP 0): returns {"mAP", "per_class"}.
 
     The mean is over all ``classes``, those without ground truth included (as the original).
+    ``image_set``: the set's ids in file order, repeats included (see ``voc_eval``).
     """
     per_class = {}
     for cls in classes:
-        _, _, ap = voc_eval(dets_by_class.get(cls, []), annotations, cls, ovthresh, use_07_metric)
+        _, _, ap = voc_eval(dets_by_class.get(cls, []), annotations, cls, ovthresh, use_07_metric,
+                            image_set)
         per_class[cls] = float(ap)
     m_ap = float(np.mean([per_class[c] for c in classes])) if classes else 0.0
     return {"mAP": m_ap, "per_class": per_class}
@@ -228,16 +255,22 @@ def format_ap_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def load_voc_image_set(voc_dir, imageset: str) -> list:
+    """The ids of ``ImageSets/Main/<imageset>.txt``, in file order, repeats kept (blank lines
+    skipped)."""
+    set_file = Path(voc_dir) / "ImageSets" / "Main" / f"{imageset}.txt"
+    try:
+        return [x.strip() for x in set_file.read_text().splitlines() if x.strip()]
+    except OSError as e:
+        raise DataError(f"{set_file}: cannot read image set ({e.strerror})") from None
+
+
 def load_voc_annotations(voc_dir, imageset: str) -> dict:
     """``{image_id: objects}`` for the ids of ``ImageSets/Main/<imageset>.txt`` of a VOC year dir."""
     from readonly_ohem.data.pascal_voc import parse_voc_xml
 
     voc_dir = Path(voc_dir)
-    set_file = voc_dir / "ImageSets" / "Main" / f"{imageset}.txt"
-    try:
-        ids = [x.strip() for x in set_file.read_text().splitlines() if x.strip()]
-    except OSError as e:
-        raise DataError(f"{set_file}: cannot read image set ({e.strerror})") from None
+    ids = load_voc_image_set(voc_dir, imageset)
     return {i: parse_voc_xml(voc_dir / "Annotations" / f"{i}.xml") for i in ids}
 
 
@@ -250,7 +283,8 @@ def eval_command(voc_dir, imageset, dets, metric="voc07", json_path=None):
     dets_by_class = read_results_dir(dets, imageset)
     annotations = load_voc_annotations(voc_dir, imageset)
     classes = list(VOC_CLASSES) + sorted(set(dets_by_class) - set(VOC_CLASSES))
-    result = evaluate_classes(dets_by_class, annotations, classes, use_07_metric=(metric == "voc07"))
+    result = evaluate_classes(dets_by_class, annotations, classes, use_07_metric=(metric == "voc07"),
+                              image_set=load_voc_image_set(voc_dir, imageset))
     missing = [c for c in VOC_CLASSES if c not in dets_by_class]
     if missing:
         print(f"no result file (AP 0) for: {', '.join(missing)}")

@@ -58,6 +58,76 @@ def _ref_transform_clip(box, d, H, W):
             min(max(out[2], 0), W - 1), min(max(out[3], 0), H - 1)]
 
 
+def _orig_bbox_transform_inv(boxes, deltas):
+    """The original ``fast_rcnn/bbox_transform.py: bbox_transform_inv``, line for line."""
+    if boxes.shape[0] == 0:
+        return np.zeros((0, deltas.shape[1]), dtype=deltas.dtype)
+    boxes = boxes.astype(deltas.dtype, copy=False)
+    widths = boxes[:, 2] - boxes[:, 0] + 1.0
+    heights = boxes[:, 3] - boxes[:, 1] + 1.0
+    ctr_x = boxes[:, 0] + 0.5 * widths
+    ctr_y = boxes[:, 1] + 0.5 * heights
+    dx, dy, dw, dh = deltas[:, 0::4], deltas[:, 1::4], deltas[:, 2::4], deltas[:, 3::4]
+    pred_ctr_x = dx * widths[:, np.newaxis] + ctr_x[:, np.newaxis]
+    pred_ctr_y = dy * heights[:, np.newaxis] + ctr_y[:, np.newaxis]
+    pred_w = np.exp(dw) * widths[:, np.newaxis]
+    pred_h = np.exp(dh) * heights[:, np.newaxis]
+    pred_boxes = np.zeros(deltas.shape, dtype=deltas.dtype)
+    pred_boxes[:, 0::4] = pred_ctr_x - 0.5 * pred_w
+    pred_boxes[:, 1::4] = pred_ctr_y - 0.5 * pred_h
+    pred_boxes[:, 2::4] = pred_ctr_x + 0.5 * pred_w
+    pred_boxes[:, 3::4] = pred_ctr_y + 0.5 * pred_h
+    return pred_boxes
+
+
+def _orig_clip_boxes(boxes, im_shape):
+    """The original ``clip_boxes``."""
+    boxes[:, 0::4] = np.maximum(np.minimum(boxes[:, 0::4], im_shape[1] - 1), 0)
+    boxes[:, 1::4] = np.maximum(np.minimum(boxes[:, 1::4], im_shape[0] - 1), 0)
+    boxes[:, 2::4] = np.maximum(np.minimum(boxes[:, 2::4], im_shape[1] - 1), 0)
+    boxes[:, 3::4] = np.maximum(np.minimum(boxes[:, 3::4], im_shape[0] - 1), 0)
+    return boxes
+
+
+def _orig_py_cpu_nms(dets, thresh):
+    """The original ``nms/py_cpu_nms.py`` (keeps IoU <= thresh, as the GPU kernel)."""
+    x1, y1, x2, y2, scores = dets[:, 0], dets[:, 1], dets[:, 2], dets[:, 3], dets[:, 4]
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+    order = scores.argsort()[::-1]
+    keep = []
+    while order.size > 0:
+        i = order[0]
+        keep.append(i)
+        xx1 = np.maximum(x1[i], x1[order[1:]])
+        yy1 = np.maximum(y1[i], y1[order[1:]])
+        xx2 = np.minimum(x2[i], x2[order[1:]])
+        yy2 = np.minimum(y2[i], y2[order[1:]])
+        w = np.maximum(0.0, xx2 - xx1 + 1)
+        h = np.maximum(0.0, yy2 - yy1 + 1)
+        inter = w * h
+        ovr = inter / (areas[i] + areas[order[1:]] - inter)
+        inds = np.where(ovr <= thresh)[0]
+        order = order[inds + 1]
+    return keep
+
+
+def test_detect_classes_equal_scores_follow_numpys_argsort():
+    """Equal scores: the original visits ``scores.argsort()[::-1]`` (numpy's own default sort,
+    not a stable one), which decides which of two overlapping equal-score boxes survives and the
+    line order of the result files."""
+    rng = np.random.default_rng(11)
+    for trial in range(30):
+        R, C = int(rng.integers(3, 60)), 2
+        xy = rng.uniform(0, 40, size=(R, 2))
+        boxes = np.hstack([xy, xy + rng.uniform(10, 30, size=(R, 2))]).astype(np.float32)
+        scores = np.zeros((R, C), np.float32)
+        scores[:, 1] = rng.choice([0.25, 0.5, 0.75], size=R)  # many ties
+        got = T.detect_classes(scores, np.tile(boxes, (1, C)), C, 0.05, 0.3, 0)[1]
+        dets = np.hstack((boxes, scores[:, 1:2])).astype(np.float32)
+        ref = dets[_orig_py_cpu_nms(dets, 0.3)]
+        np.testing.assert_array_equal(got, ref, err_msg=str(trial))
+
+
 def _image(H, W, seed=0):
     return np.random.default_rng(seed).integers(0, 256, size=(H, W, 3), dtype=np.uint8)
 
@@ -118,11 +188,18 @@ def test_im_detect_dedup_transform_clip_against_plain_loops():
         logit = _logits(roi, C)[0]
         prob = np.exp(logit - logit.max()) / np.exp(logit - logit.max()).sum()
         np.testing.assert_allclose(scores[r], prob, rtol=1e-5, atol=1e-7)
-        d = _deltas(roi, C)[0].astype(np.float32).astype(np.float64)
+        d32 = _deltas(roi, C).astype(np.float32)
+        d = d32[0].astype(np.float64)
         for j in range(C):
             np.testing.assert_allclose(pred[r, 4 * j:4 * j + 4],
                                        _ref_transform_clip(boxes[rep], d[4 * j:4 * j + 4], H, W),
-                                       rtol=1e-12, atol=1e-9)
+                                       rtol=1e-5, atol=1e-4)
+        # the original computes in float32 (boxes cast to the deltas' dtype): equal up to the
+        # last bit of exp (numpy's and torch's float32 exp may differ by an ulp)
+        orig = _orig_clip_boxes(_orig_bbox_transform_inv(boxes[rep][None], d32), (H, W, 3))
+        assert orig.dtype == np.float32
+        np.testing.assert_allclose(pred[r], orig[0], rtol=3e-7, atol=1e-5)  # 1 ulp at 100
+    assert pred.dtype == np.float32
     assert pred[0, 0::4].min() == 0 and pred[0, 2::4].max() <= W - 1
     np.testing.assert_array_equal(pred[:, 1::2] <= H - 1, True)
 

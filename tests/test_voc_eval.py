@@ -37,9 +37,9 @@ def _orig_voc_ap(rec, prec, use_07_metric):
     return ap
 
 
-def _orig_voc_eval(lines, recs, classname, ovthresh, use_07_metric):
+def _orig_voc_eval(lines, recs, classname, ovthresh, use_07_metric, imagenames=None):
     class_recs, npos = {}, 0
-    for imagename in recs:
+    for imagename in (recs if imagenames is None else imagenames):
         R = [obj for obj in recs[imagename] if obj["name"] == classname]
         bbox = np.array([x["bbox"] for x in R])
         difficult = np.array([x["difficult"] for x in R]).astype(bool)
@@ -303,3 +303,39 @@ def test_eval_command_prints_table_and_writes_json(tmp_path, capsys):
         lines = (FIX / "expected_results" / f"comp4_det_test_{cls}.txt").read_text().splitlines()
         rap = _orig_voc_eval(lines, annos, cls, 0.5, False)[2]
         assert ap == (0.0 if np.isnan(rap) else rap), cls
+
+
+def test_voc_eval_image_set_repeats_count_npos_per_line():
+    # The original loops over the image-set lines: npos += sum(~difficult) once per line, so an id
+    # listed twice counts its cat twice (npos = 1 (A) + 1 (B) + 1 (B again) = 3).
+    dets = [("B", 0.9, 1, 1, 10, 10)]
+    rec, prec, ap = voc_eval(dets, ANNOS, "cat", use_07_metric=True, image_set=["A", "B", "B", "C"])
+    np.testing.assert_array_equal(rec, [1 / 3])
+    np.testing.assert_array_equal(prec, [1.0])
+    # recall 1/3 reaches t = 0, 0.1, 0.2, 0.30000000000000004 (4 of the 11 points)
+    assert ap == pytest.approx(4 / 11, abs=1e-15)
+    assert voc_eval(dets, ANNOS, "cat", image_set=["A", "B", "C"])[2] == pytest.approx(6 / 11)
+    with pytest.raises(DataError, match="no annotations for image-set ids Q"):
+        voc_eval(dets, ANNOS, "cat", image_set=["A", "Q"])
+
+
+def test_eval_command_counts_repeated_image_set_lines(tmp_path):
+    """A repeated line of ImageSets/Main/<set>.txt doubles that image's npos, as the original."""
+    pytest.importorskip("readonly_ohem.data.pascal_voc")
+    import shutil
+
+    from readonly_ohem.voc_eval import eval_command
+
+    voc = tmp_path / "VOC2007"
+    shutil.copytree(VOC / "Annotations", voc / "Annotations")
+    ids = (VOC / "ImageSets" / "Main" / "test.txt").read_text().split()
+    (voc / "ImageSets" / "Main").mkdir(parents=True)
+    (voc / "ImageSets" / "Main" / "test.txt").write_text("\n".join(ids + ids[:1]) + "\n")
+    out = tmp_path / "ap.json"
+    eval_command(str(voc), "test", str(FIX / "expected_results"), "voc07", str(out))
+    got = json.loads(out.read_text())["per_class"]
+    annos = _fixture_annotations()
+    for cls in VOC_CLASSES:
+        lines = (FIX / "expected_results" / f"comp4_det_test_{cls}.txt").read_text().splitlines()
+        rap = _orig_voc_eval(lines, annos, cls, 0.5, True, imagenames=ids + ids[:1])[2]
+        assert got[cls] == (0.0 if np.isnan(rap) else rap), cls
