@@ -2,7 +2,8 @@
 
 Each sub-command calls exactly one library function, named in ``COMMANDS``, with the parsed
 arguments as keyword arguments (argparse ``dest`` names). User errors (``OhemError``) are printed
-as one line without a traceback and give exit status 2.
+as one line without a traceback and give exit status 2; so do ``OSError`` s (a path given that
+cannot be read or written), named by their file.
 """
 
 from __future__ import annotations
@@ -28,12 +29,15 @@ COMMANDS = {
 
 
 def _shape(text: str) -> tuple[str, tuple[int, ...]]:
-    """``BLOB=d0,d1,...`` -> (blob, dims)."""
+    """``BLOB=d0,d1,...`` -> (blob, dims); dims are non-negative integers."""
     name, sep, dims = text.partition("=")
     try:
         if not sep or not name:
             raise ValueError
-        return name, tuple(int(d) for d in dims.split(","))
+        shape = tuple(int(d) for d in dims.split(","))
+        if any(d < 0 for d in shape):
+            raise ValueError
+        return name, shape
     except ValueError:
         raise argparse.ArgumentTypeError(f"--shape wants BLOB=d0,d1,..., got {text!r}") from None
 
@@ -152,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         result = func(**kwargs)
     except OhemError as e:
         print(f"readonly-ohem {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the user gave that cannot be read or written
+        where = e.filename if e.filename is not None else ""
+        what = e.strerror or str(e)
+        print(f"readonly-ohem {args.command}: error: {where}{': ' if where else ''}{what}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"readonly-ohem {args.command}: interrupted", file=sys.stderr)

@@ -2,6 +2,8 @@
 
 Redrawn in place (``\\r``) at most every ``min_interval`` seconds on a terminal; elsewhere (logs)
 one line per ``log_interval`` seconds, so log files stay readable. The last line stays.
+``write(text)`` prints a log line on the same stream without garbling it: on a terminal the
+in-place line is cleared first and redrawn below the text.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class Progress:
         self.interval = min_interval if self.tty else log_interval
         self.n = 0
         self.start = self._last = time.perf_counter()
+        self._partial = False  # a terminal line drawn in place, without its newline
 
     @property
     def rate(self) -> float:
@@ -56,6 +59,16 @@ class Progress:
         end = "\n" if (final or not self.tty) else ""
         self.stream.write(("\r" if self.tty else "") + self.line() + end)
         self.stream.flush()
+        self._partial = not end
+
+    def write(self, text: str) -> None:
+        """A whole log line on the progress stream (the in-place line cleared, then redrawn)."""
+        if self._partial:
+            self.stream.write("\r\x1b[K")  # carriage return + erase to end of line
+        self.stream.write(text + "\n")
+        self.stream.flush()
+        if self._partial:
+            self._draw(final=False)
 
     def close(self) -> None:
         self._draw(final=True)

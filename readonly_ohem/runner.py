@@ -96,6 +96,11 @@ def _check_feed(net, feed: dict, source: str) -> None:
             raise SpecError(f"{source}: array {name!r} is not a net input or data-layer top of "
                             f"{net.source} (those are: {', '.join(sorted(sources)) or 'none'})")
     for rec in net.layers:
+        if hasattr(rec.module, "set_roidb"):  # a RoI data layer: `run` has no roidb to give it
+            missing = [t for t in rec.tops if t not in feed]
+            raise SpecError(f"{source}: layer {rec.name!r} ({rec.type}) is a data layer that "
+                            "`run` cannot drive; give all its tops so that it is skipped "
+                            f"(missing: {', '.join(missing)})")
         if rec.type == "Input":
             for t in rec.tops:
                 if t not in feed:

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-from readonly_ohem.errors import SpecError
+from readonly_ohem.errors import DataError, SpecError
 
 
 def _dims(shape) -> str:
@@ -27,7 +27,8 @@ def _dims(shape) -> str:
 
 
 def summarize(net) -> dict:
-    """The JSON summary of a built ``Net``: ``{"layers": [...], "blobs": {name: dims}}``."""
+    """The full summary of a built ``Net`` (what the table shows): ``{"name", "phase",
+    "layers": [...], "blobs": {name: dims}}``; ``json_summary`` keeps the documented keys."""
     layers = []
     unique = net.learnable_params()
     for rec in net.layers:
@@ -55,6 +56,17 @@ def summarize(net) -> dict:
         })
     return {"name": net.net_name, "phase": net.phase, "layers": layers,
             "blobs": {k: list(v) for k, v in net.blob_shapes.items()}}
+
+
+def json_summary(summary: dict) -> dict:
+    """The ``--json`` form, exactly the documented keys: ``{"layers": [{"name", "type", "bottoms",
+    "tops", "params": [{"name", "shape", "lr_mult", "decay_mult"}]}], "blobs": {name: dims}}``."""
+    param_keys = ("name", "shape", "lr_mult", "decay_mult")
+    layers = [{"name": layer["name"], "type": layer["type"], "bottoms": layer["bottoms"],
+               "tops": layer["tops"],
+               "params": [{k: p[k] for k in param_keys} for p in layer["params"]]}
+              for layer in summary["layers"]]
+    return {"layers": layers, "blobs": summary["blobs"]}
 
 
 def format_table(net, summary: dict) -> str:
@@ -113,15 +125,16 @@ def net_command(prototxt, phase: str = "TRAIN", shapes: Mapping | None = None, w
     to_stdout = json_path == "-"
     if not to_stdout:
         print(format_table(net, summary))
-        if report is not None:
-            print(str(report))
-    if report is not None:
-        summary["weights"] = {"path": str(weights), "missing": report.missing,
-                              "unknown": report.unknown}
+    if report is not None:  # with --json -, stdout holds the JSON alone
+        print(str(report), file=sys.stderr if to_stdout else sys.stdout)
     if json_path:
-        text = json.dumps(summary, indent=1)
+        text = json.dumps(json_summary(summary), indent=1)
         if to_stdout:
             sys.stdout.write(text + "\n")
         else:
-            Path(json_path).write_text(text + "\n")
+            try:
+                Path(json_path).write_text(text + "\n")
+            except OSError as e:
+                raise DataError(f"{json_path}: cannot write the JSON summary "
+                                f"({e.strerror or e})") from None
     return 0

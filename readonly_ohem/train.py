@@ -121,13 +121,18 @@ class Trainer:
         self.stream = stream if stream is not None else sys.stdout
         self.snapshots: list[Path] = []
         self._stop_signal: int | None = None
+        self._progress: Progress | None = None
 
     @property
     def is_main(self) -> bool:
         return self.ctx is None or self.ctx.is_main
 
     def log(self, text: str) -> None:
-        if self.is_main:
+        if not self.is_main:
+            return
+        if self._progress is not None:  # clears a terminal's in-place line first, redraws after
+            self._progress.write(text)
+        else:
             print(text, file=self.stream, flush=True)
 
     # snapshots ----------------------------------------------------------------------------------
@@ -263,6 +268,7 @@ class Trainer:
         last_snapshot_iter = -1
         progress = TrainProgress(max_iters, start=solver.iter,
                                  stream=self.stream if self.is_main else io.StringIO())
+        self._progress = progress if self.is_main else None
         old_handlers = self._install_signal_handlers()
         timer_total, timer_n = 0.0, 0
         try:
@@ -304,6 +310,7 @@ class Trainer:
                 self.snapshot()
             return self.snapshots
         finally:
+            self._progress = None
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
 
@@ -351,6 +358,17 @@ def attach_kept_roi_log(net, path: str, every: int, iteration: Callable[[], int]
         layer.recorder = recorder
 
 
+def _check_writable(path, option: str) -> None:
+    """Fail before training, not at the first logged iteration, when ``path`` cannot be appended to."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{option} {path}: cannot write ({e.strerror or e})") from None
+
+
 def build_trainer(solver_path, cfg, roidb=None, bbox_means=None, bbox_stds=None, weights=None,
                   output="output", device="cpu", ctx=None, feed_fn=None, stream=None) -> Trainer:
     """Net + solver + initial weights + roidb, as ``SolverWrapper.__init__``."""
@@ -390,6 +408,8 @@ def train_command(solver, weights=None, imdb="voc_2007_trainval", data=None, pro
     stream = stream if stream is not None else sys.stdout
     if log_every is not None and log_every < 1:
         raise ConfigError(f"--log-every must be >= 1, got {log_every}")
+    if iters is not None and iters < 1:
+        raise ConfigError(f"--iters must be >= 1, got {iters}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: CUDA is not available on this machine")
     ctx = distributed.init_from_env(device)
@@ -408,7 +428,13 @@ def train_command(solver, weights=None, imdb="voc_2007_trainval", data=None, pro
     roidb, means, stds = training_roidb(imdb_obj, config)
     roidb = distributed.shard(roidb, ctx)
     out_dir = Path(output)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--output {out_dir}: cannot create the output directory "
+                          f"({e.strerror or e})") from None
+    if log_kept_rois:
+        _check_writable(log_kept_rois, "--log-kept-rois")
     trainer = build_trainer(solver, config, roidb, means, stds, None if resume else weights,
                             out_dir, device, ctx, stream=stream)
     if ctx is not None:  # dropout etc. differ per replica; the weights were broadcast
@@ -423,6 +449,9 @@ def train_command(solver, weights=None, imdb="voc_2007_trainval", data=None, pro
     max_iters = iters if iters is not None else trainer.solver.max_iter
     if max_iters is None or max_iters <= 0:
         raise ConfigError(f"{solver}: no iteration count (give --iters or max_iter in the solver)")
+    if resume and max_iters <= trainer.solver.iter:
+        raise ConfigError(f"--resume {resume}: the state is at iteration {trainer.solver.iter}, "
+                          f"already at or past the {max_iters} asked for (--iters counts from 0)")
     trainer.log(f"Output will be saved to `{out_dir}`; solving to iteration {max_iters}")
     try:
         models = trainer.train(max_iters)

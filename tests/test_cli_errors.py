@@ -183,3 +183,29 @@ def test_console_entry_point_prints_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "layer 'a'" in proc.stderr and "bottom blob 'x'" in proc.stderr
+
+
+def test_unwritable_json_path_is_one_line(capsys, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    line = run_error(capsys, ["net", str(CASE / "net.prototxt"), "--json",
+                              str(blocker / "s.json")])
+    assert str(blocker / "s.json") in line
+
+
+def test_oserror_in_a_command_is_one_line(capsys, tmp_path, monkeypatch):
+    from readonly_ohem import summary
+
+    def boom(**kwargs):
+        raise FileNotFoundError(2, "No such file or directory", str(tmp_path / "gone" / "x"))
+
+    monkeypatch.setattr(summary, "net_command", boom)
+    line = run_error(capsys, ["net", str(CASE / "net.prototxt")])
+    assert line == f"readonly-ohem net: error: {tmp_path / 'gone' / 'x'}: No such file or directory"
+
+
+def test_negative_shape_dims_are_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["net", str(CASE / "net.prototxt"), "--shape", "data=1,-3,4,4"])
+    assert e.value.code == 2
+    assert "--shape wants BLOB=d0,d1,..." in capsys.readouterr().err

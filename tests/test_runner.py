@@ -160,3 +160,16 @@ def test_unfed_input_is_zeros_with_a_note(tmp_path, capsys):
                  "--out", str(tmp_path / "o.npz")]) == 0
     assert "net input 'labels' is not in" in capsys.readouterr().err
     assert not np.load(tmp_path / "o.npz")["labels"].any()
+
+
+def test_data_layer_with_some_tops_missing_names_them(tmp_path, capsys):
+    """A RoIDataLayer needs a roidb that `run` cannot give: feeding only some of its tops is an
+    error naming the layer and the missing tops (not a crash inside the layer)."""
+    net = Path(__file__).resolve().parents[1] / "prototxt/small/fast_rcnn/train.prototxt"
+    np.savez(tmp_path / "in.npz", data=np.zeros((1, 3, 32, 32), np.float32),
+             rois=np.zeros((2, 5), np.float32))
+    assert main(["run", str(net), "--inputs", str(tmp_path / "in.npz"),
+                 "--out", str(tmp_path / "o.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "layer 'data' (Python)" in err and "missing: labels, bbox_targets" in err
+    assert len(err.strip().splitlines()) == 1

@@ -71,11 +71,11 @@ def test_ohem_net_shares_and_upper_bound(shared_dir, tmp_path, capsys):
     assert [p["name"] for p in ro] == ["fc6_w", "fc6_b"] == [p["name"] for p in tr]
     # the owner (readonly, no mults) adopts the trainable layer's mults
     assert [(p["lr_mult"], p["decay_mult"]) for p in ro] == [(1, 1), (2, 0)]
-    assert all(p["shared"] and p["owner"] == "fc6_readonly" for p in tr)
     assert "shared 'fc6_w' (owner fc6_readonly)" in table
     # OHEM tops: an upper bound of TRAIN.BATCH_SIZE hard RoIs (default 128)
     assert s["blobs"]["rois_hard"] == [128, 5] and s["blobs"]["labels_hard"] == [128]
-    assert layers["relu6_readonly"]["inplace"] == ["fc6_readonly"]
+    assert layers["relu6_readonly"]["tops"] == ["fc6_readonly"]
+    assert "top fc6_readonly: 128 4096 (524288) [in-place]" in table
 
 
 def test_missing_data_shape_tells_which_shape_to_pass(shared_dir, capsys):
@@ -92,18 +92,41 @@ def test_golden_net_json_and_weights(tmp_path, capsys):
                                                     "--phase", "TEST"])
     out = capsys.readouterr().out
     assert "loaded 5 layer(s)" in out  # conv1, conv2, fc6, cls_score, bbox_pred
-    assert s["weights"]["missing"] == [] and s["weights"]["unknown"] == []
+    assert "not in the file" not in out
     expected = np.load(case / "expected.npz")
     for blob in expected.files:
         assert s["blobs"][blob] == list(expected[blob].shape), blob
     layers = {layer["name"]: layer for layer in s["layers"]}
     assert layers["input"]["tops"] == ["data", "rois"] and layers["input"]["type"] == "Input"
     assert layers["conv1"]["params"] == [
-        {"name": "0", "shape": [8, 3, 3, 3], "lr_mult": 1.0, "decay_mult": 1.0,
-         "shared": False, "owner": "conv1"},
-        {"name": "1", "shape": [8], "lr_mult": 2.0, "decay_mult": 1.0,
-         "shared": False, "owner": "conv1"}]
-    assert set(layers["fc6"]) >= {"name", "type", "bottoms", "tops", "params"}
+        {"name": "0", "shape": [8, 3, 3, 3], "lr_mult": 1.0, "decay_mult": 1.0},
+        {"name": "1", "shape": [8], "lr_mult": 2.0, "decay_mult": 1.0}]
+
+
+def test_json_has_exactly_the_documented_keys(capsys):
+    """The contract: {"layers": [{"name", "type", "bottoms", "tops", "params": [{"name", "shape",
+    "lr_mult", "decay_mult"}]}], "blobs": {...}}, nothing more (stdout: the JSON alone, the
+    weights report goes to stderr)."""
+    case = FIXTURES / "sharing_readonly"
+    assert main(["net", str(case / "net.prototxt"), "--json", "-",
+                 "--weights", str(case / "weights.caffemodel")]) == 0
+    captured = capsys.readouterr()
+    s = json.loads(captured.out)
+    assert "loaded 2 layer(s)" in captured.err
+    assert set(s) == {"layers", "blobs"}
+    assert all(set(layer) == {"name", "type", "bottoms", "tops", "params"} for layer in s["layers"])
+    params = [p for layer in s["layers"] for p in layer["params"]]
+    assert params and all(set(p) == {"name", "shape", "lr_mult", "decay_mult"} for p in params)
+    assert [p["name"] for p in params] == ["head_w", "head_b", "head_w", "head_b"]
+    assert s["blobs"]["ro"] == [5, 4]
+
+
+def test_json_to_an_unwritable_path_is_one_line(tmp_path, capsys):
+    case = FIXTURES / "sharing_readonly"
+    bad = tmp_path / "no_such_dir" / "s.json"
+    assert main(["net", str(case / "net.prototxt"), "--json", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_json_to_stdout_and_shape_override(capsys):

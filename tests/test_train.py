@@ -256,3 +256,30 @@ def test_train_command_ohem_resume_equals_uninterrupted(tmp_path, voc_data):
              read_caffemodel(tmp_path / "a" / "small_fast_rcnn_ohem_iter_2.caffemodel")}
     np.testing.assert_array_equal(saved["bbox_pred"][1], saved["bbox_pred_readonly"][1])
     assert not np.array_equal(saved["bbox_pred"][1], a["weights"]["bbox_pred_b"].numpy())
+    # resuming at iteration 1 with --iters 1: nothing to do is an error, not a silent re-snapshot
+    with pytest.raises(ConfigError, match="at iteration 1, already at or past the 1 asked for"):
+        train_command(iters=1, output=str(tmp_path / "c"), resume=str(state), **common)
+    assert not list((tmp_path / "c").glob("*.caffemodel"))
+
+
+def test_train_command_user_errors_before_training(tmp_path, voc_data):
+    """--iters < 1, an output dir or a kept-RoI log that cannot be created: ConfigError naming
+    the option and path (the CLI prints it as one line), before any iteration runs."""
+    from readonly_ohem.train import train_command
+
+    data, proposals = voc_data
+    common = dict(solver=str(_small_solver("fast_rcnn_ohem")), data=str(data),
+                  proposals=None if proposals is None else str(proposals),
+                  cfg=[str(REPO / "prototxt" / "cfgs" / "fast_rcnn_ohem.yml")],
+                  set_pairs=[["TRAIN.SCALES", "(96,)"], ["TRAIN.MAX_SIZE", "160"]],
+                  stream=__import__("io").StringIO())
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="--iters must be >= 1, got -3"):
+        train_command(iters=-3, output=str(tmp_path / "o"), **common)
+    with pytest.raises(ConfigError, match=f"--output {blocker / 'out'}: cannot create"):
+        train_command(iters=1, output=str(blocker / "out"), **common)
+    with pytest.raises(ConfigError, match=f"--log-kept-rois {blocker / 'k.jsonl'}: cannot write"):
+        train_command(iters=1, output=str(tmp_path / "o"), log_kept_rois=str(blocker / "k.jsonl"),
+                      **common)
+    assert not list((tmp_path / "o").glob("*"))
