@@ -28,6 +28,9 @@ _BATCH_KEY = re.compile(r"^batch(\d+)/(.+)$")
 def read_npz(path, what: str) -> dict[str, np.ndarray]:
     """All arrays of an .npz file; ``DataError`` naming the file when it cannot be read."""
     try:
+        if Path(path).is_file() and not zipfile.is_zipfile(path):  # numpy would talk of pickles
+            raise DataError(f"{path}: {what} must be an .npz archive of arrays by blob name "
+                            f"(numpy.savez)")
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except FileNotFoundError:

@@ -124,7 +124,10 @@ def test_bad_inputs_file_and_keys(capsys, tmp_path):
     assert "missing.npz" in msg and "not found" in msg
     (tmp_path / "junk.npz").write_text("not a zip")
     msg = run_error(capsys, args + ["--inputs", str(tmp_path / "junk.npz")])
-    assert "junk.npz" in msg
+    assert "junk.npz" in msg and "npz archive" in msg and "pickle" not in msg
+    np.save(tmp_path / "plain.npy", np.zeros(3, np.float32))  # a .npy is not an archive
+    msg = run_error(capsys, args + ["--inputs", str(tmp_path / "plain.npy")])
+    assert "plain.npy" in msg and "npz archive" in msg
     np.savez(tmp_path / "extra.npz", data=np.zeros((2, 3, 17, 20), np.float32),
              conv1=np.zeros(3, np.float32))
     msg = run_error(capsys, args + ["--inputs", str(tmp_path / "extra.npz")])
