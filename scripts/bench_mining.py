@@ -200,6 +200,9 @@ def main(argv=None) -> float:
             ours_keep = got[0].keep.cpu().numpy()
             assert np.array_equal(ours_keep, ref_keep), (use_nms, n_img, ours_keep, ref_keep)
             n_supp = int(got[0].suppressed.sum())
+            # the timed call runs without a recorder (the fast path): it must keep the same rows
+            fast_rois = layer.forward(bottoms, [])[0].cpu().numpy()
+            assert np.array_equal(fast_rois, arrays[2][ref_keep]), (use_nms, n_img)
             t_ref = best_time(lambda: reference_ohem(*ref_args), max(3, args.repeat // 4))
             t_ours = best_time(lambda: layer.forward(bottoms, []), args.repeat, sync)
             ratio = t_ref / t_ours
