@@ -15,6 +15,8 @@ from readonly_ohem.config import default_config
 from readonly_ohem.progress import Progress
 from readonly_ohem.vis import draw_detections
 
+from original_code import py_cpu_nms
+
 FIX = Path(__file__).resolve().parent / "fixtures" / "original_test"
 CLASSES = ("__background__", "cat", "dog", "person")
 
@@ -89,28 +91,6 @@ def _orig_clip_boxes(boxes, im_shape):
     return boxes
 
 
-def _orig_py_cpu_nms(dets, thresh):
-    """The original ``nms/py_cpu_nms.py`` (keeps IoU <= thresh, as the GPU kernel)."""
-    x1, y1, x2, y2, scores = dets[:, 0], dets[:, 1], dets[:, 2], dets[:, 3], dets[:, 4]
-    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
-    order = scores.argsort()[::-1]
-    keep = []
-    while order.size > 0:
-        i = order[0]
-        keep.append(i)
-        xx1 = np.maximum(x1[i], x1[order[1:]])
-        yy1 = np.maximum(y1[i], y1[order[1:]])
-        xx2 = np.minimum(x2[i], x2[order[1:]])
-        yy2 = np.minimum(y2[i], y2[order[1:]])
-        w = np.maximum(0.0, xx2 - xx1 + 1)
-        h = np.maximum(0.0, yy2 - yy1 + 1)
-        inter = w * h
-        ovr = inter / (areas[i] + areas[order[1:]] - inter)
-        inds = np.where(ovr <= thresh)[0]
-        order = order[inds + 1]
-    return keep
-
-
 def test_detect_classes_equal_scores_follow_numpys_argsort():
     """Equal scores: the original visits ``scores.argsort()[::-1]`` (numpy's own default sort,
     not a stable one), which decides which of two overlapping equal-score boxes survives and the
@@ -124,7 +104,7 @@ def test_detect_classes_equal_scores_follow_numpys_argsort():
         scores[:, 1] = rng.choice([0.25, 0.5, 0.75], size=R)  # many ties
         got = T.detect_classes(scores, np.tile(boxes, (1, C)), C, 0.05, 0.3, 0)[1]
         dets = np.hstack((boxes, scores[:, 1:2])).astype(np.float32)
-        ref = dets[_orig_py_cpu_nms(dets, 0.3)]
+        ref = dets[py_cpu_nms(dets, 0.3)]
         np.testing.assert_array_equal(got, ref, err_msg=str(trial))
 
 

@@ -15,34 +15,14 @@ from readonly_ohem.ohem.loss import bbox_loss, cls_loss
 from readonly_ohem.ops.boxes import bbox_overlaps
 from readonly_ohem.proto import caffe_pb2
 
+from original_code import argsort_desc_stable as argsort_desc, py_cpu_nms
+
 C = 21
 
 
 # -- the reference: the original OHEMDataLayer.forward + get_ohem_minibatch, line for line -------
-def argsort_desc(x):
-    """The original's argsort()[::-1], ties made deterministic by a stable sort."""
-    return np.argsort(x, kind="stable")[::-1]
-
-
 def ref_nms(dets, thresh):
-    x1, y1, x2, y2, scores = (dets[:, i] for i in range(5))
-    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
-    order = argsort_desc(scores)
-    keep = []
-    while order.size > 0:
-        i = order[0]
-        keep.append(i)
-        xx1 = np.maximum(x1[i], x1[order[1:]])
-        yy1 = np.maximum(y1[i], y1[order[1:]])
-        xx2 = np.minimum(x2[i], x2[order[1:]])
-        yy2 = np.minimum(y2[i], y2[order[1:]])
-        w = np.maximum(0.0, xx2 - xx1 + 1)
-        h = np.maximum(0.0, yy2 - yy1 + 1)
-        inter = w * h
-        ovr = inter / (areas[i] + areas[order[1:]] - inter)
-        inds = np.where(ovr <= np.float32(thresh))[0]
-        order = order[inds + 1]
-    return keep
+    return py_cpu_nms(dets, np.float32(thresh), argsort_desc)
 
 
 def ref_loss(cls_prob, bbox_pred, labels, bbox_targets=None, inside=None, outside=None):
