@@ -16,15 +16,15 @@ from readonly_ohem.errors import OhemError
 
 # sub-command -> "module:function"; the function receives the parsed options as keywords.
 COMMANDS = {
-    "net": "readonly_ohem.summary:net_command",
-    "run": "readonly_ohem.runner:run_command",
+    "net": "readonly_ohem.caffe.summary:net_command",
+    "run": "readonly_ohem.commands.run:run_command",
     "train": "readonly_ohem.train:train_command",
-    "test": "readonly_ohem.test:test_command",
-    "eval": "readonly_ohem.voc_eval:eval_command",
-    "make-minivoc": "readonly_ohem.data.minivoc:make_minivoc_command",
-    "proposals": "readonly_ohem.data.selective_search:proposals_command",
+    "test": "readonly_ohem.detection.test:test_command",
+    "eval": "readonly_ohem.datasets.voc_eval:eval_command",
+    "make-minivoc": "readonly_ohem.datasets.minivoc:make_minivoc_command",
+    "proposals": "readonly_ohem.datasets.selective_search:proposals_command",
     "inspect": "readonly_ohem.inspect:inspect_command",
-    "demo": "readonly_ohem.demo:demo_command",
+    "demo": "readonly_ohem.commands.demo:demo_command",
 }
 
 

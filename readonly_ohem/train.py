@@ -2,7 +2,7 @@
 
 ``readonly-ohem train --solver SOLVER [--weights W] --imdb NAME ...`` runs, in the original's order:
 config (defaults, ``--cfg`` files, ``--set`` pairs); seeds (``RNG_SEED`` for numpy and torch);
-the training roidb with the bbox-target means/stds (``readonly_ohem.data.roidb.training_roidb``);
+the training roidb with the bbox-target means/stds (``readonly_ohem.roi_data.roidb.training_roidb``);
 the solver's train net; the initial weights (a ``.caffemodel`` matched by layer name, or a
 torchvision VGG16 state dict, see ``readonly_ohem.pretrained``); the roidb handed to the data
 layer; then ``Solver.step`` until ``--iters`` (default: the solver's ``max_iter``).
@@ -42,7 +42,7 @@ from readonly_ohem import distributed
 from readonly_ohem.atomic import atomic_write
 from readonly_ohem.errors import ConfigError
 from readonly_ohem.progress import Progress, _clock
-from readonly_ohem.solver import NonFiniteLossError, Solver
+from readonly_ohem.caffe.solver import NonFiniteLossError, Solver
 
 
 # -- small helpers ---------------------------------------------------------------------------------
@@ -372,8 +372,8 @@ def _check_writable(path, option: str) -> None:
 def build_trainer(solver_path, cfg, roidb=None, bbox_means=None, bbox_stds=None, weights=None,
                   output="output", device="cpu", ctx=None, feed_fn=None, stream=None) -> Trainer:
     """Net + solver + initial weights + roidb, as ``SolverWrapper.__init__``."""
-    from readonly_ohem.solver import build_net
-    from readonly_ohem.spec import read_solver
+    from readonly_ohem.caffe.solver import build_net
+    from readonly_ohem.caffe.spec import read_solver
 
     stream = stream if stream is not None else sys.stdout
     sp = read_solver(str(solver_path))
@@ -402,8 +402,8 @@ def train_command(solver, weights=None, imdb="voc_2007_trainval", data=None, pro
                   log_kept_rois=None, log_every=1, stream=None) -> int:
     """``readonly-ohem train``: the original ``tools/train_net.py``. Returns the exit status."""
     from readonly_ohem.config import load_config
-    from readonly_ohem.data.pascal_voc import get_imdb
-    from readonly_ohem.data.roidb import training_roidb
+    from readonly_ohem.datasets.pascal_voc import get_imdb
+    from readonly_ohem.roi_data.roidb import training_roidb
 
     stream = stream if stream is not None else sys.stdout
     if log_every is not None and log_every < 1:

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 from readonly_ohem.config import load_config
-from readonly_ohem.data.layer import RoIDataLayer  # noqa: F401  (registers the layer)
-from readonly_ohem.data.minivoc import make_minivoc
-from readonly_ohem.data.pascal_voc import get_imdb
-from readonly_ohem.data.proposals import save_proposals_npz
-from readonly_ohem.data.roidb import training_roidb
-from readonly_ohem.layers.base import PYTHON_LAYERS, LayerContext
+from readonly_ohem.roi_data.layer import RoIDataLayer  # noqa: F401  (registers the layer)
+from readonly_ohem.datasets.minivoc import make_minivoc
+from readonly_ohem.datasets.pascal_voc import get_imdb
+from readonly_ohem.datasets.proposals import save_proposals_npz
+from readonly_ohem.roi_data.roidb import training_roidb
+from readonly_ohem.caffe.layers.base import PYTHON_LAYERS, LayerContext
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,7 +76,7 @@ def main() -> None:
 
     from google.protobuf import text_format
 
-    from readonly_ohem.proto import caffe_pb2
+    from readonly_ohem.caffe.proto import caffe_pb2
 
     param = text_format.Parse(
         "name: 'data' type: 'Python' top: 'data' top: 'rois' top: 'labels' top: 'bbox_targets' "

@@ -18,10 +18,10 @@ import torch
 from google.protobuf import text_format
 
 from readonly_ohem.config import default_config
-from readonly_ohem.layers.base import LayerContext
+from readonly_ohem.caffe.layers.base import LayerContext
 from readonly_ohem.ohem.layer import OHEMDataLayer
 from readonly_ohem.ops.boxes import bbox_overlaps, bbox_transform
-from readonly_ohem.proto import caffe_pb2
+from readonly_ohem.caffe.proto import caffe_pb2
 
 NUM_CLASSES = 21
 

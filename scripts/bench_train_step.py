@@ -45,10 +45,10 @@ def sync(device):
 
 def build(kind_dir, cfg_files, ohem, imdb_name, data_dir, proposals, device, set_pairs):
     from readonly_ohem.config import load_config
-    from readonly_ohem.data.pascal_voc import get_imdb
-    from readonly_ohem.data.roidb import training_roidb
-    from readonly_ohem.solver import Solver, build_net
-    from readonly_ohem.spec import read_solver
+    from readonly_ohem.datasets.pascal_voc import get_imdb
+    from readonly_ohem.roi_data.roidb import training_roidb
+    from readonly_ohem.caffe.solver import Solver, build_net
+    from readonly_ohem.caffe.spec import read_solver
 
     files = [str(REPO / f) for f in cfg_files]
     if ohem:
@@ -160,7 +160,7 @@ def main(argv=None):
     tmp = None
     data = args.data
     if data is None:
-        from readonly_ohem.data.minivoc import make_minivoc
+        from readonly_ohem.datasets.minivoc import make_minivoc
 
         tmp = tempfile.TemporaryDirectory()
         data = tmp.name

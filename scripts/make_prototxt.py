@@ -28,8 +28,8 @@ from google.protobuf import text_format
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from readonly_ohem import spec  # noqa: E402
-from readonly_ohem.proto import caffe_pb2  # noqa: E402
+from readonly_ohem.caffe import spec  # noqa: E402
+from readonly_ohem.caffe.proto import caffe_pb2  # noqa: E402
 
 PROTOTXT = ROOT / "prototxt"
 MODELS = ("VGG16", "VGG_CNN_M_1024", "small")

@@ -161,7 +161,7 @@ def test_bad_config_key_and_file(capsys, tmp_path):
 
 
 def test_bad_solver(capsys, tmp_path):
-    pytest.importorskip("readonly_ohem.solver")
+    pytest.importorskip("readonly_ohem.caffe.solver")
     case = FIXTURES / "solver_step_small"
     shutil.copy(case / "net.prototxt", tmp_path / "net.prototxt")
     (tmp_path / "s.prototxt").write_text('net: "net.prototxt"\nbase_lr: 0.1\nlr_polcy: "step"\n')
@@ -197,7 +197,7 @@ def test_unwritable_json_path_is_one_line(capsys, tmp_path):
 
 
 def test_oserror_in_a_command_is_one_line(capsys, tmp_path, monkeypatch):
-    from readonly_ohem import summary
+    from readonly_ohem.caffe import summary
 
     def boom(**kwargs):
         raise FileNotFoundError(2, "No such file or directory", str(tmp_path / "gone" / "x"))

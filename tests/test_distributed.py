@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from google.protobuf import text_format
 
-from readonly_ohem.proto import caffe_pb2
+from readonly_ohem.caffe.proto import caffe_pb2
 
 SOLVER = 'lr_policy: "step" base_lr: 0.1 gamma: 0.5 stepsize: 2 momentum: 0.9 weight_decay: 0.01 ' \
          'iter_size: 2'
@@ -60,7 +60,7 @@ def _worker(rank, world, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         from readonly_ohem.distributed import GradReducer
-        from readonly_ohem.solver import Solver
+        from readonly_ohem.caffe.solver import Solver
 
         net = LinearNet()
         sp = text_format.Parse(SOLVER, caffe_pb2.SolverParameter())
@@ -81,7 +81,7 @@ class AveragedNet(LinearNet):
 
 
 def _reference():
-    from readonly_ohem.solver import Solver
+    from readonly_ohem.caffe.solver import Solver
 
     net = AveragedNet()
     solver = Solver(text_format.Parse(SOLVER, caffe_pb2.SolverParameter()), net)
@@ -160,7 +160,7 @@ def _net_worker(rank, world, port, out_dir):
 
 
 def test_two_gloo_processes_train_a_real_net_identically(tmp_path):
-    pytest.importorskip("readonly_ohem.net")
+    pytest.importorskip("readonly_ohem.caffe.net")
     (tmp_path / "tiny.prototxt").write_text(NET)
     (tmp_path / "solver.prototxt").write_text(SOLVER_FILE)
     mp.spawn(_net_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)

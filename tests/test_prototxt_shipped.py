@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from readonly_ohem import spec
+from readonly_ohem.caffe import spec
 from readonly_ohem.config import load_config
-from readonly_ohem.proto import caffe_pb2
+from readonly_ohem.caffe.proto import caffe_pb2
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOTXT = REPO / "prototxt"

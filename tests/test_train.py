@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("readonly_ohem.net")
+pytest.importorskip("readonly_ohem.caffe.net")
 
 from readonly_ohem.config import default_config  # noqa: E402
 from readonly_ohem.errors import ConfigError  # noqa: E402
-from readonly_ohem.solver import NonFiniteLossError  # noqa: E402
+from readonly_ohem.caffe.solver import NonFiniteLossError  # noqa: E402
 from readonly_ohem.train import Trainer, atomic_torch_save, build_trainer  # noqa: E402
-from readonly_ohem.weights import blob_to_array, read_caffemodel  # noqa: E402
+from readonly_ohem.caffe.weights import blob_to_array, read_caffemodel  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -218,7 +218,7 @@ def _small_solver(kind):
 def voc_data(tmp_path, request):
     """(data dir, proposals file or None): a 6-image mini-VOC, else the shared original-pipeline set."""
     try:
-        from readonly_ohem.data.minivoc import make_minivoc
+        from readonly_ohem.datasets.minivoc import make_minivoc
     except ImportError:
         shared = request.getfixturevalue("shared_dir") / "original_pipeline" / "train"
         return shared, shared / "voc_2007_trainval.mat"

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from readonly_ohem.vis import _font
+from readonly_ohem.detection.vis import _font
 
 # low loss -> high loss: cyan, green, yellow, orange, red, magenta (bright on the dimmed photo)
 _ANCHORS = np.array([(60, 200, 255), (90, 240, 120), (250, 240, 60), (255, 150, 30),

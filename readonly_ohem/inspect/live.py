@@ -38,7 +38,7 @@ def find_annotation(image: Path) -> Path | None:
 
 def read_gt(xml: Path, classes) -> dict:
     """Non-difficult objects of a VOC XML as the training roidb has them (0-based, floored)."""
-    from readonly_ohem.data.pascal_voc import parse_voc_xml
+    from readonly_ohem.datasets.pascal_voc import parse_voc_xml
 
     objs = [o for o in parse_voc_xml(xml) if not o["difficult"]]
     unknown = sorted({o["name"] for o in objs} - set(classes[1:]))
@@ -71,7 +71,7 @@ def grid_proposals(width: int, height: int, max_boxes: int = 2000) -> np.ndarray
 
 def read_proposals(path: Path, image_id: str) -> np.ndarray:
     """(K, 4) 0-based cleaned proposals of one image from .npz/.json (by id or ``boxes``) or .mat."""
-    from readonly_ohem.data.proposals import _read_keyed, clean_proposals, read_mat_boxes
+    from readonly_ohem.datasets.proposals import _read_keyed, clean_proposals, read_mat_boxes
 
     if not path.is_file():
         raise DataError(f"--proposals {path}: file not found")
@@ -107,7 +107,7 @@ def _config(cfg_files, set_pairs):
 
 def _bbox_targets(entry: dict, cfg, num_classes: int) -> np.ndarray:
     """(N, 5) targets as the training roidb has them, normalized with the config's means/stds."""
-    from readonly_ohem.data.roidb import compute_targets
+    from readonly_ohem.roi_data.roidb import compute_targets
 
     t = compute_targets(entry["boxes"], entry["max_overlaps"], entry["max_classes"], cfg.TRAIN.BBOX_THRESH)
     if cfg.TRAIN.BBOX_NORMALIZE_TARGETS:
@@ -142,12 +142,12 @@ def inspect_image(def_path, net_path, image, proposals=None, cfg_files=(), set_p
 
     Returns ``{meta, arrays, classes, notes, summary, picture}`` (``meta``/``arrays`` as a log
     record's, so ``render_selection`` and the stats code read them)."""
-    from readonly_ohem.data.blob import image_size
-    from readonly_ohem.data.minibatch import build_minibatch, plan_minibatch
-    from readonly_ohem.data.roidb import merge_gt_and_proposals, prepare_roidb
+    from readonly_ohem.roi_data.blob import image_size
+    from readonly_ohem.roi_data.minibatch import build_minibatch, plan_minibatch
+    from readonly_ohem.roi_data.roidb import merge_gt_and_proposals, prepare_roidb
     from readonly_ohem.inspect.draw import render_selection
     from readonly_ohem.inspect.log import default_classes, split_record
-    from readonly_ohem.net import Net
+    from readonly_ohem.caffe.net import Net
 
     image = Path(image)
     if not image.is_file():
@@ -186,7 +186,7 @@ def inspect_image(def_path, net_path, image, proposals=None, cfg_files=(), set_p
     entry["bbox_targets"] = _bbox_targets(entry, cfg, num_classes)
     plan = plan_minibatch([entry], cfg, np.random.RandomState(cfg.RNG_SEED), ohem=True)
     blobs = build_minibatch([entry], plan, num_classes, cfg)
-    from readonly_ohem.data.layer import TOP_NAMES
+    from readonly_ohem.roi_data.layer import TOP_NAMES
 
     feed = {top: blobs[name].to(device) for top, name in zip(data[0].tops, TOP_NAMES)}
     records = []
@@ -197,7 +197,7 @@ def inspect_image(def_path, net_path, image, proposals=None, cfg_files=(), set_p
     if not records:
         raise ConfigError(f"--def {def_path}: the OHEM layer did not run")
     keep = np.asarray(plan["keep"][0])
-    from readonly_ohem.data.blob import blob_scale
+    from readonly_ohem.roi_data.blob import blob_scale
 
     scale = blob_scale(height, width, cfg.TRAIN.SCALES[int(plan["scale_inds"][0])], cfg.TRAIN.MAX_SIZE)
     meta_in = dict(image_id=image.stem, image_path=str(image), flipped=False, width=width, height=height,

@@ -53,7 +53,7 @@ def blobs_path(path: str | Path) -> Path:
 
 def default_classes(num_classes: int) -> list[str]:
     """VOC names for 21 classes, else ``__background__, class1, ...``."""
-    from readonly_ohem.data.pascal_voc import VOC_CLASSES
+    from readonly_ohem.datasets.pascal_voc import VOC_CLASSES
 
     if num_classes == len(VOC_CLASSES):
         return list(VOC_CLASSES)
@@ -63,7 +63,7 @@ def default_classes(num_classes: int) -> list[str]:
 # -- per-image view of one SelectionRecord ----------------------------------------------------------
 def image_meta_from_plan(data_layer, plan: dict) -> list[dict]:
     """Per image of a RoIDataLayer minibatch: id, path, flip, size, scale and roidb rows."""
-    from readonly_ohem.data.blob import blob_scale
+    from readonly_ohem.roi_data.blob import blob_scale
 
     cfg = data_layer.cfg
     out = []

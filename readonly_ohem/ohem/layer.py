@@ -27,8 +27,8 @@ import torch
 
 from readonly_ohem.config import default_config
 from readonly_ohem.errors import DataError
-from readonly_ohem.layers.base import Layer, register_python
-from readonly_ohem.layers.python import parse_param_str
+from readonly_ohem.caffe.layers.base import Layer, register_python
+from readonly_ohem.caffe.layers.python import parse_param_str
 from readonly_ohem.ohem.loss import bbox_loss, cls_loss
 from readonly_ohem.ohem.policies import POLICIES, mine
 from readonly_ohem.ohem.record import SelectionRecord

@@ -9,7 +9,7 @@ import torch
 from google.protobuf import text_format
 
 from readonly_ohem.config import default_config
-from readonly_ohem.layers.base import LayerContext
+from readonly_ohem.caffe.layers.base import LayerContext
 from readonly_ohem.ohem.layer import OHEMDataLayer
 from readonly_ohem.ohem.policies import (
     focal_loss,
@@ -19,7 +19,7 @@ from readonly_ohem.ohem.policies import (
     topk,
     topk_threshold,
 )
-from readonly_ohem.proto import caffe_pb2
+from readonly_ohem.caffe.proto import caffe_pb2
 
 LOSS = torch.tensor([0.1, 0.9, 0.5, 0.9, 0.3], dtype=torch.float64)
 LABELS = torch.tensor([0, 1, -1, 0, -2])  # valid: 0, 1, 3

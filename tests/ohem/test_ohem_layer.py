@@ -9,11 +9,11 @@ from google.protobuf import text_format
 import readonly_ohem.ops.nms as nms_mod
 from readonly_ohem.config import default_config, load_config
 from readonly_ohem.errors import DataError, SpecError
-from readonly_ohem.layers.base import PYTHON_LAYERS, LayerContext
+from readonly_ohem.caffe.layers.base import PYTHON_LAYERS, LayerContext
 from readonly_ohem.ohem.layer import OHEMDataLayer
 from readonly_ohem.ohem.loss import bbox_loss, cls_loss
 from readonly_ohem.ops.boxes import bbox_overlaps
-from readonly_ohem.proto import caffe_pb2
+from readonly_ohem.caffe.proto import caffe_pb2
 
 from original_code import argsort_desc_stable as argsort_desc, py_cpu_nms
 
@@ -380,8 +380,8 @@ def test_inactive_recorder_gets_a_cheap_record():
 
 
 def test_runs_through_the_cli(tmp_path):
-    pytest.importorskip("readonly_ohem.net")
-    pytest.importorskip("readonly_ohem.runner")
+    pytest.importorskip("readonly_ohem.caffe.net")
+    pytest.importorskip("readonly_ohem.commands.run")
     from readonly_ohem.cli import main
 
     names = ["cls_prob_readonly", "bbox_pred_readonly", "rois", "labels", "bbox_targets",

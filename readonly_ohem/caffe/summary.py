@@ -1,0 +1,140 @@
+"""``readonly-ohem net``: the layer table Caffe prints at start-up, without running the net.
+
+For each layer: name, type, bottoms -> tops with their shapes, learnable params with shapes,
+shared names (and the owner) and the effective lr/decay mults (after Caffe's adoption of a
+sharer's mults); then totals (learnable values, shared counted once; memory for the data blobs,
+counted per top as Caffe's "Memory required for data").
+
+Data layers (Python ones included) are not built or run: their tops take the ``--shape`` given
+(``BLOB=d0,d1,...``), as do net inputs when given. Params are created on the meta device (no
+memory, no fill) unless ``--weights`` asks to load a .caffemodel.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Mapping
+
+from readonly_ohem.errors import DataError, SpecError
+
+
+def _dims(shape) -> str:
+    """Caffe's "Top shape: 1 3 224 224 (150528)" form; a 0-d blob is "scalar (1)"."""
+    return (" ".join(str(d) for d in shape) or "scalar") + f" ({math.prod(shape)})"
+
+
+def summarize(net) -> dict:
+    """The full summary of a built ``Net`` (what the table shows): ``{"name", "phase",
+    "layers": [...], "blobs": {name: dims}}``; ``json_summary`` keeps the documented keys."""
+    layers = []
+    unique = net.learnable_params()
+    for rec in net.layers:
+        params = []
+        for j, pid in enumerate(rec.param_ids):
+            info = net.param_info(pid)
+            lp = unique[pid]
+            params.append({
+                "name": info.name or str(j),  # Caffe's display name: the param name, else its index
+                "shape": list(info.shape),
+                "lr_mult": lp.lr_mult,
+                "decay_mult": lp.decay_mult,
+                "shared": bool(info.name) and len(info.users) > 1,
+                "owner": info.owner,
+            })
+        layers.append({
+            "name": rec.name,
+            "type": rec.type,
+            "bottoms": list(rec.bottoms),
+            "tops": list(rec.tops),
+            "top_shapes": [list(s) for s in rec.top_shapes],
+            "inplace": [t for t, ip in zip(rec.tops, rec.inplace) if ip],
+            "loss_weights": {t: w for t, w in zip(rec.tops, rec.loss_weights) if w},
+            "params": params,
+        })
+    return {"name": net.net_name, "phase": net.phase, "layers": layers,
+            "blobs": {k: list(v) for k, v in net.blob_shapes.items()}}
+
+
+def json_summary(summary: dict) -> dict:
+    """The ``--json`` form, exactly the documented keys: ``{"layers": [{"name", "type", "bottoms",
+    "tops", "params": [{"name", "shape", "lr_mult", "decay_mult"}]}], "blobs": {name: dims}}``."""
+    param_keys = ("name", "shape", "lr_mult", "decay_mult")
+    layers = [{"name": layer["name"], "type": layer["type"], "bottoms": layer["bottoms"],
+               "tops": layer["tops"],
+               "params": [{k: p[k] for k in param_keys} for p in layer["params"]]}
+              for layer in summary["layers"]]
+    return {"layers": layers, "blobs": summary["blobs"]}
+
+
+def format_table(net, summary: dict) -> str:
+    lines = [f'Net "{summary["name"]}" ({net.source}, phase {summary["phase"]})']
+    shapes_now: dict[str, tuple] = {}
+    data_memory = 0
+    for i, (rec, layer) in enumerate(zip(net.layers, summary["layers"])):
+        lines.append(f"[{i:3d}] {rec.name} ({rec.type})")
+        bottoms = ", ".join(rec.bottoms) if rec.bottoms else "(none)"
+        lines.append(f"      bottoms: {bottoms}")
+        for t, s, ip, w in zip(rec.tops, rec.top_shapes, rec.inplace, rec.loss_weights):
+            note = " [in-place]" if ip else ""
+            if w:
+                note += f" [loss weight {w:g}]"
+            lines.append(f"      top {t}: {_dims(s)}{note}")
+            data_memory += 4 * math.prod(s)
+            shapes_now[t] = s
+        for j, p in enumerate(layer["params"]):
+            shared = ""
+            if p["shared"]:
+                shared = f" shared '{p['name']}'" + (f" (owner {p['owner']})"
+                                                      if p["owner"] != rec.name else " (owner)")
+            lines.append(f"      param {j}: {_dims(tuple(p['shape']))} lr_mult {p['lr_mult']:g} "
+                         f"decay_mult {p['decay_mult']:g}{shared}")
+    unique = net.learnable_params()
+    n_values = sum(math.prod(net.param_info(k).shape) for k in range(len(unique)))
+    trainable = sum(math.prod(net.param_info(k).shape) for k, q in enumerate(unique)
+                    if q.lr_mult != 0)
+    lines.append(f"Totals: {len(net.layers)} layers, {len(net.blob_shapes)} blobs; "
+                 f"{n_values:,} learnable values in {len(unique)} param blobs (shared counted "
+                 f"once; {trainable:,} with lr_mult != 0, {4 * n_values / 2**20:.1f} MiB)")
+    lines.append(f"Memory required for data: {data_memory:,} bytes "
+                 f"({data_memory / 2**20:.1f} MiB, float32, every top counted as Caffe does)")
+    if net.loss_weights:
+        lines.append("Losses: " + ", ".join(f"{t} x {w:g}" for t, w in net.loss_weights.items()))
+    return "\n".join(lines)
+
+
+def net_command(prototxt, phase: str = "TRAIN", shapes: Mapping | None = None, weights=None,
+                json_path=None, allow_python_import: bool = False) -> int:
+    """Print the layer table of ``prototxt``; ``--json FILE|-`` also writes it as JSON."""
+    from readonly_ohem.caffe.net import Net
+
+    shapes = {k: tuple(v) for k, v in dict(shapes or {}).items()}
+    net = Net.from_file(prototxt, phase=phase, input_shapes=shapes,
+                        allow_python_import=allow_python_import, build_data_layers=False,
+                        materialize=bool(weights))
+    sources = {t for r in net.layers if r.is_source for t in r.tops}
+    unknown = sorted(set(shapes) - sources)
+    if unknown:
+        raise SpecError(f"{prototxt}: --shape names {', '.join(map(repr, unknown))}, which "
+                        "is not a net input or data-layer top "
+                        f"(those are: {', '.join(sorted(sources)) or 'none'})")
+    report = net.load_caffemodel(weights) if weights else None
+    summary = summarize(net)
+    to_stdout = json_path == "-"
+    if not to_stdout:
+        print(format_table(net, summary))
+    if report is not None:  # with --json -, stdout holds the JSON alone
+        print(str(report), file=sys.stderr if to_stdout else sys.stdout)
+    if json_path:
+        text = json.dumps(json_summary(summary), indent=1)
+        if to_stdout:
+            sys.stdout.write(text + "\n")
+        else:
+            try:
+                Path(json_path).write_text(text + "\n")
+            except OSError as e:
+                raise DataError(f"{json_path}: cannot write the JSON summary "
+                                f"({e.strerror or e})") from None
+    return 0

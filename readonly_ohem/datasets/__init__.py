@@ -1,0 +1,1 @@
+"""Datasets: the imdb protocol, the factory ``get_imdb`` by name, PASCAL VOC, VOC evaluation."""

@@ -1,0 +1,58 @@
+"""Selective-search proposals for any VOC-format dataset, with OpenCV's contrib implementation.
+
+``readonly-ohem proposals VOC_YEAR_DIR --imageset trainval --out FILE.mat [--mode fast|quality]``
+writes the Fast R-CNN ``.mat`` layout (``boxes`` cell, rows [y1 x1 y2 x2] 1-based, image-set
+order), which ``get_imdb(..., proposals=FILE.mat)`` reads. Needs the optional extra
+``opencv-contrib-python-headless`` (``pip install readonly-ohem[proposals]``). OpenCV's version
+is not the MATLAB code Fast R-CNN used, so its boxes (and the resulting mAP) differ somewhat.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from readonly_ohem.roi_data.blob import load_image_bgr
+from readonly_ohem.datasets.proposals import save_proposals_mat
+from readonly_ohem.errors import DataError
+
+
+def _segmentation(mode: str):
+    try:
+        import cv2
+        ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+    except (ImportError, AttributeError):
+        raise DataError("selective search needs OpenCV's contrib modules: "
+                        "pip install opencv-contrib-python-headless") from None
+    return ss
+
+
+def selective_search_boxes(im_bgr: np.ndarray, mode: str = "fast", ss=None) -> np.ndarray:
+    """(K, 4) float64 [x1 y1 x2 y2] 0-based inclusive boxes of one (H, W, 3) uint8 BGR image."""
+    ss = ss or _segmentation(mode)
+    ss.setBaseImage(np.ascontiguousarray(im_bgr))
+    ss.switchToSelectiveSearchFast() if mode == "fast" else ss.switchToSelectiveSearchQuality()
+    rects = np.asarray(ss.process(), dtype=np.float64).reshape(-1, 4)  # x, y, w, h
+    return np.stack([rects[:, 0], rects[:, 1], rects[:, 0] + rects[:, 2] - 1,
+                     rects[:, 1] + rects[:, 3] - 1], axis=1)
+
+
+def proposals_command(voc_dir, imageset: str = "trainval", out: str = "proposals.mat",
+                      mode: str = "fast") -> int:
+    """Compute proposals for ``VOC<year>/ImageSets/Main/<imageset>.txt`` and save them as ``out``."""
+    voc = Path(voc_dir)
+    set_file = voc / "ImageSets" / "Main" / f"{imageset}.txt"
+    try:
+        ids = [ln.split()[0] for ln in set_file.read_text().splitlines() if ln.strip()]
+    except FileNotFoundError:
+        raise DataError(f"{set_file}: image set file not found") from None
+    ss = _segmentation(mode)
+    boxes = []
+    for k, i in enumerate(ids):
+        boxes.append(selective_search_boxes(load_image_bgr(voc / "JPEGImages" / f"{i}.jpg"), mode, ss))
+        if (k + 1) % 50 == 0 or k + 1 == len(ids):
+            print(f"selective search: {k + 1}/{len(ids)} images", flush=True)
+    save_proposals_mat(out, boxes)
+    print(f"wrote {out} ({len(ids)} images, {np.mean([b.shape[0] for b in boxes]):.0f} boxes per image)")
+    return 0
