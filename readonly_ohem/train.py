@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from readonly_ohem import distributed
+from readonly_ohem import python_layers  # noqa: F401  (registers RoIDataLayer, OHEMDataLayer)
 from readonly_ohem.atomic import atomic_write
 from readonly_ohem.errors import ConfigError
 from readonly_ohem.progress import Progress, _clock

@@ -108,6 +108,7 @@ def format_table(net, summary: dict) -> str:
 def net_command(prototxt, phase: str = "TRAIN", shapes: Mapping | None = None, weights=None,
                 json_path=None, allow_python_import: bool = False) -> int:
     """Print the layer table of ``prototxt``; ``--json FILE|-`` also writes it as JSON."""
+    from readonly_ohem import python_layers  # noqa: F401  (moves to commands/net.py)
     from readonly_ohem.caffe.net import Net
 
     shapes = {k: tuple(v) for k, v in dict(shapes or {}).items()}

@@ -39,6 +39,7 @@ import torch
 
 from readonly_ohem.roi_data.layer import MinibatchPlanner
 from readonly_ohem.errors import ConfigError
+from readonly_ohem import python_layers  # noqa: F401  (registers RoIDataLayer, OHEMDataLayer)
 
 _PACKAGE = Path(__file__).resolve().parents[1]
 # the repository's prototxt/ (editable install, checkout), or a copy packaged inside the package

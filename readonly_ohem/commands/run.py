@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from readonly_ohem.errors import DataError, SpecError
+from readonly_ohem import python_layers  # noqa: F401  (registers RoIDataLayer, OHEMDataLayer)
 
 _BATCH_KEY = re.compile(r"^batch(\d+)/(.+)$")
 

@@ -27,6 +27,7 @@ import torch
 
 from readonly_ohem.roi_data.blob import im_list_to_blob, load_image_bgr, prep_im_for_blob
 from readonly_ohem.errors import DataError
+from readonly_ohem import python_layers  # noqa: F401  (registers RoIDataLayer, OHEMDataLayer)
 from readonly_ohem.ops.boxes import bbox_transform_inv, clip_boxes
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from readonly_ohem.errors import ConfigError, DataError
+from readonly_ohem import python_layers  # noqa: F401  (registers RoIDataLayer, OHEMDataLayer)
 
 # the OHEM experiment settings (reference_cfgs/fast_rcnn_ohem.yml), applied before --cfg/--set
 OHEM_KEYS = dict(USE_OHEM=True, BG_THRESH_LO=0.0, IMS_PER_BATCH=1, BATCH_SIZE=64, ASPECT_GROUPING=False)

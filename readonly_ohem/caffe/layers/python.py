@@ -1,8 +1,11 @@
 """Caffe's ``Python`` layer type, resolved through our own registry (``PYTHON_LAYERS``).
 
 A spec names ``python_param { module layer param_str }``. We look ``(module, layer)`` up in
-``PYTHON_LAYERS`` (our own classes, e.g. ``("roi_data_layer.layer", "OHEMDataLayer")``), loading
-our built-in providers on first need. A spec never makes us import code it names, unless the
+``PYTHON_LAYERS``, which the application fills when its modules are imported (``register_python``;
+e.g. ``("roi_data_layer.layer", "OHEMDataLayer")``): the engine itself names no application
+module. An unregistered pair gets an error naming the installed package that provides it, read
+from the ``readonly_ohem.python_layers`` entry-point group of the installed distributions'
+metadata (nothing is imported for that). A spec never makes us import code it names, unless the
 user opts in (``allow_python_import=True`` / ``--allow-python-import``): then the module is
 imported and its Caffe-style class (``setup``/``reshape``/``forward``/``backward`` on numpy
 blobs) is wrapped as a layer.
@@ -14,6 +17,7 @@ blobs) is wrapped as a layer.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import sys
 import types
 from typing import Any
@@ -25,8 +29,9 @@ import yaml
 from readonly_ohem.errors import SpecError
 from readonly_ohem.caffe.layers.base import PYTHON_LAYERS, Layer, LayerContext, register
 
-# Modules of this package that register Python layers; imported lazily (they may import us).
-BUILTIN_PROVIDERS = ("readonly_ohem.ohem.layer", "readonly_ohem.roi_data.layer")
+# Entry-point group in which installed packages declare the Python layers they provide, as
+# ``"<module>.<layer>" = "<provider module>:<class>"``; read only to name the provider in an error.
+PROVIDER_GROUP = "readonly_ohem.python_layers"
 
 
 def parse_param_str(param) -> dict:
@@ -47,15 +52,17 @@ def parse_param_str(param) -> dict:
     return value
 
 
-def _load_builtin_providers() -> None:
-    for name in BUILTIN_PROVIDERS:
-        if name in sys.modules:
-            continue
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as e:  # a provider not written yet: tolerated
-            if e.name is None or not name.startswith(e.name):
-                raise
+def provider_of(module: str, layer: str) -> str | None:
+    """``"<provider module> (<distribution>)"`` for an installed package that declares this Python
+    layer in the ``readonly_ohem.python_layers`` entry-point group; None when none does."""
+    try:
+        for ep in importlib.metadata.entry_points(group=PROVIDER_GROUP):
+            if ep.name == f"{module}.{layer}":
+                dist = getattr(ep.dist, "name", None)
+                return ep.module + (f" (package {dist})" if dist else "")
+    except Exception:  # broken metadata must not hide the real error
+        return None
+    return None
 
 
 def resolve(param, allow_import: bool = False):
@@ -65,16 +72,17 @@ def resolve(param, allow_import: bool = False):
     if not pp.module or not pp.layer:
         raise SpecError(f"layer {param.name!r}: a Python layer needs python_param.module and "
                         "python_param.layer")
-    if key not in PYTHON_LAYERS:
-        _load_builtin_providers()
     if key in PYTHON_LAYERS:
         return PYTHON_LAYERS[key]
     if allow_import:
         return _import_user_class(pp.module, pp.layer, param.name)
     known = ", ".join(f"{m}.{n}" for m, n in sorted(PYTHON_LAYERS)) or "none"
+    provider = provider_of(pp.module, pp.layer)
+    hint = (f"; it is provided by {provider}: import that module before building the net (the "
+            "readonly-ohem commands do)" if provider else "")
     raise SpecError(
         f"layer {param.name!r}: Python layer {pp.module}.{pp.layer} is not registered; "
-        f"registered: {known} (pass allow_python_import=True / --allow-python-import to "
+        f"registered: {known}{hint} (pass allow_python_import=True / --allow-python-import to "
         "import it)")
 
 

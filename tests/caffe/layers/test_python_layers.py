@@ -154,3 +154,19 @@ def test_blob_shim_has_caffe_accessors():
     assert (b.num, b.channels, b.height, b.width, b.count) == (2, 3, 4, 5, 120)
     b.reshape(7, 2)
     assert b.shape == (7, 2) and b.diff.shape == (7, 2)
+
+
+def test_unregistered_application_layer_names_its_provider(monkeypatch):
+    from readonly_ohem.caffe.layers.python import provider_of
+
+    if provider_of("roi_data_layer.layer", "OHEMDataLayer") is None:
+        pytest.skip("readonly-ohem's package metadata is not installed (entry points)")
+    monkeypatch.delitem(PYTHON_LAYERS, ("roi_data_layer.layer", "OHEMDataLayer"), raising=False)
+    p = layer_param('name: "hard" type: "Python" python_param { module: "roi_data_layer.layer" '
+                    'layer: "OHEMDataLayer" param_str: "\'num_classes\': 21" }')
+    with pytest.raises(SpecError) as e:
+        build_python_layer(p, LayerContext())
+    msg = str(e.value)
+    assert msg.startswith("layer 'hard': Python layer roi_data_layer.layer.OHEMDataLayer is not "
+                          "registered")
+    assert "provided by readonly_ohem.ohem.layer (package readonly-ohem)" in msg
