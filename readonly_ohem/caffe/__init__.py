@@ -11,4 +11,7 @@ modules ``errors`` and ``atomic`` (a test in the suite holds this).
 - ``layers``   one module per Caffe layer family, in a registry keyed by type name
 - ``solver``   Caffe's SGD, lr policies
 - ``summary``  the layer table Caffe prints at start-up
+- ``precision`` ``use_caffe_float32()``: TF32 off, called by the entry points that run nets
 """
+
+from readonly_ohem.caffe.precision import use_caffe_float32  # noqa: F401
