@@ -127,7 +127,8 @@ class Solver:
     ``solver_param``: a ``caffe_pb2.SolverParameter`` (``readonly_ohem.caffe.spec.read_solver``);
     ``source``: the solver file (for messages and for resolving the net path);
     ``reducer``: for data-parallel training, an object with ``reduce_grads(tensors)`` (average in
-    place across processes) and ``all_true(flag) -> bool`` (the application's data-parallel module provides one).
+    place across processes) and ``all_true(flag) -> bool``; the application's data-parallel
+    code provides one.
     """
 
     def __init__(self, solver_param, net, source: str | os.PathLike | None = None,
