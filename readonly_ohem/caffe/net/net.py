@@ -71,8 +71,9 @@ class Net(nn.Module):
         self.ctx = LayerContext(phase=self.phase, cfg=cfg, net_name=spec.name, extras=extras)
         self.force_backward = bool(spec.force_backward)
         self.register_buffer("_device_probe", torch.empty(0), persistent=False)
-        built = NetBuilder(self.source, self.ctx, input_shapes, seed, build_data_layers,
-                           materialize).build(spec)
+        built = NetBuilder(self.source, self.ctx, input_shapes=input_shapes, seed=seed,
+                           build_data_layers=build_data_layers,
+                           materialize=materialize).build(spec)
         self._modules_list = nn.ModuleList(built.modules)
         self._params = nn.ParameterList(built.params)
         self._param_info: list[ParamInfo] = built.param_info
