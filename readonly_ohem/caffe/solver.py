@@ -7,7 +7,7 @@ One iteration (``Solver.step``), in Caffe's order (``Solver::Step`` + ``SGDSolve
 
 1. ``iter_size`` forward/backward passes; param diffs (``.grad``) accumulate; the reported loss is
    the mean over the passes of the weighted total loss.
-2. (data-parallel only) the diffs are averaged across processes (``readonly_ohem.distributed``).
+2. (data-parallel only) the diffs are averaged across processes (the application's ``reducer``).
 3. ``clip_gradients`` (if ≥ 0): when the global L2 norm of all diffs exceeds it, every diff is
    scaled by ``clip / norm`` — before the ``iter_size`` normalization, as Caffe does.
 4. per param: ``g = diff / iter_size``; ``g += weight_decay·decay_mult·w`` (L2) or
@@ -29,6 +29,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from readonly_ohem.caffe.net import Net
+from readonly_ohem.caffe.spec import read_solver, solver_net_path
 from readonly_ohem.errors import OhemError, SpecError, WeightsError
 
 LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
@@ -107,15 +109,11 @@ def net_path(param, source: str | os.PathLike | None = None) -> Path:
     """The solver's ``train_net`` (or ``net``) file: relative to the working directory first (as
     Caffe, whose original experiments run from the repository root), then to the solver file's
     directory, so a solver next to its net works from anywhere (``spec.solver_net_path``)."""
-    from readonly_ohem.caffe.spec import solver_net_path
-
     return solver_net_path(param, source if source is not None else "solver.prototxt")
 
 
 def build_net(param, source: str | os.PathLike | None = None, **net_kwargs):
     """The solver's train net: from ``train_net_param``/``net_param`` inline, else from the file."""
-    from readonly_ohem.caffe.net import Net
-
     net_kwargs.setdefault("phase", "TRAIN")
     for field in ("train_net_param", "net_param"):
         if param.HasField(field):
@@ -129,7 +127,8 @@ class Solver:
     ``solver_param``: a ``caffe_pb2.SolverParameter`` (``readonly_ohem.caffe.spec.read_solver``);
     ``source``: the solver file (for messages and for resolving the net path);
     ``reducer``: for data-parallel training, an object with ``reduce_grads(tensors)`` (average in
-    place across processes) and ``all_true(flag) -> bool`` (see ``readonly_ohem.distributed``).
+    place across processes) and ``all_true(flag) -> bool``; the application's data-parallel
+    code provides one.
     """
 
     def __init__(self, solver_param, net, source: str | os.PathLike | None = None,
@@ -152,8 +151,6 @@ class Solver:
     @classmethod
     def from_file(cls, path: str | os.PathLike, net=None, **kw) -> "Solver":
         """Read a solver.prototxt and build its train net (``**kw`` go to the Net: cfg, extras...)."""
-        from readonly_ohem.caffe.spec import read_solver
-
         param = read_solver(str(path))
         if net is None:
             net = build_net(param, path, **{k: v for k, v in kw.items() if k != "reducer"})

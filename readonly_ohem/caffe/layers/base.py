@@ -43,7 +43,7 @@ class LayerContext:
     """What a layer may know beyond its own parameters."""
 
     phase: str = "TRAIN"  # "TRAIN" or "TEST": Caffe's phase of the whole net
-    cfg: Any = None  # readonly_ohem.config.Config, for Python layers that read the original keys
+    cfg: Any = None  # the application's config, for its Python layers; the engine never reads it
     net_name: str = ""
     extras: dict = field(default_factory=dict)  # e.g. a selection recorder for OHEMDataLayer
 

@@ -1,10 +1,10 @@
-"""Caffe's common (non-vision, non-loss) layers with Caffe's exact semantics.
+"""Caffe's common layers (plumbing, InnerProduct, Softmax, Eltwise, Scale/Bias, BatchNorm)
+with Caffe's exact semantics.
 
-Each class reads its Caffe parameter message (``relu_param``, ``inner_product_param``, ...) and
+Each class reads its Caffe parameter message (``inner_product_param``, ``eltwise_param``, ...) and
 computes what Caffe's CPU/GPU code computes, quirks included (see ``../shared/SPEC.md`` §3):
-ReLU/PReLU pass the negative slope at exactly 0, Eltwise MAX gives a 0-vs-1 tie to bottom 1,
-Dropout follows the Fast R-CNN fork's ``scale_train``, BatchNorm keeps Caffe's three blobs
-(mean·s, var·s, s) that no solver may update.
+Eltwise MAX gives a 0-vs-1 tie to bottom 1, BatchNorm keeps Caffe's three blobs (mean·s, var·s,
+s) that no solver may update. The element-wise neurons live in ``neuron``.
 
 Gradients come from autograd; where Caffe's backward is not the exact derivative of its
 forward (none here) a custom ``Function`` would be used instead.
@@ -12,7 +12,6 @@ forward (none here) a custom ``Function`` would be used instead.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
@@ -20,31 +19,16 @@ import torch
 import torch.nn.functional as F
 
 from readonly_ohem.caffe.layers.base import Layer, ParamBlob, register
+from readonly_ohem.caffe.layers.util import broadcast, canonical_axis, constant_filler
 from readonly_ohem.caffe.proto import caffe_pb2
-
-
-def canonical_axis(layer: Layer, axis: int, num_axes: int, what: str = "axis") -> int:
-    """Caffe's ``Blob::CanonicalAxisIndex``: -num_axes <= axis < num_axes, negatives wrap."""
-    if not -num_axes <= axis < num_axes:
-        raise layer.error(f"{what} {axis} out of range for a blob with {num_axes} axes")
-    return axis + num_axes if axis < 0 else axis
 
 
 def _count(shape: Sequence[int], start: int = 0, end: int | None = None) -> int:
     return int(np.prod(shape[start:end], dtype=np.int64))
 
 
-def _constant_filler(value: float):
-    return caffe_pb2.FillerParameter(type="constant", value=value)
-
-
 def _filler_or_none(msg, field: str):
     return getattr(msg, field) if msg.HasField(field) else None
-
-
-def _broadcast(t: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
-    """View ``t`` (shape = x.shape[axis:axis + t.dim()]) so it broadcasts against an ndim blob."""
-    return t.reshape((1,) * axis + tuple(t.shape) + (1,) * (ndim - axis - t.dim()))
 
 
 # -- inputs and plumbing ----------------------------------------------------------------------
@@ -278,113 +262,6 @@ class Reshape(Layer):
         return [self._shape(tuple(bottom_shapes[0]))]
 
 
-# -- element-wise neurons ---------------------------------------------------------------------
-
-
-class _Neuron(Layer):
-    """One bottom, one top of the same shape."""
-
-    min_bottoms = max_bottoms = 1
-    min_tops = max_tops = 1
-
-    def top_shapes(self, bottom_shapes):
-        return [tuple(bottom_shapes[0])]
-
-
-@register("ReLU")
-class ReLU(_Neuron):
-    """max(x, 0) + negative_slope·min(x, 0); the gradient at exactly 0 is the negative slope."""
-
-    def forward(self, bottoms, params):
-        x, slope = bottoms[0], float(self.param.relu_param.negative_slope)
-        return [torch.relu(x) if slope == 0 else torch.where(x > 0, x, x * slope)]
-
-
-@register("PReLU")
-class PReLU(_Neuron):
-    """ReLU with a learned slope per channel (axis 1), or one shared: blob (C,) or () (Caffe)."""
-
-    def __init__(self, param, ctx):
-        super().__init__(param, ctx)
-        self.shared = bool(param.prelu_param.channel_shared)
-
-    def param_blobs(self, bottom_shapes):
-        shape = tuple(bottom_shapes[0])
-        if len(shape) < 2:
-            raise self.error("number of axes of bottom blob must be >= 2")
-        p = self.param.prelu_param
-        filler = p.filler if p.HasField("filler") else _constant_filler(0.25)
-        return [ParamBlob(() if self.shared else (shape[1],), filler)]
-
-    def forward(self, bottoms, params):
-        x, slope = bottoms[0], params[0]
-        if x.dim() < 2:
-            raise self.error("number of axes of bottom blob must be >= 2")
-        want = 1 if self.shared else x.shape[1]
-        if slope.numel() != want:
-            raise self.error(f"negative slope has {slope.numel()} values, expected {want}")
-        slope = slope.reshape(()) if self.shared else _broadcast(slope.reshape(-1), 1, x.dim())
-        return [torch.where(x > 0, x, x * slope)]
-
-
-@register("Sigmoid")
-class Sigmoid(_Neuron):
-    def forward(self, bottoms, params):
-        return [torch.sigmoid(bottoms[0])]
-
-
-@register("TanH")
-class TanH(_Neuron):
-    def forward(self, bottoms, params):
-        return [torch.tanh(bottoms[0])]
-
-
-@register("Power")
-class Power(_Neuron):
-    """(shift + scale·x)^power; a constant (zero gradient) when scale or power is 0."""
-
-    def forward(self, bottoms, params):
-        p, x = self.param.power_param, bottoms[0]
-        power, scale, shift = float(p.power), float(p.scale), float(p.shift)
-        if scale == 0 or power == 0:
-            value = 1.0 if power == 0 else math.pow(shift, power)
-            return [torch.full_like(x, value)]
-        y = x
-        if scale != 1:
-            y = y * scale
-        if shift != 0:
-            y = y + shift
-        if power != 1:
-            y = y.pow(power)
-        return [y if y is not x else x.view_as(x)]
-
-
-@register("Dropout")
-class Dropout(_Neuron):
-    """TRAIN: x·mask/(1−p), mask ~ Bernoulli(1−p); TEST: identity.
-
-    The Fast R-CNN fork's ``scale_train: false``: TRAIN x·mask, TEST x·(1−p). Caffe's phase is
-    the net's (``ctx.phase``), not ``self.training``. The factors are Caffe's float32 values.
-    """
-
-    def __init__(self, param, ctx):
-        super().__init__(param, ctx)
-        p = param.dropout_param
-        self.ratio = float(np.float32(p.dropout_ratio))
-        if not 0.0 <= self.ratio < 1.0:
-            raise self.error(f"dropout_ratio {p.dropout_ratio} must be in [0, 1)")
-        self.scale = float(np.float32(1.0 / (1.0 - self.ratio)))  # Caffe's Dtype scale_
-        self.test_factor = float(np.float32(1.0 / self.scale))  # caffe_scal(1. / scale_)
-        self.scale_train = bool(p.scale_train)
-
-    def forward(self, bottoms, params):
-        x = bottoms[0]
-        if self.ctx.phase == "TRAIN":
-            mask = torch.empty_like(x).bernoulli_(1.0 - self.ratio)
-            return [x * mask * self.scale if self.scale_train else x * mask]
-        return [x.view_as(x) if self.scale_train else x * self.test_factor]
-
-
 # -- learned / structured ---------------------------------------------------------------------
 
 
@@ -534,7 +411,7 @@ class Scale(Layer):
         p, x = self.param.scale_param, tuple(bottom_shapes[0])
         blobs = []
         if len(bottom_shapes) == 1:
-            filler = p.filler if p.HasField("filler") else _constant_filler(1.0)
+            filler = p.filler if p.HasField("filler") else constant_filler(1.0)
             blobs.append(ParamBlob(_param_shape(self, x, p.axis, p.num_axes), filler))
         if p.bias_term:
             num_axes = len(bottom_shapes[1]) if len(bottom_shapes) == 2 else p.num_axes
@@ -544,10 +421,10 @@ class Scale(Layer):
     def forward(self, bottoms, params):
         p, x = self.param.scale_param, bottoms[0]
         s = bottoms[1] if len(bottoms) == 2 else params[0]
-        y = x * _broadcast(s, _affine_axis(self, p.axis, x.shape, s.shape), x.dim())
+        y = x * broadcast(s, _affine_axis(self, p.axis, x.shape, s.shape), x.dim())
         if p.bias_term:
             b = params[-1]
-            y = y + _broadcast(b, _affine_axis(self, p.axis, x.shape, b.shape), x.dim())
+            y = y + broadcast(b, _affine_axis(self, p.axis, x.shape, b.shape), x.dim())
         return [y]
 
     def top_shapes(self, bottom_shapes):
@@ -571,7 +448,7 @@ class Bias(Layer):
     def forward(self, bottoms, params):
         x = bottoms[0]
         b = bottoms[1] if len(bottoms) == 2 else params[0]
-        return [x + _broadcast(b, _affine_axis(self, self.param.bias_param.axis, x.shape,
+        return [x + broadcast(b, _affine_axis(self, self.param.bias_param.axis, x.shape,
                                                b.shape), x.dim())]
 
     def top_shapes(self, bottom_shapes):

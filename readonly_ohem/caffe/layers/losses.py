@@ -16,7 +16,7 @@ import torch
 
 from readonly_ohem.errors import DataError
 from readonly_ohem.caffe.layers.base import Layer, register
-from readonly_ohem.caffe.layers.common import canonical_axis
+from readonly_ohem.caffe.layers.util import canonical_axis
 from readonly_ohem.caffe.proto import caffe_pb2
 
 FLT_MIN = float(np.finfo(np.float32).tiny)  # 1.17549435e-38, Caffe's clamp before log

@@ -1,3 +1,9 @@
-"""``Net``: a Caffe network as a PyTorch module (see ``net.net`` for the semantics)."""
+"""``Net``: a Caffe network as a PyTorch module, by stage.
 
-from readonly_ohem.caffe.net.net import LayerRecord, LearnableParam, Net  # noqa: F401
+- ``build``     the graph from the parsed spec: blobs, in-place tops, shapes, params and sharing
+- ``backward``  Caffe's need-backward analysis (``Net::Init`` with ``InsertSplits``)
+- ``net``       ``Net``: parse → build → plan backward; forward, backward, diffs, .caffemodel io
+"""
+
+from readonly_ohem.caffe.net.build import LayerRecord, LearnableParam  # noqa: F401
+from readonly_ohem.caffe.net.net import Net  # noqa: F401

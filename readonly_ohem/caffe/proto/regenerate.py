@@ -1,7 +1,7 @@
 """Regenerate ``caffe_pb2.py`` from ``caffe.proto``: ``python -m readonly_ohem.caffe.proto.regenerate``.
 
 Needs ``grpcio-tools`` (it bundles ``protoc``): ``pip install grpcio-tools``. The generated module
-is checked in, so users never need protoc; ``tests/test_proto.py`` proves it matches the schema.
+is checked in, so users never need protoc; ``tests/caffe/test_proto.py`` proves it matches the schema.
 """
 
 from __future__ import annotations
