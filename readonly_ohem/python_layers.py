@@ -5,7 +5,7 @@
 unmodified. The Caffe engine names no application module; entry points that build nets from
 specs (the commands, ``train``) import this module, and so does a script that builds such a net.
 A package adding Python layers imports its module here and declares it in ``pyproject.toml``'s
-``readonly_ohem.python_layers`` entry points (which the engine's error message reads).
+``readonly_ohem.caffe.python_layers`` entry points (which the engine's error message reads).
 """
 
 from readonly_ohem.ohem import layer as ohem_layer  # noqa: F401  (registers OHEMDataLayer)

@@ -4,7 +4,7 @@ A spec names ``python_param { module layer param_str }``. We look ``(module, lay
 ``PYTHON_LAYERS``, which the application fills when its modules are imported (``register_python``;
 e.g. ``("roi_data_layer.layer", "OHEMDataLayer")``): the engine itself names no application
 module. An unregistered pair gets an error naming the installed package that provides it, read
-from the ``readonly_ohem.python_layers`` entry-point group of the installed distributions'
+from the ``readonly_ohem.caffe.python_layers`` entry-point group of the installed distributions'
 metadata (nothing is imported for that). A spec never makes us import code it names, unless the
 user opts in (``allow_python_import=True`` / ``--allow-python-import``): then the module is
 imported and its Caffe-style class (``setup``/``reshape``/``forward``/``backward`` on numpy
@@ -31,7 +31,7 @@ from readonly_ohem.caffe.layers.base import PYTHON_LAYERS, Layer, LayerContext, 
 
 # Entry-point group in which installed packages declare the Python layers they provide, as
 # ``"<module>.<layer>" = "<provider module>:<class>"``; read only to name the provider in an error.
-PROVIDER_GROUP = "readonly_ohem.python_layers"
+PROVIDER_GROUP = "readonly_ohem.caffe.python_layers"
 
 
 def parse_param_str(param) -> dict:
@@ -54,7 +54,7 @@ def parse_param_str(param) -> dict:
 
 def provider_of(module: str, layer: str) -> str | None:
     """``"<provider module> (<distribution>)"`` for an installed package that declares this Python
-    layer in the ``readonly_ohem.python_layers`` entry-point group; None when none does."""
+    layer in the ``readonly_ohem.caffe.python_layers`` entry-point group; None when none does."""
     try:
         for ep in importlib.metadata.entry_points(group=PROVIDER_GROUP):
             if ep.name == f"{module}.{layer}":
