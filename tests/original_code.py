@@ -1,7 +1,10 @@
-"""Transcriptions of the original py-faster-rcnn code that several tests compare against.
+"""Transcriptions of the original py-faster-rcnn / OHEM code that several tests (and
+``scripts/bench_mining.py``) compare against: ``py_cpu_nms``, and the OHEMDataLayer's
+``ohem_loss``, ``select_hard_examples``, ``get_ohem_minibatch``.
 
-Kept line for line (only made parametrizable where tests need a deterministic variant), so a
-test's reference is the original algorithm, not a second implementation of ours.
+Kept line for line (only made parametrizable where tests need a deterministic variant, e.g.
+``argsort_desc``), so a test's reference is the original algorithm, not a second implementation
+of ours. There is one copy of each: tests and benchmarks import it.
 """
 
 import numpy as np
