@@ -1,5 +1,6 @@
 """Benchmark: our OHEMDataLayer vs the original algorithm as released (per-RoI Python loops and
-py-faster-rcnn's pure-numpy NMS, re-typed below), on realistic readonly-head outputs.
+py-faster-rcnn's pure-numpy NMS, transcribed once in tests/original_code.py), on realistic
+readonly-head outputs.
 
 Cases: 1 image x 2000 RoIs and 2 images x 2000 RoIs, 21 classes, NMS on and off. Each case
 asserts both keep identical RoIs in identical order, then prints the best of --repeat times. The last line
@@ -11,7 +12,9 @@ is the time ratio of the NMS-on, 2-image case: ``speedup X.X``.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,74 +26,19 @@ from readonly_ohem.ohem.layer import OHEMDataLayer
 from readonly_ohem.ops.boxes import bbox_overlaps, bbox_transform
 from readonly_ohem.caffe.proto import caffe_pb2
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from original_code import get_ohem_minibatch, ohem_loss  # noqa: E402  (the one transcription)
+
 NUM_CLASSES = 21
-
-
-# -- the original algorithm, as released (roi_data_layer/layer.py + minibatch.py + py_cpu_nms) --
-def py_cpu_nms(dets, thresh):
-    """py-faster-rcnn's pure-numpy NMS (keeps IoU <= thresh, i.e. suppresses IoU > thresh)."""
-    x1, y1, x2, y2, scores = dets[:, 0], dets[:, 1], dets[:, 2], dets[:, 3], dets[:, 4]
-    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
-    order = scores.argsort()[::-1]
-    keep = []
-    while order.size > 0:
-        i = order[0]
-        keep.append(i)
-        xx1 = np.maximum(x1[i], x1[order[1:]])
-        yy1 = np.maximum(y1[i], y1[order[1:]])
-        xx2 = np.minimum(x2[i], x2[order[1:]])
-        yy2 = np.minimum(y2[i], y2[order[1:]])
-        w = np.maximum(0.0, xx2 - xx1 + 1)
-        h = np.maximum(0.0, yy2 - yy1 + 1)
-        inter = w * h
-        ovr = inter / (areas[i] + areas[order[1:]] - inter)
-        inds = np.where(ovr <= thresh)[0]
-        order = order[inds + 1]
-    return keep
 
 
 def reference_ohem(cls_prob, bbox_pred, rois, labels, bbox_targets, bbox_inside_weights,
                    bbox_outside_weights, batch_size, use_nms, nms_thresh):
-    """OHEMDataLayer.forward + get_ohem_minibatch; the loss in float64 (SPEC §5)."""
-    flt_min = np.finfo(float).eps
-    loss = [-1 * np.log(max(float(x), flt_min))
-            for x in [cls_prob[i, int(label)] for i, label in enumerate(labels)]]
-
-    def smoothL1(x):
-        if abs(x) < 1:
-            return 0.5 * x * x
-        else:
-            return abs(x) - 0.5
-
-    bbox_loss = np.zeros(labels.shape[0])
-    for i in np.where(labels > 0)[0]:
-        indices = np.where(bbox_inside_weights[i, :] != 0)[0]
-        d = bbox_inside_weights[i, indices].astype(np.float64) * (
-            bbox_pred[i, indices].astype(np.float64) - bbox_targets[i, indices].astype(np.float64))
-        bbox_loss[i] = sum(bbox_outside_weights[i, indices].astype(np.float64) * [smoothL1(x) for x in d])
-    loss += bbox_loss
-    loss = np.array(loss)
-
-    def select_hard_examples(loss):
-        sorted_indices = np.argsort(loss)[::-1]
-        return sorted_indices[0:np.minimum(len(loss), batch_size)]
-
-    if use_nms:
-        keep_inds = []
-        source_img_ids = np.array([roi[0] for roi in rois])
-        for img_id in np.unique(source_img_ids):
-            for label in np.unique(labels):
-                sel_indx = np.where(np.logical_and(labels == label, source_img_ids == img_id))[0]
-                if not len(sel_indx):
-                    continue
-                boxes = np.concatenate((rois[sel_indx, 1:], loss[sel_indx][:, np.newaxis]),
-                                       axis=1).astype(np.float32)
-                keep_inds.extend(sel_indx[py_cpu_nms(boxes, nms_thresh)])
-        hard_keep_inds = select_hard_examples(loss[keep_inds])
-        hard_inds = np.array(keep_inds)[hard_keep_inds]
-    else:
-        hard_inds = select_hard_examples(loss)
-    return hard_inds
+    """The original OHEMDataLayer.forward: its loss, then get_ohem_minibatch's hard indices, with
+    numpy's argsort as released (SPEC §5)."""
+    loss = ohem_loss(cls_prob, bbox_pred, labels, bbox_targets, bbox_inside_weights,
+                     bbox_outside_weights)
+    return get_ohem_minibatch(loss, rois, labels, batch_size, use_nms, nms_thresh)[0]
 
 
 # -- realistic readonly-head outputs ---------------------------------------------------------

@@ -1,7 +1,10 @@
-"""Transcriptions of the original py-faster-rcnn code that several tests compare against.
+"""Transcriptions of the original py-faster-rcnn / OHEM code that several tests (and
+``scripts/bench_mining.py``) compare against: ``py_cpu_nms``, and the OHEMDataLayer's
+``ohem_loss``, ``select_hard_examples``, ``get_ohem_minibatch``.
 
-Kept line for line (only made parametrizable where tests need a deterministic variant), so a
-test's reference is the original algorithm, not a second implementation of ours.
+Kept line for line (only made parametrizable where tests need a deterministic variant, e.g.
+``argsort_desc``), so a test's reference is the original algorithm, not a second implementation
+of ours. There is one copy of each: tests and benchmarks import it.
 """
 
 import numpy as np
@@ -40,3 +43,76 @@ def py_cpu_nms(dets, thresh, argsort_desc=argsort_desc_numpy):
         inds = np.where(ovr <= thresh)[0]
         order = order[inds + 1]
     return keep
+
+
+# -- the original OHEMDataLayer (roi_data_layer/layer.py + minibatch.py), SPEC §5 ----------------
+def ohem_loss(cls_prob, bbox_pred, labels, bbox_target=None, bbox_inside_weights=None,
+              bbox_outside_weights=None):
+    """``OHEMDataLayer.forward``'s per-RoI loss, float64 (R,): -log(max(p[label], eps)) plus, with
+    TRAIN.BBOX_REG (``bbox_target`` given), the smooth-L1 term of the foreground RoIs.
+
+    The list ``loss`` plus the ndarray ``bbox_loss`` is numpy's elementwise sum (SPEC §5).
+    """
+    flt_min = np.finfo(float).eps
+    # classification loss
+    loss = [-1 * np.log(max(float(x), flt_min))
+            for x in [cls_prob[i, int(label)] for i, label in enumerate(labels)]]
+    if bbox_target is None:
+        return np.array(loss)
+
+    # bounding-box regression loss
+    # d := w * (b0 - b1)
+    # smoothL1(x) = 0.5 * x^2    if |x| < 1
+    #               |x| - 0.5    otherwise
+    def smoothL1(x):
+        if abs(x) < 1:
+            return 0.5 * x * x
+        else:
+            return abs(x) - 0.5
+
+    bbox_loss = np.zeros(labels.shape[0])
+    for i in np.where(labels > 0)[0]:
+        indices = np.where(bbox_inside_weights[i, :] != 0)[0]
+        d = bbox_inside_weights[i, indices].astype(np.float64) * (
+            bbox_pred[i, indices].astype(np.float64) - bbox_target[i, indices].astype(np.float64))
+        bbox_loss[i] = sum(bbox_outside_weights[i, indices].astype(np.float64) * [smoothL1(x) for x in d])
+    loss += bbox_loss
+    return np.array(loss)
+
+
+def select_hard_examples(loss, batch_size, argsort_desc=argsort_desc_numpy):
+    """``minibatch.select_hard_examples``: the hardest min(len(loss), BATCH_SIZE), hardest first."""
+    # Sort and select top hard examples.
+    sorted_indices = argsort_desc(loss)
+    hard_keep_inds = sorted_indices[0:np.minimum(len(loss), batch_size)]
+    return hard_keep_inds
+
+
+def get_ohem_minibatch(loss, rois, labels, batch_size, use_nms, nms_thresh,
+                       argsort_desc=argsort_desc_numpy):
+    """``minibatch.get_ohem_minibatch`` up to the hard indices (the blobs are row gathers of them).
+
+    With TRAIN.OHEM_USE_NMS: for each image id, for each label, NMS over the group's float32
+    boxes with the loss as score; then the hardest survivors. Returns (hard_inds, keep_inds):
+    keep_inds the NMS survivors in the original's (image, label, NMS) order, None without NMS.
+    ``argsort_desc`` is used for both the NMS visiting order and the final ranking.
+    """
+    loss = np.array(loss)
+    keep_inds = None
+    if use_nms:
+        # Do NMS using loss for de-dup and diversity
+        keep_inds = []
+        source_img_ids = np.array([roi[0] for roi in rois])
+        for img_id in np.unique(source_img_ids):
+            for label in np.unique(labels):
+                sel_indx = np.where(np.logical_and(labels == label, source_img_ids == img_id))[0]
+                if not len(sel_indx):
+                    continue
+                boxes = np.concatenate((rois[sel_indx, 1:], loss[sel_indx][:, np.newaxis]),
+                                       axis=1).astype(np.float32)
+                keep_inds.extend(sel_indx[py_cpu_nms(boxes, nms_thresh, argsort_desc)])
+        hard_keep_inds = select_hard_examples(loss[keep_inds], batch_size, argsort_desc)
+        hard_inds = np.array(keep_inds)[hard_keep_inds]
+    else:
+        hard_inds = select_hard_examples(loss, batch_size, argsort_desc)
+    return hard_inds, keep_inds

@@ -2,9 +2,11 @@
 
 Prototxt: ``type: "Python"``, ``python_param { module: "roi_data_layer.layer"
 layer: "OHEMDataLayer" param_str: "'num_classes': 21" }``. Optional ``param_str`` keys of ours:
-``policy`` (``topk`` = the original, ``ratio``, ``neg_pos``, ``topk_threshold``), ``keep_ratio``,
-``neg_pos_ratio``. Settings from the config (``ctx.cfg``, defaults when None), read at every
-forward: TRAIN.BBOX_REG, TRAIN.BATCH_SIZE, TRAIN.OHEM_USE_NMS, TRAIN.OHEM_NMS_THRESH.
+``policy``, the name of a registered mining policy (``ohem.registry``; ``topk``, the default, is
+the original; also ``ratio``, ``neg_pos``, ``topk_threshold``), and the options that policy
+declares (``keep_ratio`` for ``ratio``, ``neg_pos_ratio`` for ``neg_pos``); any other key is an
+error. Settings from the config (``ctx.cfg``, defaults when None), read at every forward:
+TRAIN.BBOX_REG, and for the policy TRAIN.BATCH_SIZE, TRAIN.OHEM_USE_NMS, TRAIN.OHEM_NMS_THRESH.
 
 Bottoms: cls_prob_readonly (R, C), bbox_pred_readonly (R, 4C), rois (R, 5)
 [batch_idx, x1, y1, x2, y2], labels (R,), and with TRAIN.BBOX_REG bbox_targets,
@@ -12,13 +14,18 @@ bbox_inside_weights, bbox_outside_weights (R, 4C). Without BBOX_REG the original
 first four bottoms (more are ignored) and has two tops.
 Tops: rois_hard (B, 5), labels_hard (B,) and with BBOX_REG bbox_targets_hard,
 bbox_inside_weights_hard, bbox_outside_weights_hard (B, 4C): row gathers of the bottoms, hardest
-first, B <= TRAIN.BATCH_SIZE. No gradient goes back (the original's backward is empty).
+first, B <= the policy's ``max_kept(R, cfg)`` (min(R, TRAIN.BATCH_SIZE) for ``topk``). No
+gradient goes back (the original's backward is empty).
+
+Every forward is the same for every policy: the per-RoI loss (``ohem.loss``, float64 (R,)), then
+``policy(loss, labels, MiningContext(rois, C, cfg, options, full))`` (the registry's contract),
+then the row gathers of its ``keep``.
 
 ``layer.recorder`` (None by default; or ``ctx.extras["recorder"]``): a callable that receives a
 ``SelectionRecord`` after each forward. With a recorder attached NMS is decided for every RoI
-(so ``suppressed`` is exact); the kept rows are the same either way. A recorder whose ``active``
-attribute is False (it will not log this call) gets a record with ``suppressed=None`` and costs
-no extra NMS work.
+(``context.full``, so ``suppressed`` is exact); the kept rows are the same either way. A recorder
+whose ``active`` attribute is False (it will not log this call) gets a record with
+``suppressed=None`` from ``topk`` and costs no extra NMS work.
 """
 
 from __future__ import annotations
@@ -30,9 +37,8 @@ from readonly_ohem.errors import DataError
 from readonly_ohem.caffe.layers.base import Layer, register_python
 from readonly_ohem.caffe.layers.python import parse_param_str
 from readonly_ohem.ohem.loss import bbox_loss, cls_loss
-from readonly_ohem.ohem.policies import POLICIES, mine
 from readonly_ohem.ohem.record import SelectionRecord
-from readonly_ohem.ohem.selection import group_ids, nms_survivors, select_hard_rois
+from readonly_ohem.ohem.registry import MINING_POLICIES, MiningContext
 
 BOTTOMS = ("cls_prob_readonly", "bbox_pred_readonly", "rois", "labels", "bbox_targets",
            "bbox_inside_weights", "bbox_outside_weights")
@@ -55,12 +61,15 @@ class OHEMDataLayer(Layer):
                              f"\"'num_classes': 21\"), got {param.python_param.param_str!r}")
         self.num_classes = int(opts.pop("num_classes"))
         self.policy = str(opts.pop("policy", "topk"))
-        if self.policy not in POLICIES:
-            raise self.error(f"param_str policy {self.policy!r} is not one of {sorted(POLICIES)}")
-        self.policy_options = opts  # keep_ratio, neg_pos_ratio
-        unknown = set(opts) - {"keep_ratio", "neg_pos_ratio"}
+        if self.policy not in MINING_POLICIES:
+            raise self.error(f"param_str policy {self.policy!r} is not one of "
+                             f"{sorted(MINING_POLICIES)}")
+        self.mining = MINING_POLICIES[self.policy]
+        unknown = set(opts) - set(self.mining.options)
         if unknown:
-            raise self.error(f"param_str has unknown key(s) {sorted(unknown)}")
+            raise self.error(f"param_str has unknown key(s) {sorted(unknown)} (policy "
+                             f"{self.policy!r} takes {sorted(self.mining.options)})")
+        self.policy_options = {**self.mining.options, **opts}
         self.recorder = ctx.extras.get("recorder") if ctx.extras else None
         self._check_blob_counts()
 
@@ -80,7 +89,7 @@ class OHEMDataLayer(Layer):
 
     def top_shapes(self, bottom_shapes):
         r = bottom_shapes[0][0]
-        b = min(r, int(self.cfg.TRAIN.BATCH_SIZE)) if self.policy == "topk" else r
+        b = self.mining.max_kept(r, self.cfg)
         shapes = [(b, 5), (b,)]
         if self.bbox_reg:
             shapes += [(b,) + tuple(bottom_shapes[4][1:])] * 3
@@ -93,7 +102,6 @@ class OHEMDataLayer(Layer):
             return self._forward(bottoms)
 
     def _forward(self, bottoms):
-        cfg = self.cfg.TRAIN
         cls_prob, bbox_pred, rois, labels_blob = bottoms[:4]
         labels_blob = labels_blob.reshape(-1)
         regs = list(bottoms[4:7]) if self.bbox_reg else []
@@ -106,16 +114,9 @@ class OHEMDataLayer(Layer):
         recorder = self.recorder
         # a recorder may say it will skip this call (``active``): then no full NMS is needed
         full = recorder is not None and bool(getattr(recorder, "active", True))
-        batch_size = int(cfg.BATCH_SIZE)
-        use_nms = bool(cfg.OHEM_USE_NMS)
-        thresh = float(cfg.OHEM_NMS_THRESH)
-        c = cls_prob.shape[1]
-        if self.policy == "topk":
-            sel = select_hard_rois(loss, rois, labels, batch_size, use_nms, thresh,
-                                   num_labels=c, full=full)
-            keep, survived = sel.keep, sel.survived
-        else:
-            keep, survived = self._mine_policy(loss, rois, labels, batch_size, use_nms, thresh, c)
+        context = MiningContext(rois, cls_prob.shape[1], self.cfg, self.policy_options, full)
+        result = self.mining(loss, labels, context)
+        keep = result.keep
 
         tops = [t.index_select(0, keep) for t in [rois, labels_blob] + regs]
         if recorder is not None:
@@ -124,27 +125,10 @@ class OHEMDataLayer(Layer):
             recorder(SelectionRecord(
                 keep=keep, loss_cls=loss_cls, loss_bbox=loss_bbox, loss=loss, labels=labels,
                 image=rois[:, 0].long(), boxes=rois[:, 1:5],
-                suppressed=None if survived is None else ~survived, kept=kept,
-                policy=self.policy, batch_size=batch_size, use_nms=use_nms, nms_thresh=thresh))
+                suppressed=None if result.survived is None else ~result.survived, kept=kept,
+                policy=self.policy, batch_size=context.batch_size, use_nms=context.use_nms,
+                nms_thresh=context.nms_thresh))
         return tops
-
-    def _mine_policy(self, loss, rois, labels, batch_size, use_nms, thresh, c):
-        """Policies other than the original's: NMS (if on) over all RoIs, then the policy."""
-        r = loss.shape[0]
-        survived = torch.ones(r, dtype=torch.bool, device=loss.device)
-        cand = torch.arange(r, device=loss.device)
-        if use_nms and r:
-            surv = nms_survivors(loss, rois[:, 1:5], group_ids(rois[:, 0], labels, c), thresh)
-            survived[:] = False
-            survived[surv] = True
-            cand = torch.nonzero(survived).squeeze(1)
-        options = dict(self.policy_options)
-        if self.policy in ("topk", "topk_threshold"):
-            options["k"] = batch_size
-        if self.policy == "neg_pos":
-            options["image_ids"] = rois[cand, 0]
-        result = mine(loss[cand], labels[cand], self.policy, **options)
-        return cand[result.keep], survived
 
     def _check_inputs(self, cls_prob, bbox_pred, rois, labels_blob, regs) -> torch.Tensor:
         """Shapes and labels; returns labels as long. Errors name the layer and the blob."""

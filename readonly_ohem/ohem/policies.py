@@ -1,10 +1,14 @@
 """The OHEM family: ways to pick (and weigh) hard examples from per-sample losses.
 
-Every policy has the same call, ``policy(loss, labels=None, **options) -> MiningResult``, and
-``mine(loss, labels, policy="topk", ...)`` dispatches by name (``POLICIES``), so a layer or a
-training loop can switch policy by a string. Labels < 0 (-1, -2, ...) mark samples to ignore:
-they are never kept. Ranking is by descending loss, equal losses higher index first (the
-original's ``argsort()[::-1]``, see ``ops.nms.descending_order``).
+These are the pure rankings, free of RoIs and configs: ``ranking(loss, labels=None, **options)
+-> MiningResult``, and ``mine(loss, labels, policy="topk", ...)`` applies one by name
+(``RANKINGS``), so a training loop can switch by a string. The OHEMDataLayer does not call them
+directly: its policies (``ohem.registry``, ``policy(loss, labels, context) -> MiningResult``)
+run NMS among the RoIs first and then one of these on the survivors.
+
+Labels < 0 (-1, -2, ...) mark samples to ignore: they are never kept. Ranking is by descending
+loss, equal losses higher index first (the original's ``argsort()[::-1]``, see
+``ops.nms.descending_order``).
 
 - ``topk``: the hardest ``k`` (OHEM, Shrivastava et al. 2016; the OHEMDataLayer's rule after NMS).
 - ``ratio``: the hardest ``int(n_valid * keep_ratio)`` of the valid samples, averaged (MTCNN).
@@ -14,7 +18,8 @@ original's ``argsort()[::-1]``, see ``ops.nms.descending_order``).
 - ``focal_loss``: not a selection but a re-weighting of every sample, for comparison.
 
 A ``MiningResult`` holds the kept indices (hardest first), a weight per kept sample and the
-normalizer: ``result.reduce(loss)`` is the policy's scalar loss.
+normalizer: ``result.reduce(loss)`` is the policy's scalar loss. A layer policy also fills
+``survived``, each RoI's NMS outcome, for the selection records.
 """
 
 from __future__ import annotations
@@ -30,11 +35,23 @@ from readonly_ohem.ops.nms import descending_order
 
 @dataclass
 class MiningResult:
-    """keep: (K,) long indices, hardest first; weight: (K,) per kept sample; normalizer > 0."""
+    """keep: (K,) long indices, hardest first; weight: (K,) per kept sample; normalizer > 0.
+
+    survived: (R,) bool, each sample's NMS outcome (all True when NMS is off), set by the layer's
+    policies when they decided NMS for every sample; None otherwise (and for the pure rankings).
+    """
 
     keep: torch.Tensor
     weight: torch.Tensor
     normalizer: float
+    survived: torch.Tensor | None = None
+
+    @classmethod
+    def uniform(cls, keep: torch.Tensor, loss: torch.Tensor, normalizer: float,
+                survived: torch.Tensor | None = None) -> MiningResult:
+        """Weight 1 per kept sample, normalizer ``max(normalizer, 1)`` (a mean over ``normalizer``)."""
+        weight = torch.ones(keep.shape[0], dtype=loss.dtype, device=loss.device)
+        return cls(keep, weight, float(max(normalizer, 1)), survived)
 
     def reduce(self, loss: torch.Tensor) -> torch.Tensor:
         """sum(weight * loss[keep]) / normalizer: the policy's loss (differentiable in ``loss``)."""
@@ -55,15 +72,10 @@ def _hardest(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return order[mask[order]]
 
 
-def _result(keep: torch.Tensor, loss: torch.Tensor, normalizer: float) -> MiningResult:
-    weight = torch.ones(keep.shape[0], dtype=loss.dtype, device=loss.device)
-    return MiningResult(keep, weight, float(max(normalizer, 1)))
-
-
 def topk(loss: torch.Tensor, labels: torch.Tensor | None = None, *, k: int) -> MiningResult:
     """The hardest min(k, n_valid) valid samples, averaged (Fast R-CNN's mean over the batch)."""
     keep = _hardest(loss, _valid(loss, labels))[:max(int(k), 0)]
-    return _result(keep, loss, keep.shape[0])
+    return MiningResult.uniform(keep, loss, keep.shape[0])
 
 
 def ratio(loss: torch.Tensor, labels: torch.Tensor | None = None, *,
@@ -73,7 +85,7 @@ def ratio(loss: torch.Tensor, labels: torch.Tensor | None = None, *,
     order = _hardest(loss, _valid(loss, labels))
     n_keep = int(order.shape[0] * keep_ratio)
     keep = order[:n_keep]
-    return _result(keep, loss, n_keep)
+    return MiningResult.uniform(keep, loss, n_keep)
 
 
 def neg_pos(loss: torch.Tensor, labels: torch.Tensor, *, neg_pos_ratio: float = 3.0,
@@ -99,7 +111,7 @@ def neg_pos(loss: torch.Tensor, labels: torch.Tensor, *, neg_pos_ratio: float = 
     chosen[negs[rank < quota[img[negs]]]] = True
     idx = torch.nonzero(chosen).squeeze(1)
     keep = idx[descending_order(loss.detach()[idx])]
-    return _result(keep, loss, int(n_pos.sum()))
+    return MiningResult.uniform(keep, loss, int(n_pos.sum()))
 
 
 def topk_threshold(loss: torch.Tensor, labels: torch.Tensor | None = None, *,
@@ -108,13 +120,13 @@ def topk_threshold(loss: torch.Tensor, labels: torch.Tensor | None = None, *,
     k are valid), averaged."""
     order = _hardest(loss, _valid(loss, labels))
     if order.shape[0] == 0 or k <= 0:
-        return _result(order[:0], loss, 0)
+        return MiningResult.uniform(order[:0], loss, 0)
     kth = loss.detach()[order[min(int(k), order.shape[0]) - 1]]
     keep = order[loss.detach()[order] >= kth]
-    return _result(keep, loss, keep.shape[0])
+    return MiningResult.uniform(keep, loss, keep.shape[0])
 
 
-POLICIES: dict[str, Callable[..., MiningResult]] = {
+RANKINGS: dict[str, Callable[..., MiningResult]] = {
     "topk": topk,
     "ratio": ratio,
     "neg_pos": neg_pos,
@@ -124,11 +136,11 @@ POLICIES: dict[str, Callable[..., MiningResult]] = {
 
 def mine(loss: torch.Tensor, labels: torch.Tensor | None = None, policy: str = "topk",
          **options) -> MiningResult:
-    """Apply the named policy: ``mine(loss, labels, "ratio", keep_ratio=0.7)``."""
+    """Apply the named ranking: ``mine(loss, labels, "ratio", keep_ratio=0.7)``."""
     try:
-        fn = POLICIES[policy]
+        fn = RANKINGS[policy]
     except KeyError:
-        raise ValueError(f"unknown mining policy {policy!r} (one of {sorted(POLICIES)})") from None
+        raise ValueError(f"unknown mining policy {policy!r} (one of {sorted(RANKINGS)})") from None
     return fn(loss, labels, **options)
 
 

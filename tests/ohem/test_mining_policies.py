@@ -1,6 +1,7 @@
-"""The OHEM family on hand-worked examples (ignore labels -1/-2, fewer samples than k), and the
-layer's ``policy`` option."""
+"""The OHEM family on hand-worked examples (ignore labels -1/-2, fewer samples than k), the
+layer's ``policy`` option, and the policy registry (a policy registered here is used by name)."""
 
+import inspect
 import math
 
 import numpy as np
@@ -10,8 +11,10 @@ from google.protobuf import text_format
 
 from readonly_ohem.config import default_config
 from readonly_ohem.caffe.layers.base import LayerContext
+from readonly_ohem.errors import SpecError
 from readonly_ohem.ohem.layer import OHEMDataLayer
 from readonly_ohem.ohem.policies import (
+    MiningResult,
     focal_loss,
     mine,
     neg_pos,
@@ -19,6 +22,8 @@ from readonly_ohem.ohem.policies import (
     topk,
     topk_threshold,
 )
+from readonly_ohem.ohem.registry import MINING_POLICIES, MiningContext, register_policy
+from readonly_ohem.ops.nms import descending_order
 from readonly_ohem.caffe.proto import caffe_pb2
 
 LOSS = torch.tensor([0.1, 0.9, 0.5, 0.9, 0.3], dtype=torch.float64)
@@ -157,3 +162,86 @@ def test_layer_policy_with_nms_mines_among_survivors():
     surv = torch.nonzero(~rec.suppressed).squeeze(1)
     want = surv[mine(rec.loss[surv], rec.labels[surv], "ratio", keep_ratio=0.5).keep]
     assert rec.keep.tolist() == want.tolist() and len(want) == int(len(surv) * 0.5)
+
+
+# -- the registry: one contract, a new policy is one registration ------------------------------
+@pytest.fixture
+def scratch_registry():
+    """The registry as it was after the test (policies registered by the test are removed)."""
+    saved = dict(MINING_POLICIES)
+    yield MINING_POLICIES
+    MINING_POLICIES.clear()
+    MINING_POLICIES.update(saved)
+
+
+def test_a_registered_policy_is_used_by_name(scratch_registry):
+    contexts = []
+
+    @register_policy("above", options={"min_loss": 1.0},
+                     max_kept=lambda r, cfg: min(r, int(cfg.TRAIN.BATCH_SIZE)))
+    def above(loss, labels, context):
+        """The hardest BATCH_SIZE RoIs with loss >= min_loss (no NMS)."""
+        contexts.append(context)
+        order = descending_order(loss)
+        keep = order[loss[order] >= context.options["min_loss"]][:context.batch_size]
+        survived = torch.ones_like(labels, dtype=torch.bool) if context.full else None
+        return MiningResult.uniform(keep, loss, keep.shape[0], survived)
+
+    bottoms = _inputs()
+    layer = _layer("{'num_classes': 21, 'policy': 'above', 'min_loss': 2.5}", BATCH_SIZE=10)
+    shapes = [tuple(b.shape) for b in bottoms]
+    assert layer.top_shapes(shapes)[:2] == [(10, 5), (10,)]
+    records = []
+    layer.recorder = records.append
+    tops = layer.forward(bottoms, [])
+    rec = records[0]
+    order = descending_order(rec.loss)
+    want = order[rec.loss[order] >= 2.5][:10]
+    assert 0 < len(want) and rec.keep.tolist() == want.tolist()
+    assert torch.equal(tops[0], bottoms[2][want]) and torch.equal(tops[1], bottoms[3][want])
+    assert rec.policy == "above" and rec.batch_size == 10 and not rec.suppressed.any()
+    ctx = contexts[0]
+    assert isinstance(ctx, MiningContext) and ctx.full and ctx.num_labels == 21
+    assert ctx.options == {"min_loss": 2.5}
+    assert torch.equal(ctx.image_ids, bottoms[2][:, 0]) and torch.equal(ctx.boxes, bottoms[2][:, 1:5])
+    assert (ctx.batch_size, ctx.use_nms, ctx.nms_thresh) == (10, True, 0.7)
+    # without a recorder: not full, the same rows
+    layer.recorder = None
+    assert torch.equal(layer.forward(bottoms, [])[0], tops[0]) and not contexts[1].full
+    # the declared default, and an undeclared option refused
+    assert _layer("{'num_classes': 21, 'policy': 'above'}").policy_options == {"min_loss": 1.0}
+    with pytest.raises(SpecError, match=r"unknown key\(s\) \['keep_ratio'\].*'above'"):
+        _layer("{'num_classes': 21, 'policy': 'above', 'keep_ratio': 0.5}")
+    # an unknown policy names the registered ones, this one included
+    with pytest.raises(SpecError, match=r"policy 'nope' is not one of \['above', "):
+        _layer("{'num_classes': 21, 'policy': 'nope'}")
+    with pytest.raises(ValueError, match="already registered"):
+        register_policy("above")(above)
+
+
+def test_the_registry_keeps_no_test_policy():
+    assert "above" not in MINING_POLICIES
+    assert {"topk", "ratio", "neg_pos", "topk_threshold"} <= set(MINING_POLICIES)
+
+
+def test_declared_options_are_the_rankings_defaults():
+    for name, fn in (("ratio", ratio), ("neg_pos", neg_pos)):
+        declared = MINING_POLICIES[name].options
+        params = inspect.signature(fn).parameters
+        assert declared and all(params[k].default == v for k, v in declared.items())
+    assert MINING_POLICIES["topk"].options == {} == MINING_POLICIES["topk_threshold"].options
+    with pytest.raises(SpecError, match=r"unknown key\(s\) \['neg_pos_ratio'\]"):
+        _layer("{'num_classes': 21, 'policy': 'ratio', 'neg_pos_ratio': 2}")
+    with pytest.raises(SpecError, match=r"unknown key\(s\) \['keep_ratio'\]"):
+        _layer("{'num_classes': 21, 'keep_ratio': 0.5}")  # topk, the original, takes none
+
+
+def test_max_kept_bounds_the_top_shapes():
+    cfg = default_config()
+    cfg.set_key("TRAIN.BATCH_SIZE", 64)
+    assert MINING_POLICIES["topk"].max_kept(300, cfg) == 64
+    assert MINING_POLICIES["topk"].max_kept(10, cfg) == 10
+    for name in ("ratio", "neg_pos", "topk_threshold"):
+        assert MINING_POLICIES[name].max_kept(300, cfg) == 300
+        layer = _layer(f"{{'num_classes': 21, 'policy': '{name}'}}", BATCH_SIZE=10)
+        assert layer.top_shapes([tuple(b.shape) for b in _inputs()])[0] == (60, 5)

@@ -15,55 +15,19 @@ from readonly_ohem.ohem.loss import bbox_loss, cls_loss
 from readonly_ohem.ops.boxes import bbox_overlaps
 from readonly_ohem.caffe.proto import caffe_pb2
 
-from original_code import argsort_desc_stable as argsort_desc, py_cpu_nms
+from original_code import argsort_desc_stable as argsort_desc, get_ohem_minibatch
+from original_code import ohem_loss as ref_loss
 
 C = 21
 
 
-# -- the reference: the original OHEMDataLayer.forward + get_ohem_minibatch, line for line -------
-def ref_nms(dets, thresh):
-    return py_cpu_nms(dets, np.float32(thresh), argsort_desc)
-
-
-def ref_loss(cls_prob, bbox_pred, labels, bbox_targets=None, inside=None, outside=None):
-    flt_min = np.finfo(float).eps
-    loss = [-1 * np.log(max(float(x), flt_min))
-            for x in [cls_prob[i, int(label)] for i, label in enumerate(labels)]]
-    if bbox_targets is None:
-        return np.array(loss)
-
-    def smoothL1(x):
-        if abs(x) < 1:
-            return 0.5 * x * x
-        else:
-            return abs(x) - 0.5
-
-    bbox = np.zeros(labels.shape[0])
-    for i in np.where(labels > 0)[0]:
-        idx = np.where(inside[i, :] != 0)[0]
-        d = inside[i, idx].astype(np.float64) * (bbox_pred[i, idx].astype(np.float64)
-                                                 - bbox_targets[i, idx].astype(np.float64))
-        bbox[i] = sum(outside[i, idx].astype(np.float64) * [smoothL1(x) for x in d])
-    loss += bbox
-    return np.array(loss)
-
-
+# -- the reference: the original OHEMDataLayer (tests/original_code.py), ties made deterministic --
 def ref_select(loss, rois, labels, batch_size, use_nms, thresh):
-    def select_hard_examples(loss):
-        return argsort_desc(loss)[0:np.minimum(len(loss), batch_size)]
-
-    if not use_nms:
-        return select_hard_examples(loss), None
-    keep_inds = []
-    img_ids = rois[:, 0]
-    for img_id in np.unique(img_ids):
-        for label in np.unique(labels):
-            sel = np.where(np.logical_and(labels == label, img_ids == img_id))[0]
-            if not len(sel):
-                continue
-            boxes = np.concatenate((rois[sel, 1:], loss[sel][:, np.newaxis]), axis=1).astype(np.float32)
-            keep_inds.extend(sel[ref_nms(boxes, thresh)])
-    hard = np.array(keep_inds, dtype=np.int64)[select_hard_examples(loss[keep_inds])]
+    """(hard indices, sorted NMS survivors or None) of the original, with a stable argsort."""
+    hard, keep_inds = get_ohem_minibatch(loss, rois, labels, batch_size, use_nms,
+                                         np.float32(thresh), argsort_desc)
+    if keep_inds is None:
+        return hard, None
     return hard, np.array(sorted(keep_inds), dtype=np.int64)
 
 
@@ -432,14 +396,8 @@ def test_label_block_loss_equals_the_general_loss_bit_for_bit():
     general = loss_mod._general_loss(torch.zeros(lab.shape[0], dtype=torch.float64),
                                      torch.nonzero(lab > 0).squeeze(1), *t[1:])
     assert torch.equal(fast, general)
-    # the original's bbox term, line for line (ref_loss without the classification part)
-    want = np.zeros(labels.shape[0])
-    for i in np.where(labels > 0)[0]:
-        idx = np.where(inside[i, :] != 0)[0]
-        d = inside[i, idx].astype(np.float64) * (pred[i, idx].astype(np.float64)
-                                                 - targets[i, idx].astype(np.float64))
-        want[i] = sum(outside[i, idx].astype(np.float64)
-                      * [0.5 * x * x if abs(x) < 1 else abs(x) - 0.5 for x in d])
+    # the original's bbox term: its loss with p[label] = 1 (a classification term of -0.0)
+    want = ref_loss(np.ones_like(prob), pred, labels, targets, inside, outside)
     assert np.array_equal(fast.numpy(), want) and np.isfinite(want).all()
 
 
