@@ -1,7 +1,10 @@
 """PASCAL VOC average precision, exactly as the original devkit Python (``datasets/voc_eval.py``).
 
 Detections are the devkit's result-file rows ``(image_id, score, x1, y1, x2, y2)`` with 1-based
-boxes; ground truth is the XML annotation (1-based boxes, ``difficult`` flags). Rules (SPEC §6):
+boxes; ground truth is the XML annotation (1-based boxes, ``difficult`` flags), read by
+``parse_voc_xml`` (the devkit's ``parse_rec``; ``pascal_voc`` reads its training gt with it too).
+``evaluate_detections(imdb, ...)`` is the whole evaluation of an imdb (write, read back, AP).
+Rules (SPEC §6):
 
 * a detection matches the ground-truth box of its image with the highest IoU (+1 pixel widths);
   it is a true positive when that IoU is > ``ovthresh`` (strict) and the box is not yet taken;

@@ -121,3 +121,15 @@ def test_order_rules(setup):
     cfg.TRAIN.ASPECT_GROUPING = False
     q = MinibatchPlanner(roidb, cfg)
     assert (q.perm == np.random.RandomState(cfg.RNG_SEED).permutation(len(roidb))).all()
+
+
+def test_state_dict_is_nn_modules_and_data_order_is_explicit(setup):
+    cfg, roidb = setup
+    layer = make_layer(cfg)
+    assert layer.data_order_state() == {}  # before set_roidb
+    layer.set_roidb(roidb)
+    assert isinstance(layer.state_dict(), dict) and len(layer.state_dict()) == 0  # no persistent buffers
+    st = layer.data_order_state()
+    assert set(st) == {"perm", "cur", "rng"} and st == MinibatchPlanner(roidb, cfg).data_order_state()
+    layer.load_data_order_state({})  # an empty state changes nothing
+    assert layer.data_order_state() == st
