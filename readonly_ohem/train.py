@@ -172,8 +172,8 @@ class Trainer:
 
     def state(self) -> dict:
         """This process's resumable state (weights as trained, not un-normalized)."""
-        data_states = [layer.state_dict() for layer in find_data_layers(self.net)
-                       if hasattr(layer, "state_dict")]
+        data_states = [layer.data_order_state() for layer in find_data_layers(self.net)
+                       if hasattr(layer, "data_order_state")]
         return {
             "format": "readonly-ohem train state 1",
             "iter": self.solver.iter,
@@ -232,9 +232,9 @@ class Trainer:
                 raise ConfigError(f"--resume {path}: written by {len(ranks or [0])} process(es), "
                                   f"resumed with {self.ctx.world_size}")
             own = ranks[self.ctx.rank]
-        layers = [layer for layer in find_data_layers(self.net) if hasattr(layer, "load_state_dict")]
+        layers = [layer for layer in find_data_layers(self.net) if hasattr(layer, "load_data_order_state")]
         for layer, s in zip(layers, own["data"]):
-            layer.load_state_dict(s)
+            layer.load_data_order_state(s)
         set_rng_state(own["rng"])
 
     # the loop -----------------------------------------------------------------------------------

@@ -1,1 +1,9 @@
-"""Datasets: the imdb protocol, the factory ``get_imdb`` by name, PASCAL VOC, VOC evaluation."""
+"""Datasets: the imdb protocol (``imdb.py``), the factory ``get_imdb`` by name, PASCAL VOC, VOC evaluation.
+
+Importing the package registers the built-in dataset families (``voc_<year>_<image_set>``).
+"""
+
+from readonly_ohem.datasets.factory import get_imdb, register_dataset, registered_datasets
+from readonly_ohem.datasets import pascal_voc  # noqa: F401  (registers voc_<year>_<image_set>)
+
+__all__ = ["get_imdb", "register_dataset", "registered_datasets"]

@@ -1,9 +1,16 @@
 """Disk cache of an imdb's roidb (gt + proposals, before flipping): npz + json, never pickle.
 
-Stored under ``cache_dir`` (default ``~/.cache/readonly_ohem``, ``$READONLY_OHEM_CACHE``), one
-file pair per imdb and devkit path. Keyed by a hash of everything the roidb depends on: the imdb name and classes, ``use_diff``, the
-proposals min size, the image-set file, every annotation and image file (mtime, size) and the
-proposals file (mtime, size), plus a format version. A stale or unreadable cache is ignored.
+Stored under ``imdb.cache_dir`` (None: ``$READONLY_OHEM_CACHE`` or ``~/.cache/readonly_ohem``;
+False: no cache), one file pair ``<name>_<tag>_roidb.{npz,json}`` per imdb, ``tag`` a hash of the
+imdb's own description (so two datasets of one name do not share a file). Keyed through the imdb
+protocol only: ``imdb.cache_inputs()`` gives ``(description, files)``, a JSON-able description of
+everything the roidb depends on besides files (name, classes, options, where the data is) and
+the files whose (mtime, size) matter; the key hashes both with a format version. A stale or
+unreadable cache is ignored.
+
+The npz holds the entries concatenated: ``boxes`` (R, 4) float64, ``gt_classes`` (R,) int32 and
+the stacked ``gt_overlaps`` as csr arrays (``overlaps_data``, ``overlaps_indices``,
+``overlaps_indptr``); the json the key, the rows per image and the (width, height) per image.
 """
 
 from __future__ import annotations
@@ -14,10 +21,9 @@ import os
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse
 
-from readonly_ohem.datasets.proposals import MIN_SIZE
-
-VERSION = 1
+VERSION = 2
 
 
 def _stat(p) -> list:
@@ -28,15 +34,18 @@ def _stat(p) -> list:
         return [None, None]
 
 
+def _description_json(imdb) -> str:
+    description, _ = imdb.cache_inputs()
+    return json.dumps(dict(version=VERSION, description=description), sort_keys=True)
+
+
 def cache_key(imdb) -> str:
-    h = hashlib.sha1()
-    head = dict(version=VERSION, name=imdb.name, classes=list(imdb.classes), use_diff=imdb.use_diff,
-                min_size=MIN_SIZE, set_file=[str(imdb.image_set_file), *_stat(imdb.image_set_file)],
-                proposals=[str(imdb.proposals_path), *_stat(imdb.proposals_path)] if imdb.proposals_path else None)
-    h.update(json.dumps(head, sort_keys=True).encode())
-    for i in range(imdb.num_images):
-        h.update(json.dumps([imdb.image_index[i], *_stat(imdb.annotation_path_at(i)),
-                             *_stat(imdb.image_path_at(i))]).encode())
+    """sha1 of the format version, ``imdb.cache_inputs()``'s description and its files' (path,
+    mtime, size)."""
+    _, files = imdb.cache_inputs()
+    h = hashlib.sha1(_description_json(imdb).encode())
+    for f in files:
+        h.update(json.dumps([str(f), *_stat(f)]).encode())
     return h.hexdigest()
 
 
@@ -50,15 +59,13 @@ def _paths(imdb):
     if imdb.cache_dir is False:
         return None, None
     d = Path(imdb.cache_dir) if imdb.cache_dir else default_cache_dir()
-    tag = hashlib.sha1(str(Path(imdb.devkit_path).resolve()).encode()).hexdigest()[:10]
+    tag = hashlib.sha1(_description_json(imdb).encode()).hexdigest()[:10]
     stem = f"{imdb.name}_{tag}_roidb"
     return d / f"{stem}.npz", d / f"{stem}.json"
 
 
 def load(imdb):
     """The cached roidb of ``imdb`` if the key matches, else None."""
-    from readonly_ohem.roi_data.roidb import overlaps_matrix
-
     npz_path, json_path = _paths(imdb)
     if npz_path is None or not npz_path.is_file() or not json_path.is_file():
         return None
@@ -67,7 +74,8 @@ def load(imdb):
         if meta.get("key") != cache_key(imdb):
             return None
         with np.load(npz_path, allow_pickle=False) as z:
-            boxes, gt_classes, ov, cls = z["boxes"], z["gt_classes"], z["overlaps"], z["classes"]
+            boxes, gt_classes = z["boxes"], z["gt_classes"]
+            data, indices, indptr = z["overlaps_data"], z["overlaps_indices"], z["overlaps_indptr"]
         counts = np.asarray(meta["counts"], dtype=np.int64)
     except (OSError, ValueError, KeyError):
         return None
@@ -75,9 +83,12 @@ def load(imdb):
     roidb = []
     for i in range(imdb.num_images):
         a, b = starts[i], starts[i + 1]
+        p, q = indptr[a], indptr[b]
+        overlaps = scipy.sparse.csr_matrix((data[p:q].copy(), indices[p:q].copy(), indptr[a:b + 1] - p),
+                                           shape=(int(b - a), imdb.num_classes))
         roidb.append(dict(boxes=boxes[a:b].copy(), gt_classes=gt_classes[a:b].copy(),
-                          gt_overlaps=overlaps_matrix(cls[a:b], ov[a:b], imdb.num_classes),
-                          flipped=False, image=imdb.image_path_at(i), image_id=imdb.image_index[i],
+                          gt_overlaps=overlaps, flipped=False, image=imdb.image_path_at(i),
+                          image_id=imdb.image_index[i],
                           width=int(meta["sizes"][i][0]), height=int(meta["sizes"][i][1])))
     return roidb
 
@@ -87,16 +98,14 @@ def save(imdb, roidb) -> None:
     npz_path, json_path = _paths(imdb)
     if npz_path is None:
         return
-    dense = [e["gt_overlaps"].toarray() for e in roidb]
+    overlaps = scipy.sparse.vstack([e["gt_overlaps"] for e in roidb], format="csr", dtype=np.float32)
     try:
         npz_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = npz_path.with_suffix(".tmp.npz")
         np.savez(tmp, boxes=np.concatenate([e["boxes"] for e in roidb]).reshape(-1, 4),
                  gt_classes=np.concatenate([e["gt_classes"] for e in roidb]).astype(np.int32),
-                 overlaps=np.concatenate([d.max(axis=1) if d.shape[0] else np.zeros(0, np.float32)
-                                          for d in dense]).astype(np.float32),
-                 classes=np.concatenate([d.argmax(axis=1) if d.shape[0] else np.zeros(0, np.int64)
-                                         for d in dense]).astype(np.int64))
+                 overlaps_data=overlaps.data, overlaps_indices=overlaps.indices,
+                 overlaps_indptr=overlaps.indptr)
         os.replace(tmp, npz_path)
         json_path.write_text(json.dumps(dict(key=cache_key(imdb), name=imdb.name,
                                              counts=[int(e["boxes"].shape[0]) for e in roidb],

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import scipy.io
 
 from readonly_ohem.errors import DataError
 
@@ -72,8 +73,6 @@ def _as_box_array(a, path, what) -> np.ndarray:
 
 def read_mat_boxes(path: str | Path) -> list[np.ndarray]:
     """The raw ``boxes`` cell of a Fast R-CNN proposals ``.mat``: per image (K, 4) [y1 x1 y2 x2] 1-based."""
-    import scipy.io
-
     path = Path(path)
     try:
         mat = scipy.io.loadmat(str(path))
@@ -146,8 +145,6 @@ def _read_keyed(path: Path) -> dict:
 
 def save_proposals_mat(path: str | Path, boxes_per_image: Sequence[np.ndarray]) -> None:
     """Write 0-based [x1 y1 x2 y2] boxes in the Fast R-CNN ``.mat`` layout ([y1 x1 y2 x2] 1-based)."""
-    import scipy.io
-
     cell = np.empty((1, len(boxes_per_image)), dtype=object)
     for i, b in enumerate(boxes_per_image):
         b = np.asarray(b, dtype=np.float64).reshape(-1, 4)

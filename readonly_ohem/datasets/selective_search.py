@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from readonly_ohem.roi_data.blob import load_image_bgr
+from readonly_ohem.datasets.image import load_image_bgr
 from readonly_ohem.datasets.proposals import save_proposals_mat
 from readonly_ohem.errors import DataError
 

@@ -1,7 +1,10 @@
 """PASCAL VOC average precision, exactly as the original devkit Python (``datasets/voc_eval.py``).
 
 Detections are the devkit's result-file rows ``(image_id, score, x1, y1, x2, y2)`` with 1-based
-boxes; ground truth is the XML annotation (1-based boxes, ``difficult`` flags). Rules (SPEC §6):
+boxes; ground truth is the XML annotation (1-based boxes, ``difficult`` flags), read by
+``parse_voc_xml`` (the devkit's ``parse_rec``; ``pascal_voc`` reads its training gt with it too).
+``evaluate_detections(imdb, ...)`` is the whole evaluation of an imdb (write, read back, AP).
+Rules (SPEC §6):
 
 * a detection matches the ground-truth box of its image with the highest IoU (+1 pixel widths);
   it is a true positive when that IoU is > ``ovthresh`` (strict) and the box is not yet taken;
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +36,50 @@ VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "
                "sofa", "train", "tvmonitor")
 
 RESULT_LINE = "{:s} {:.3f} {:.1f} {:.1f} {:.1f} {:.1f}\n"  # id, score, x1+1, y1+1, x2+1, y2+1
+
+
+# -- annotations ---------------------------------------------------------------------------------
+def _num(text: str | None, path, what):
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: {what} is {text!r}, not a number") from None
+    return int(v) if v.is_integer() else v
+
+
+def parse_voc_xml(path: str | Path) -> list[dict]:
+    """Objects of one VOC annotation file, in file order.
+
+    Returns ``[{name, bbox: (xmin, ymin, xmax, ymax) as in the XML (1-based), difficult: bool,
+    truncated: bool}]``; ``name`` lower-cased and stripped as the original. A missing
+    ``difficult``/``truncated`` tag counts as 0 (VOC2012 omits some).
+    """
+    path = Path(path)
+    try:
+        root = ET.parse(path).getroot()
+    except FileNotFoundError:
+        raise DataError(f"{path}: annotation file not found") from None
+    except ET.ParseError as e:
+        raise DataError(f"{path}: malformed XML ({e})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read annotation ({e.strerror})") from None
+    objs = []
+    for k, obj in enumerate(root.iter("object")):
+        name = obj.findtext("name")
+        box = obj.find("bndbox")
+        if name is None or box is None:
+            raise DataError(f"{path}: object {k + 1} lacks <name> or <bndbox>")
+        bbox = tuple(_num(box.findtext(t), path, f"object {k + 1} <{t}>")
+                     for t in ("xmin", "ymin", "xmax", "ymax"))
+        if bbox[2] < bbox[0] or bbox[3] < bbox[1]:
+            raise DataError(f"{path}: object {k + 1} ({name.strip()}) has an inverted box {bbox}")
+        objs.append(dict(
+            name=name.lower().strip(),
+            bbox=bbox,
+            difficult=bool(int(_num(obj.findtext("difficult") or "0", path, f"object {k + 1} <difficult>"))),
+            truncated=bool(int(_num(obj.findtext("truncated") or "0", path, f"object {k + 1} <truncated>"))),
+        ))
+    return objs
 
 
 def voc_ap(rec, prec, use_07_metric: bool = True) -> float:
@@ -267,11 +315,39 @@ def load_voc_image_set(voc_dir, imageset: str) -> list:
 
 def load_voc_annotations(voc_dir, imageset: str) -> dict:
     """``{image_id: objects}`` for the ids of ``ImageSets/Main/<imageset>.txt`` of a VOC year dir."""
-    from readonly_ohem.datasets.pascal_voc import parse_voc_xml
-
     voc_dir = Path(voc_dir)
     ids = load_voc_image_set(voc_dir, imageset)
     return {i: parse_voc_xml(voc_dir / "Annotations" / f"{i}.xml") for i in ids}
+
+
+def evaluate_detections(imdb, all_boxes, output_dir) -> dict:
+    """The devkit evaluation of an imdb's detections (``Imdb.evaluate_detections`` of VOC-style
+    datasets: they give ``annotations_at(i)`` and may give ``image_set`` and ``year``).
+
+    Writes ``comp4_det_<image_set>_<class>.txt`` (``test`` without an image set) into
+    ``output_dir`` and evaluates what was written, read back as the original (scores rounded to 3
+    decimals, boxes to 0.1): VOC07 11-point metric for years < 2010 (and without a year), else
+    the area. Not evaluated (``eval`` None) when an annotation is missing. Returns
+    ``{"eval": {"mAP", "per_class", "metric"} or None, "result_files": {class: path},
+    "results_at": str, "report": str}``.
+    """
+    output_dir = Path(output_dir)
+    prefix = f"comp4_det_{getattr(imdb, 'image_set', 'test')}_"
+    paths = write_voc_results(all_boxes, imdb.image_index, imdb.classes, output_dir, prefix)
+    out = {"eval": None, "result_files": paths, "results_at": f"{output_dir}/{prefix}<class>.txt"}
+    try:
+        annotations = {imdb.image_index[i]: imdb.annotations_at(i) for i in range(imdb.num_images)}
+    except DataError as e:
+        return {**out, "report": f"not evaluated (no annotations): {e}"}
+    year = getattr(imdb, "year", None)
+    use_07 = True if year is None else int(year) < 2010
+    classes = [c for c in imdb.classes if c != "__background__"]
+    dets = {c: read_results_file(output_dir / f"{prefix}{c}.txt") for c in classes}
+    result = evaluate_classes(dets, annotations, classes, use_07_metric=use_07,
+                              image_set=list(imdb.image_index))
+    result["metric"] = "voc07" if use_07 else "area"
+    report = f"VOC AP ({'11-point VOC07' if use_07 else 'area'} metric):\n{format_ap_table(result)}"
+    return {**out, "eval": result, "report": report}
 
 
 def eval_command(voc_dir, imageset, dets, metric="voc07", json_path=None):

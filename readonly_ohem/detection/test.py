@@ -6,7 +6,8 @@ from ``cls_prob``, per-class boxes from ``bbox_pred`` by the inverse transform, 
 
 ``test_net``: per class j >= 1 keep scores > ``thresh`` (strict), NMS at ``TEST.NMS`` (suppress
 IoU > 0.3), then at most ``max_per_image`` over all classes (scores >= the max_per_image-th);
-devkit result files (1-based boxes) and the VOC AP table.
+then the dataset's ``evaluate_detections`` (for VOC: devkit result files with 1-based boxes and
+the AP table).
 
 Settings of the original scripts: the Fast R-CNN baseline was tested with ``max_per_image=100,
 thresh=0.05`` (``test_net.py``'s defaults, ours too); the OHEM script
@@ -148,35 +149,14 @@ def detect_classes(scores: np.ndarray, pred_boxes: np.ndarray, num_classes: int,
     return out
 
 
-def _evaluate(imdb, result_dir: Path, prefix: str):
-    """VOC AP of the written result files (read back, as the original: scores rounded to 3
-    decimals, boxes to 0.1), VOC07 metric for years < 2010; None without annotations."""
-    from readonly_ohem.datasets.voc_eval import evaluate_classes, read_results_file
-
-    try:
-        annotations = {imdb.image_index[i]: imdb.annotations_at(i) for i in range(imdb.num_images)}
-    except DataError as e:
-        print(f"not evaluated (no annotations): {e}")
-        return None
-    year = getattr(imdb, "year", None)
-    use_07 = True if year is None else int(year) < 2010
-    classes = [c for c in imdb.classes if c != "__background__"]
-    dets = {c: read_results_file(result_dir / f"{prefix}{c}.txt") for c in classes}
-    result = evaluate_classes(dets, annotations, classes, use_07_metric=use_07,
-                              image_set=list(imdb.image_index))
-    result["metric"] = "voc07" if use_07 else "area"
-    return result
-
-
 def test_net(net, imdb, cfg, max_per_image: int = 100, thresh: float = 0.05,
              output_dir="output", vis: int = 0) -> dict:
-    """Detect on every image of ``imdb``, write the result files, evaluate.
+    """Detect on every image of ``imdb``, then ``imdb.evaluate_detections`` (result files, AP).
 
     Returns ``{"all_boxes": all_boxes[class][image] (N, 5) float32, "result_files": {class: path},
     "images_per_second": float, "eval": {"mAP", "per_class", "metric"} or None}``.
     """
     from readonly_ohem.progress import Progress
-    from readonly_ohem.datasets.voc_eval import format_ap_table, write_voc_results
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -202,16 +182,13 @@ def test_net(net, imdb, cfg, max_per_image: int = 100, thresh: float = 0.05,
                                 output_dir / f"{imdb.image_index[i]}_dets.png", classes=imdb.classes)
             bar.update()
 
-    prefix = f"comp4_det_{getattr(imdb, 'image_set', 'test')}_"
-    paths = write_voc_results(all_boxes, imdb.image_index, imdb.classes, output_dir, prefix)
     rate = num_images / detect_time if detect_time > 0 else 0.0
+    evaluation = imdb.evaluate_detections(all_boxes, output_dir)
     print(f"{num_images} images, {rate:.2f} images/s (detection incl. post-processing); "
-          f"result files: {output_dir}/{prefix}<class>.txt")
-    result = _evaluate(imdb, output_dir, prefix)
-    if result is not None:
-        print(f"VOC AP ({'11-point VOC07' if result['metric'] == 'voc07' else 'area'} metric):")
-        print(format_ap_table(result))
-    return {"all_boxes": all_boxes, "result_files": paths, "images_per_second": rate, "eval": result}
+          f"result files: {evaluation['results_at']}")
+    print(evaluation["report"])
+    return {"all_boxes": all_boxes, "result_files": evaluation["result_files"],
+            "images_per_second": rate, "eval": evaluation["eval"]}
 
 
 def test_command(def_path, net_path, imdb, data=None, proposals=None, cfg=(), set_pairs=(),

@@ -1,4 +1,5 @@
-"""Fast R-CNN data: VOC imdb, proposals, roidb, minibatches, RoIDataLayer, mini-VOC.
+"""Fast R-CNN training data from an imdb: the training roidb, image blobs, minibatches, RoIDataLayer
+(the original ``roi_data_layer``).
 
 Importing this package registers the ``roi_data_layer.layer`` / ``RoIDataLayer`` Python layer.
 """

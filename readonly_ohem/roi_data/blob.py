@@ -18,32 +18,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
-from readonly_ohem.errors import DataError
-
-
-def image_size(path) -> tuple[int, int]:
-    """(width, height) from the file header."""
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read image ({e})") from None
-
-
-def load_image_bgr(path) -> np.ndarray:
-    """(H, W, 3) uint8 BGR, as ``cv2.imread`` (grey and palette images become 3-channel)."""
-    try:
-        with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read image ({e})") from None
-    return rgb[:, :, ::-1]
+# image_size: re-exported for inspect/live.py until it imports readonly_ohem.datasets.image
+from readonly_ohem.datasets.image import image_size, load_image_bgr  # noqa: F401
 
 
 def blob_scale(height: int, width: int, target_size: int, max_size: int) -> float:

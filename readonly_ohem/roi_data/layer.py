@@ -10,8 +10,9 @@ the last images of a pass are skipped, as the original). Every random draw comes
 ``np.random.RandomState(RNG_SEED)`` in the main process, in the original's order (permutation,
 scale index, fg/bg choices), so the order and content are the same with or without prefetch and
 for any number of workers. Prefetch: torch DataLoader workers read and resize the images of the
-already planned minibatches. ``state_dict()`` / ``load_state_dict()`` save and restore the order,
-cursor and random state at the next minibatch to be consumed (for resuming).
+already planned minibatches. ``data_order_state()`` / ``load_data_order_state(state)`` save and
+restore the order, cursor and random state at the next minibatch to be consumed (for resuming;
+JSON-friendly); ``state_dict()`` is nn.Module's.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import collections
 import numpy as np
 import torch
 
-from readonly_ohem.roi_data.minibatch import build_minibatch, plan_minibatch
-from readonly_ohem.errors import DataError
 from readonly_ohem.caffe.layers.base import Layer, register_python
 from readonly_ohem.caffe.layers.python import parse_param_str
+from readonly_ohem.config import default_config
+from readonly_ohem.errors import DataError
+from readonly_ohem.roi_data.minibatch import build_minibatch, plan_minibatch
 
 TOP_NAMES = ("data", "rois", "labels", "bbox_targets", "bbox_inside_weights", "bbox_outside_weights")
 
@@ -64,19 +66,21 @@ class MinibatchPlanner:
         return inds
 
     def next_plan(self) -> dict:
-        state = self.state_dict()
+        state = self.data_order_state()
         inds = self.next_inds()
         plan = plan_minibatch([self.roidb[i] for i in inds], self.cfg, self.rng)
         plan.update(db_inds=inds, state=state)
         return plan
 
-    def state_dict(self) -> dict:
+    def data_order_state(self) -> dict:
+        """``{perm, cur, rng: {name, keys, pos, has_gauss, cached_gaussian}}`` (JSON-friendly)."""
         name, keys, pos, has_gauss, gauss = self.rng.get_state()
         return dict(perm=self.perm.tolist(), cur=int(self.cur),
                     rng=dict(name=name, keys=keys.tolist(), pos=int(pos), has_gauss=int(has_gauss),
                              cached_gaussian=float(gauss)))
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_data_order_state(self, state: dict) -> None:
+        """Continue from a ``data_order_state()`` of a planner over the same roidb."""
         perm = np.asarray(state["perm"], dtype=np.int64)
         if perm.size and (perm.max() >= len(self.roidb) or perm.size != len(self.roidb)):
             raise DataError(f"data layer state is for a roidb of {perm.size} images, this one has "
@@ -125,8 +129,6 @@ class RoIDataLayer(Layer):
 
     def __init__(self, param, ctx):
         super().__init__(param, ctx)
-        from readonly_ohem.config import default_config
-
         self.cfg = ctx.cfg if ctx.cfg is not None else default_config()
         try:
             self.num_classes = int(parse_param_str(param)["num_classes"])
@@ -178,7 +180,7 @@ class RoIDataLayer(Layer):
         """Stop prefetch workers (they restart on the next forward)."""
         if self._loader_iter is not None and self._pending:
             # the planner ran ahead: rewind it to the first plan not yet consumed
-            self.planner.load_state_dict(self._pending[0]["state"])
+            self.planner.load_data_order_state(self._pending[0]["state"])
         self._loader_iter = None
         self._pending.clear()
 
@@ -198,25 +200,23 @@ class RoIDataLayer(Layer):
         return blobs
 
     # -- state for resume ---------------------------------------------------------------------
-    def state_dict(self, *args, **kwargs) -> dict:
-        """Order, cursor and random state at the next minibatch to be consumed (JSON-friendly).
-
-        (Called by a parent module's ``state_dict`` recursion, it behaves as nn.Module's.)"""
-        if args or kwargs:
-            return super().state_dict(*args, **kwargs)
+    def data_order_state(self) -> dict:
+        """Order, cursor and random state at the next minibatch to be consumed (JSON-friendly;
+        ``{}`` before ``set_roidb``)."""
         if self.planner is None:
             return {}
         if self._pending:
             return self._pending[0]["state"]
-        return self.planner.state_dict()
+        return self.planner.data_order_state()
 
-    def load_state_dict(self, state: dict, *args, **kwargs):
+    def load_data_order_state(self, state: dict) -> None:
+        """Continue from a ``data_order_state()`` (an empty one changes nothing)."""
         if not state:
             return
         if self.planner is None:
-            raise DataError(f"layer {self.name!r}: call set_roidb before load_state_dict")
+            raise DataError(f"layer {self.name!r}: call set_roidb before load_data_order_state")
         self.close()
-        self.planner.load_state_dict(state)
+        self.planner.load_data_order_state(state)
 
     # -- layer contract -------------------------------------------------------------------------
     def forward(self, bottoms, params):

@@ -1,5 +1,5 @@
-"""The training roidb as the original builds it (``pascal_voc.selective_search_roidb``,
-``imdb.append_flipped_images``, ``roi_data_layer.roidb``, ``fast_rcnn.train.filter_roidb``).
+"""The training roidb as the original builds it (``imdb.append_flipped_images``,
+``roi_data_layer.roidb``, ``fast_rcnn.train.filter_roidb``) from an imdb's roidb (``datasets/imdb.py``).
 
 Order of ``training_roidb`` (= ``train_net.py``): per imdb part, gt + proposals, flipped copies
 appended, ``prepare_roidb`` (max_overlaps / max_classes); parts concatenated; ``filter_roidb``;
@@ -16,72 +16,11 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import scipy.sparse
 
+# merge_gt_and_proposals: re-exported for inspect/live.py until it imports readonly_ohem.datasets.imdb
+from readonly_ohem.datasets.imdb import merge_gt_and_proposals  # noqa: F401
 from readonly_ohem.errors import DataError
 from readonly_ohem.ops.boxes import bbox_overlaps, bbox_transform
-
-
-def overlaps_matrix(classes: np.ndarray, overlaps: np.ndarray, num_classes: int):
-    """(N, K) csr float32 with ``overlaps[i]`` at column ``classes[i]`` (rows with 0 stay empty)."""
-    classes = np.asarray(classes, dtype=np.int64)
-    overlaps = np.asarray(overlaps, dtype=np.float32)
-    rows = np.nonzero(overlaps > 0)[0]
-    return scipy.sparse.csr_matrix((overlaps[rows], (rows, classes[rows])),
-                                   shape=(classes.shape[0], num_classes), dtype=np.float32)
-
-
-def proposal_overlaps(boxes: np.ndarray, gt_boxes: np.ndarray, gt_classes: np.ndarray):
-    """Best IoU (+1 widths) of each proposal with the gt and that gt's class: ((N,), (N,)).
-
-    The original's ``create_roidb_from_box_list``: argmax takes the first gt on ties; rows with
-    no overlap get class 0.
-    """
-    n = boxes.shape[0]
-    if gt_boxes.shape[0] == 0 or n == 0:
-        return np.zeros(n, np.float32), np.zeros(n, np.int64)
-    ov = bbox_overlaps(boxes.astype(np.float64), gt_boxes.astype(np.float64))
-    argmax = ov.argmax(axis=1)
-    maxes = ov.max(axis=1).astype(np.float32)
-    cls = np.where(maxes > 0, gt_classes[argmax], 0).astype(np.int64)
-    return maxes, cls
-
-
-def merge_gt_and_proposals(gt: dict, proposals: np.ndarray | None, num_classes: int) -> dict:
-    """One imdb roidb entry: gt rows first, then proposals (gt may be None: proposals only)."""
-    if gt is None:
-        gt_boxes, gt_classes = np.zeros((0, 4)), np.zeros(0, np.int32)
-    else:
-        gt_boxes, gt_classes = gt["boxes"], gt["gt_classes"]
-    props = np.zeros((0, 4)) if proposals is None else proposals
-    p_ov, p_cls = proposal_overlaps(props, gt_boxes, gt_classes)
-    boxes = np.vstack([gt_boxes, props]).astype(np.float64)
-    ov = np.concatenate([np.ones(gt_boxes.shape[0], np.float32), p_ov])
-    cls = np.concatenate([gt_classes.astype(np.int64), p_cls])
-    return dict(boxes=boxes,
-                gt_classes=np.concatenate([gt_classes, np.zeros(props.shape[0], np.int32)]).astype(np.int32),
-                gt_overlaps=overlaps_matrix(cls, ov, num_classes),
-                flipped=False)
-
-
-def build_imdb_roidb(imdb) -> list[dict]:
-    """``selective_search_roidb`` for one ``PascalVOC`` (from the disk cache when valid)."""
-    from readonly_ohem.datasets import cache
-
-    cached = cache.load(imdb)
-    if cached is not None:
-        return cached
-    with_gt = imdb.year == "2007" or not imdb.is_test_set()
-    gt = imdb.gt_roidb() if with_gt else [None] * imdb.num_images
-    sizes = imdb.image_sizes
-    roidb = []
-    for i in range(imdb.num_images):
-        e = merge_gt_and_proposals(gt[i], imdb.proposal_boxes(i), imdb.num_classes)
-        e.update(image=imdb.image_path_at(i), image_id=imdb.image_index[i],
-                 width=int(sizes[i, 0]), height=int(sizes[i, 1]))
-        roidb.append(e)
-    cache.save(imdb, roidb)
-    return roidb
 
 
 def flipped_entry(entry: dict) -> dict:
@@ -108,9 +47,8 @@ def prepare_roidb(roidb: list[dict]) -> list[dict]:
 
 def get_training_roidb(imdb, cfg) -> list[dict]:
     """Per part: roidb, flipped copies appended (``TRAIN.USE_FLIPPED``), prepared; parts concatenated."""
-    parts = getattr(imdb, "parts", [imdb])
     out = []
-    for p in parts:
+    for p in imdb.parts:
         r = list(p.roidb)
         if cfg.TRAIN.USE_FLIPPED:
             r = r + [flipped_entry(e) for e in r]

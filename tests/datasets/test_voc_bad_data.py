@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import scipy.io
 
-from readonly_ohem.datasets.pascal_voc import get_imdb, parse_voc_xml
+from readonly_ohem.datasets import get_imdb
+from readonly_ohem.datasets.voc_eval import parse_voc_xml
 from readonly_ohem.datasets.proposals import clean_proposals, load_proposals, save_proposals_mat
 from readonly_ohem.errors import DataError
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from readonly_ohem.config import default_config
-from readonly_ohem.datasets.pascal_voc import get_imdb, parse_voc_xml
+from readonly_ohem.datasets import get_imdb
+from readonly_ohem.datasets.voc_eval import parse_voc_xml
 from readonly_ohem.datasets.proposals import load_proposals, read_mat_boxes
 from readonly_ohem.roi_data.roidb import filter_roidb, get_training_roidb, training_roidb
 

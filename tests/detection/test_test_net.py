@@ -12,6 +12,7 @@ from PIL import Image
 
 from readonly_ohem.detection import test as T
 from readonly_ohem.config import default_config
+from readonly_ohem.datasets import voc_eval
 from readonly_ohem.progress import Progress
 from readonly_ohem.detection.vis import draw_detections
 
@@ -305,6 +306,9 @@ class TinyImdb:
         b = self.boxes[i][0] + 1
         return [dict(name="cat", bbox=tuple(b), difficult=False, truncated=False),
                 dict(name="person", bbox=(1, 1, 30, 30), difficult=True, truncated=False)]
+
+    def evaluate_detections(self, all_boxes, output_dir):  # the imdb protocol's, as PascalVOC's
+        return voc_eval.evaluate_detections(self, all_boxes, output_dir)
 
 
 def test_test_net_writes_devkit_files_pngs_and_evaluates(tmp_path, capsys):

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from readonly_ohem.config import default_config
-from readonly_ohem.roi_data.blob import blob_scale, load_image_bgr, prep_im_for_blob, resize_like_cv2
+from readonly_ohem.datasets.image import load_image_bgr
+from readonly_ohem.roi_data.blob import blob_scale, prep_im_for_blob, resize_like_cv2
 from readonly_ohem.roi_data.minibatch import (bbox_regression_labels, get_allrois_minibatch, plan_minibatch,
                                           sample_rois)
-from readonly_ohem.datasets.pascal_voc import get_imdb
+from readonly_ohem.datasets import get_imdb
 from readonly_ohem.roi_data.roidb import training_roidb
 
 

@@ -9,7 +9,7 @@ from google.protobuf import text_format
 
 from readonly_ohem.config import default_config
 from readonly_ohem.roi_data.layer import MinibatchPlanner, RoIDataLayer
-from readonly_ohem.datasets.pascal_voc import get_imdb
+from readonly_ohem.datasets import get_imdb
 from readonly_ohem.roi_data.roidb import training_roidb
 from readonly_ohem.errors import DataError, SpecError
 from readonly_ohem.caffe.layers.base import PYTHON_LAYERS, LayerContext
@@ -42,7 +42,7 @@ def run(cfg, roidb, n, workers=0, state_at=None):
     outs, state = [], None
     for k in range(n):
         if k == state_at:
-            state = layer.state_dict()
+            state = layer.data_order_state()
         outs.append(layer([], []))
     return layer, outs, state
 
@@ -95,7 +95,7 @@ def test_same_minibatches_with_and_without_workers_and_resume(setup):
         assert all(torch.equal(p, q) for p, q in zip(x, y))
     assert st == st2
     json.dumps(st)  # JSON-friendly
-    layer.load_state_dict(st)  # resume: minibatches 3.. again
+    layer.load_data_order_state(st)  # resume: minibatches 3.. again
     for k in range(3, 8):
         assert all(torch.equal(p, q) for p, q in zip(layer([], []), a[k]))
     layer.close()
@@ -121,3 +121,15 @@ def test_order_rules(setup):
     cfg.TRAIN.ASPECT_GROUPING = False
     q = MinibatchPlanner(roidb, cfg)
     assert (q.perm == np.random.RandomState(cfg.RNG_SEED).permutation(len(roidb))).all()
+
+
+def test_state_dict_is_nn_modules_and_data_order_is_explicit(setup):
+    cfg, roidb = setup
+    layer = make_layer(cfg)
+    assert layer.data_order_state() == {}  # before set_roidb
+    layer.set_roidb(roidb)
+    assert isinstance(layer.state_dict(), dict) and len(layer.state_dict()) == 0  # no persistent buffers
+    st = layer.data_order_state()
+    assert set(st) == {"perm", "cur", "rng"} and st == MinibatchPlanner(roidb, cfg).data_order_state()
+    layer.load_data_order_state({})  # an empty state changes nothing
+    assert layer.data_order_state() == st
