@@ -19,7 +19,6 @@ an empty array) and a class with no non-difficult ground truth gives it NaN (are
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -272,23 +271,3 @@ def load_voc_annotations(voc_dir, imageset: str) -> dict:
     voc_dir = Path(voc_dir)
     ids = load_voc_image_set(voc_dir, imageset)
     return {i: parse_voc_xml(voc_dir / "Annotations" / f"{i}.xml") for i in ids}
-
-
-def eval_command(voc_dir, imageset, dets, metric="voc07", json_path=None):
-    """``readonly-ohem eval``: AP table of the result files in ``dets`` against ``voc_dir``'s XML.
-
-    Classes: the 20 VOC classes (a missing file means no detections, AP 0), then any other class
-    a result file names. ``metric``: ``voc07`` (11-point) or ``area``.
-    """
-    dets_by_class = read_results_dir(dets, imageset)
-    annotations = load_voc_annotations(voc_dir, imageset)
-    classes = list(VOC_CLASSES) + sorted(set(dets_by_class) - set(VOC_CLASSES))
-    result = evaluate_classes(dets_by_class, annotations, classes, use_07_metric=(metric == "voc07"),
-                              image_set=load_voc_image_set(voc_dir, imageset))
-    missing = [c for c in VOC_CLASSES if c not in dets_by_class]
-    if missing:
-        print(f"no result file (AP 0) for: {', '.join(missing)}")
-    print(format_ap_table(result))
-    if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=1) + "\n")
-    return 0
