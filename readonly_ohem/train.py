@@ -11,7 +11,8 @@ Snapshots (every ``TRAIN.SNAPSHOT_ITERS`` and at the end), in the output directo
 
 - ``{snapshot_prefix}[_{SNAPSHOT_INFIX}]_iter_{n}.caffemodel``: the net, with ``bbox_pred``
   un-normalized when ``TRAIN.BBOX_REG`` and ``TRAIN.BBOX_NORMALIZE_TARGETS``
-  (W ← W·std, b ← b·std + mean, class-major 4-vectors), restored afterwards, as the original;
+  (W ← W·std, b ← b·std + mean, class-major 4-vectors), restored afterwards, as the original
+  (``unnormalized_bbox_pred``; ``normalize_bbox_pred`` goes back, as ``inspect --def`` does);
 - ``…_iter_{n}.state.pt``: everything ``--resume`` needs (weights as trained, solver history,
   iteration, torch/numpy/python RNG states, the data layer's order and cursor; per process under
   torchrun). Both files are written atomically (a temp file, then ``os.replace``), so a killed
@@ -39,7 +40,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from readonly_ohem import distributed, inspect, pretrained
+from readonly_ohem import distributed, pretrained
+from readonly_ohem import inspect  # the kept-RoI log (readonly_ohem.inspect, not the stdlib's)
 from readonly_ohem import python_layers  # noqa: F401  (registers RoIDataLayer, OHEMDataLayer)
 from readonly_ohem.atomic import atomic_write
 from readonly_ohem.caffe.solver import NonFiniteLossError, Solver, build_net

@@ -14,7 +14,16 @@ pytest.importorskip("readonly_ohem.caffe.net")
 from readonly_ohem.config import default_config  # noqa: E402
 from readonly_ohem.errors import ConfigError  # noqa: E402
 from readonly_ohem.caffe.solver import NonFiniteLossError  # noqa: E402
-from readonly_ohem.train import Trainer, atomic_torch_save, attach_kept_roi_log, build_trainer  # noqa: E402
+from readonly_ohem.train import (  # noqa: E402
+    Trainer,
+    atomic_torch_save,
+    attach_kept_roi_log,
+    build_trainer,
+    find_bbox_pred,
+    normalize_bbox_pred,
+    unnormalize_bbox_pred,
+    unnormalized_bbox_pred,
+)
 from readonly_ohem.caffe.weights import blob_to_array, read_caffemodel  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,6 +122,28 @@ def test_no_unnormalization_when_targets_not_normalized(exp_dir):
     saved = {name: [blob_to_array(bl) for bl in blobs]
              for name, _, blobs in read_caffemodel(exp_dir / "out" / "tiny_iter_2.caffemodel")}
     np.testing.assert_array_equal(saved["bbox_pred"][1], t.net.layer_params("bbox_pred")[1].detach())
+
+
+def test_bbox_pred_normalize_undoes_unnormalize_and_the_context_restores_exactly(exp_dir):
+    t = make(exp_dir)
+    before = [x.detach().clone() for x in t.net.layer_params("bbox_pred")]
+    with unnormalized_bbox_pred(t.net, MEANS, STDS):
+        w, b = (x.detach().clone() for x in t.net.layer_params("bbox_pred"))
+        np.testing.assert_allclose(w.numpy(), before[0].numpy() * STDS[:, None], rtol=1e-6)
+        np.testing.assert_allclose(b.numpy(), before[1].numpy() * STDS + MEANS, rtol=1e-6, atol=1e-7)
+    for x, y in zip(t.net.layer_params("bbox_pred"), before):
+        assert torch.equal(x.detach(), y)  # copied back, bit-exact
+    keep = STDS > 0  # class 0 (background) has std 0: nothing to normalize back
+    stds = np.where(keep, STDS, 1.0)
+    unnormalize_bbox_pred(t.net, MEANS, stds)
+    normalize_bbox_pred(t.net, MEANS, stds)
+    for x, y in zip(t.net.layer_params("bbox_pred"), before):
+        np.testing.assert_allclose(x.detach().numpy(), y.numpy(), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ConfigError, match="bbox_pred has 8 outputs, the target stds 4"):
+        normalize_bbox_pred(t.net, MEANS[:4], STDS[:4])
+    assert find_bbox_pred(t.net) == "bbox_pred"
+    assert find_bbox_pred(t.net, ("bbox_pred_readonly", "cls_score")) == "cls_score"
+    assert find_bbox_pred(t.net, ("relu1",)) is None  # no weight and bias
 
 
 def test_resume_equals_uninterrupted_run(exp_dir):
