@@ -1,20 +1,23 @@
 """readonly-ohem: Caffe-exact Fast R-CNN + Online Hard Example Mining in PyTorch.
 
-The map of the package (spec → graph → layers → OHEM → data → solver → test/eval → inspect → cli):
+Two floors. The Caffe engine, which knows nothing of detection:
 
-- ``config``   the original config keys and defaults, yml merge, ``--set`` parsing
-- ``proto``    our ``caffe.proto`` and its generated module
-- ``spec``     prototxt / binary parsing, V1 upgrade, phase filtering
-- ``net``      the Caffe net as a graph of PyTorch modules
-- ``weights``  ``.caffemodel`` I/O and fillers
-- ``layers``   one module per Caffe layer family, in a registry keyed by type name
-- ``ops``      boxes, NMS, RoI pooling kernels
-- ``ohem``     OHEMDataLayer, mining policies, selection records
-- ``data``     VOC, proposals, roidb, minibatches, RoIDataLayer, mini-VOC
-- ``solver``   Caffe's SGD, lr policies, snapshots; ``train`` the training loop
-- ``test``     im_detect / test_net; ``voc_eval`` the VOC AP
-- ``inspect``  kept-RoI logs, pictures, statistics
-- ``cli``      argument parsing only
+- ``caffe``        spec parsing (``spec``), the net (``net``), layers in registries keyed by
+  Caffe's type (``layers``; ``layers.python``: the Python-layer registry), ``.caffemodel`` I/O
+  (``weights``), SGD (``solver``), the layer table (``summary``)
+- ``ops``          boxes, NMS, RoI pooling: leaves every floor uses
+
+The detection application on top, in pipeline order:
+
+- ``config``       the original config tree and defaults, yml merge, ``--set``
+- ``datasets``     imdbs (``pascal_voc``, the built-in ``minivoc``), proposals, VOC AP (``voc_eval``)
+- ``roi_data``     the training roidb, minibatches, image blobs, ``RoIDataLayer``
+- ``ohem``         ``OHEMDataLayer``, per-RoI loss, selection, mining policies, selection records
+- ``python_layers`` importing it registers the application's Python layers with the engine
+- ``train``        the training sequence and loop (snapshots, resume, DDP via ``distributed``)
+- ``detection``    ``im_detect`` / ``test_net`` (the original ``fast_rcnn/test.py``), drawing
+- ``inspect``      kept-RoI logs, pictures, statistics
+- ``commands``     one module per ``readonly-ohem`` sub-command; ``cli`` parses arguments only
 """
 
 __version__ = "0.1.0"

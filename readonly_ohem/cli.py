@@ -1,9 +1,9 @@
 """The ``readonly-ohem`` command: argument parsing only.
 
-Each sub-command calls exactly one library function, named in ``COMMANDS``, with the parsed
-arguments as keyword arguments (argparse ``dest`` names). User errors (``OhemError``) are printed
-as one line without a traceback and give exit status 2; so do ``OSError`` s (a path given that
-cannot be read or written), named by their file.
+Each sub-command calls exactly one function of ``readonly_ohem.commands``, named in ``COMMANDS``,
+with the parsed arguments as keyword arguments (argparse ``dest`` names). User errors
+(``OhemError``) are printed as one line without a traceback and give exit status 2; so do
+``OSError`` s (a path given that cannot be read or written), named by their file.
 """
 
 from __future__ import annotations
@@ -14,16 +14,18 @@ import sys
 
 from readonly_ohem.errors import OhemError
 
-# sub-command -> "module:function"; the function receives the parsed options as keywords.
+# sub-command -> "module:function" (one module per command under readonly_ohem.commands), imported
+# when that command runs, so that --help and argument errors need no torch; the function
+# receives the parsed options as keywords.
 COMMANDS = {
-    "net": "readonly_ohem.caffe.summary:net_command",
+    "net": "readonly_ohem.commands.net:net_command",
     "run": "readonly_ohem.commands.run:run_command",
-    "train": "readonly_ohem.train:train_command",
-    "test": "readonly_ohem.detection.test:test_command",
-    "eval": "readonly_ohem.datasets.voc_eval:eval_command",
-    "make-minivoc": "readonly_ohem.datasets.minivoc:make_minivoc_command",
-    "proposals": "readonly_ohem.datasets.selective_search:proposals_command",
-    "inspect": "readonly_ohem.inspect:inspect_command",
+    "train": "readonly_ohem.commands.train:train_command",
+    "test": "readonly_ohem.commands.test:test_command",
+    "eval": "readonly_ohem.commands.eval:eval_command",
+    "make-minivoc": "readonly_ohem.commands.make_minivoc:make_minivoc_command",
+    "proposals": "readonly_ohem.commands.proposals:proposals_command",
+    "inspect": "readonly_ohem.commands.inspect:inspect_command",
     "demo": "readonly_ohem.commands.demo:demo_command",
 }
 

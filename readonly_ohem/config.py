@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+import yaml
 
 from readonly_ohem.errors import ConfigError
 
@@ -47,8 +48,6 @@ class Config(dict):
 
     def merge_file(self, path: str | Path) -> "Config":
         """Merge an original-style ``.yml`` experiment file (``--cfg FILE.yml``)."""
-        import yaml
-
         path = Path(path)
         try:
             text = path.read_text()
@@ -203,9 +202,16 @@ def default_config() -> Config:
     )
 
 
-def load_config(cfg_files: Iterable[str | Path] = (), set_pairs: Iterable = ()) -> Config:
-    """Defaults, then each ``--cfg`` file in order, then the ``--set`` pairs (as the original tools)."""
+def load_config(cfg_files: Iterable[str | Path] = (), set_pairs: Iterable = (),
+                defaults: dict | None = None) -> Config:
+    """Defaults, then each ``--cfg`` file in order, then the ``--set`` pairs (as the original tools).
+
+    ``defaults``: a nested dict merged over the original defaults before the files (an entry
+    point's own settings, e.g. ``inspect``'s OHEM keys), so files and ``--set`` still win.
+    """
     cfg = default_config()
+    if defaults:
+        cfg.merge_dict(defaults, source="<defaults>")
     for f in cfg_files or ():
         cfg.merge_file(f)
     cfg.set_list(set_pairs or ())

@@ -12,7 +12,8 @@ import sys
 import time
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """``m:ss``-style wall time: ``05:07``, or ``1:05:07`` from an hour on."""
     seconds = int(round(seconds))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
@@ -40,9 +41,9 @@ class Progress:
 
     def line(self) -> str:
         rate = self.rate
-        eta = _clock((self.total - self.n) / rate) if rate > 0 and self.n < self.total else "--:--"
+        eta = clock((self.total - self.n) / rate) if rate > 0 and self.n < self.total else "--:--"
         if self.n >= self.total:
-            eta = _clock(time.perf_counter() - self.start)  # the total time once done
+            eta = clock(time.perf_counter() - self.start)  # the total time once done
         width = len(str(self.total))
         head = f"{self.desc}  " if self.desc else ""
         tail = "done in" if self.n >= self.total else "ETA"

@@ -1,17 +1,18 @@
-"""Training: the original ``tools/train_net.py`` + ``fast_rcnn/train.py`` (``SolverWrapper``).
+"""Training: the original ``fast_rcnn/train.py`` (``SolverWrapper``) and the steps of ``train_net.py``.
 
-``readonly-ohem train --solver SOLVER [--weights W] --imdb NAME ...`` runs, in the original's order:
-config (defaults, ``--cfg`` files, ``--set`` pairs); seeds (``RNG_SEED`` for numpy and torch);
-the training roidb with the bbox-target means/stds (``readonly_ohem.roi_data.roidb.training_roidb``);
-the solver's train net; the initial weights (a ``.caffemodel`` matched by layer name, or a
-torchvision VGG16 state dict, see ``readonly_ohem.pretrained``); the roidb handed to the data
-layer; then ``Solver.step`` until ``--iters`` (default: the solver's ``max_iter``).
+The sequence (``readonly-ohem train``, ``readonly_ohem.commands.train``; the demo runs the same):
+``setup_training`` — seeds (``RNG_SEED`` for numpy, torch and Python), the training roidb with
+the bbox-target means/stds (``readonly_ohem.roi_data.roidb.training_roidb``), the solver's train
+net, the initial weights (a ``.caffemodel`` matched by layer name, or a torchvision VGG16 state
+dict, see ``readonly_ohem.pretrained``), the roidb handed to the data layer; then
+``run_training`` — ``Solver.step`` until the iteration asked for (``Trainer.train``).
 
 Snapshots (every ``TRAIN.SNAPSHOT_ITERS`` and at the end), in the output directory:
 
 - ``{snapshot_prefix}[_{SNAPSHOT_INFIX}]_iter_{n}.caffemodel``: the net, with ``bbox_pred``
   un-normalized when ``TRAIN.BBOX_REG`` and ``TRAIN.BBOX_NORMALIZE_TARGETS``
-  (W ← W·std, b ← b·std + mean, class-major 4-vectors), restored afterwards, as the original;
+  (W ← W·std, b ← b·std + mean, class-major 4-vectors), restored afterwards, as the original
+  (``unnormalized_bbox_pred``; ``normalize_bbox_pred`` goes back, as ``inspect --def`` does);
 - ``…_iter_{n}.state.pt``: everything ``--resume`` needs (weights as trained, solver history,
   iteration, torch/numpy/python RNG states, the data layer's order and cursor; per process under
   torchrun). Both files are written atomically (a temp file, then ``os.replace``), so a killed
@@ -27,6 +28,7 @@ the images; effective batch = processes × iter_size × IMS_PER_BATCH images).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import random
 import signal
@@ -38,12 +40,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from readonly_ohem import distributed
+from readonly_ohem import distributed, pretrained
+from readonly_ohem import inspect  # the kept-RoI log (readonly_ohem.inspect, not the stdlib's)
 from readonly_ohem import python_layers  # noqa: F401  (registers RoIDataLayer, OHEMDataLayer)
 from readonly_ohem.atomic import atomic_write
+from readonly_ohem.caffe.solver import NonFiniteLossError, Solver, build_net
+from readonly_ohem.caffe.spec import read_solver
 from readonly_ohem.errors import ConfigError
-from readonly_ohem.progress import Progress, _clock
-from readonly_ohem.caffe.solver import NonFiniteLossError, Solver
+from readonly_ohem.progress import Progress, clock
+from readonly_ohem.roi_data.roidb import training_roidb
 
 
 # -- small helpers ---------------------------------------------------------------------------------
@@ -69,6 +74,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def seed_rngs(seed: int) -> None:
+    """``train_net.py``'s ``np.random.seed(cfg.RNG_SEED); caffe.set_random_seed(cfg.RNG_SEED)``
+    (torch's generator stands for Caffe's), and Python's ``random`` too."""
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
 def find_data_layers(net) -> list:
     """Layers that take a roidb (``RoIDataLayer``): the modules with ``set_roidb``."""
     return [rec.module for rec in net.layers if hasattr(rec.module, "set_roidb")]
@@ -77,6 +90,67 @@ def find_data_layers(net) -> list:
 def find_ohem_layers(net) -> list:
     """Layers that hand their selection to a ``recorder`` (``OHEMDataLayer``)."""
     return [rec.module for rec in net.layers if hasattr(rec.module, "recorder")]
+
+
+# -- bbox_pred and the normalized bbox targets ----------------------------------------------------
+def bbox_targets_normalized(cfg) -> bool:
+    """Whether training regresses normalized targets (``TRAIN.BBOX_REG`` and
+    ``TRAIN.BBOX_NORMALIZE_TARGETS``), so that the trained ``bbox_pred`` predicts normalized deltas."""
+    return bool(cfg.TRAIN.BBOX_REG and cfg.TRAIN.BBOX_NORMALIZE_TARGETS)
+
+
+def find_bbox_pred(net, names=("bbox_pred",)) -> str | None:
+    """The first of ``names`` that is a layer of ``net``, if it has a weight and a bias, else None."""
+    layers = {rec.name for rec in net.layers}
+    name = next((n for n in names if n in layers), None)
+    if name is None or len(net.layer_params(name)) != 2:
+        return None
+    return name
+
+
+def _bbox_pred_params(net, layer: str, means, stds):
+    """(W (4K, D), b (4K,), means (4K,), stds (4K,)) in W's dtype and device; ``ConfigError``
+    when the stds do not fit W's rows."""
+    w, b = net.layer_params(layer)
+    stds = torch.as_tensor(np.asarray(stds), dtype=w.dtype, device=w.device)
+    means = torch.as_tensor(np.asarray(means), dtype=b.dtype, device=b.device)
+    if stds.numel() != w.shape[0]:
+        raise ConfigError(f"{layer} has {w.shape[0]} outputs, the target stds "
+                          f"{stds.numel()} (num_classes × 4 must match the dataset)")
+    return w, b, means, stds
+
+
+@torch.no_grad()
+def unnormalize_bbox_pred(net, means, stds, layer: str = "bbox_pred") -> None:
+    """In place: W ← W·std, b ← b·std + mean, so the layer predicts raw deltas (what a test net
+    and a ``.caffemodel`` snapshot hold). means/stds: (4K,) class-major 4-vectors."""
+    w, b, means, stds = _bbox_pred_params(net, layer, means, stds)
+    w.mul_(stds.view(-1, *([1] * (w.ndim - 1))))
+    b.mul_(stds).add_(means)
+
+
+@torch.no_grad()
+def normalize_bbox_pred(net, means, stds, layer: str = "bbox_pred") -> None:
+    """In place, the inverse of ``unnormalize_bbox_pred``: b ← (b - mean) / std, W ← W / std
+    (a snapshot back at the scale it was trained at)."""
+    w, b, means, stds = _bbox_pred_params(net, layer, means, stds)
+    b.sub_(means).div_(stds)
+    w.div_(stds.view(-1, *([1] * (w.ndim - 1))))
+
+
+@contextlib.contextmanager
+def unnormalized_bbox_pred(net, means, stds, layer: str = "bbox_pred"):
+    """``unnormalize_bbox_pred`` for the ``with`` block; the trained values are copied back after
+    (not re-normalized, so they stay bit-exact)."""
+    w, b = net.layer_params(layer)
+    orig_w, orig_b = w.detach().clone(), b.detach().clone()
+    unnormalize_bbox_pred(net, means, stds, layer)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            w.copy_(orig_w)
+            b.copy_(orig_b)
 
 
 class TrainProgress(Progress):
@@ -94,7 +168,7 @@ class TrainProgress(Progress):
         elapsed = time.perf_counter() - self.start
         spi = elapsed / done if done > 0 else float("nan")
         left = self.total - self.n
-        eta = _clock(spi * left) if done > 0 and left > 0 else ("--:--" if left else _clock(elapsed))
+        eta = clock(spi * left) if done > 0 and left > 0 else ("--:--" if left else clock(elapsed))
         tail = "ETA" if left else "done in"
         return (f"iter {self.n}/{self.total}  loss {self.loss:.4f}  lr {self.lr:g}  "
                 f"{spi:.3f} s/iter  {tail} {eta}")
@@ -144,10 +218,8 @@ class Trainer:
         return self.output_dir / f"{prefix}{infix}_iter_{iteration}"
 
     def _scale_bbox_params(self) -> bool:
-        names = {rec.name for rec in self.net.layers}
-        return bool(self.cfg.TRAIN.BBOX_REG and self.cfg.TRAIN.BBOX_NORMALIZE_TARGETS
-                    and "bbox_pred" in names and self.bbox_stds is not None
-                    and len(self.net.layer_params("bbox_pred")) == 2)
+        return (bbox_targets_normalized(self.cfg) and self.bbox_stds is not None
+                and find_bbox_pred(self.net) is not None)
 
     @torch.no_grad()
     def save_caffemodel(self, path: Path) -> None:
@@ -155,20 +227,8 @@ class Trainer:
         if not self._scale_bbox_params():
             self.net.save_caffemodel(str(path))
             return
-        w, b = self.net.layer_params("bbox_pred")
-        orig_w, orig_b = w.detach().clone(), b.detach().clone()
-        stds = torch.as_tensor(self.bbox_stds, dtype=w.dtype, device=w.device)
-        means = torch.as_tensor(self.bbox_means, dtype=b.dtype, device=b.device)
-        if stds.numel() != w.shape[0]:
-            raise ConfigError(f"bbox_pred has {w.shape[0]} outputs, the target stds "
-                              f"{stds.numel()} (num_classes × 4 must match the dataset)")
-        try:
-            w.mul_(stds.view(-1, *([1] * (w.ndim - 1))))
-            b.mul_(stds).add_(means)
+        with unnormalized_bbox_pred(self.net, self.bbox_means, self.bbox_stds):
             self.net.save_caffemodel(str(path))
-        finally:
-            w.copy_(orig_w)
-            b.copy_(orig_b)
 
     def state(self) -> dict:
         """This process's resumable state (weights as trained, not un-normalized)."""
@@ -324,8 +384,6 @@ class Trainer:
 # -- building everything (train_net.py) -----------------------------------------------------------
 def load_initial_weights(net, weights: str | Path, cfg, stream=None) -> None:
     """``.caffemodel`` via ``net.load_caffemodel``; a torch file as a torchvision VGG16."""
-    from readonly_ohem import pretrained
-
     path = Path(weights)
     if not path.is_file():
         raise ConfigError(f"--weights {path}: file not found")
@@ -347,13 +405,8 @@ def attach_kept_roi_log(net, path: str, every: int, iteration: Callable[[], int]
     if not layers:
         raise ConfigError(f"--log-kept-rois {path}: the train net has no OHEM layer "
                           "(OHEMDataLayer) whose selections could be logged")
-    try:
-        from readonly_ohem.inspect import make_recorder
-    except ImportError:
-        raise ConfigError("--log-kept-rois needs readonly_ohem.inspect.make_recorder, "
-                          "which this installation lacks") from None
     data_layers = find_data_layers(net)
-    recorder = make_recorder(path, every=every, iteration=iteration,
+    recorder = inspect.make_recorder(path, every=every, iteration=iteration,
                              data_layer=data_layers[0] if data_layers else None, classes=classes)
     for layer in layers:
         layer.recorder = recorder
@@ -373,9 +426,6 @@ def _check_writable(path, option: str) -> None:
 def build_trainer(solver_path, cfg, roidb=None, bbox_means=None, bbox_stds=None, weights=None,
                   output="output", device="cpu", ctx=None, feed_fn=None, stream=None) -> Trainer:
     """Net + solver + initial weights + roidb, as ``SolverWrapper.__init__``."""
-    from readonly_ohem.caffe.solver import build_net
-    from readonly_ohem.caffe.spec import read_solver
-
     stream = stream if stream is not None else sys.stdout
     sp = read_solver(str(solver_path))
     net = build_net(sp, solver_path, cfg=cfg)
@@ -398,69 +448,54 @@ def build_trainer(solver_path, cfg, roidb=None, bbox_means=None, bbox_stds=None,
                    stream=stream)
 
 
-def train_command(solver, weights=None, imdb="voc_2007_trainval", data=None, proposals=None,
-                  iters=None, cfg=(), set_pairs=(), output="output", device="cpu", resume=None,
-                  log_kept_rois=None, log_every=1, stream=None) -> int:
-    """``readonly-ohem train``: the original ``tools/train_net.py``. Returns the exit status."""
-    from readonly_ohem.config import load_config
-    from readonly_ohem.datasets.pascal_voc import get_imdb
-    from readonly_ohem.roi_data.roidb import training_roidb
-
-    stream = stream if stream is not None else sys.stdout
-    if log_every is not None and log_every < 1:
-        raise ConfigError(f"--log-every must be >= 1, got {log_every}")
-    if iters is not None and iters < 1:
-        raise ConfigError(f"--iters must be >= 1, got {iters}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
-    ctx = distributed.init_from_env(device)
-    device = distributed.device_for(device, ctx)
-    config = load_config(cfg, set_pairs)
-    if ctx is None or ctx.is_main:
-        print(f"Using config: {list(cfg or [])} {list(set_pairs or [])}", file=stream, flush=True)
-    # train_net.py: np.random.seed(cfg.RNG_SEED); caffe.set_random_seed(cfg.RNG_SEED)
-    np.random.seed(config.RNG_SEED)
-    torch.manual_seed(config.RNG_SEED)
-    random.seed(config.RNG_SEED)
-
-    imdb_obj = get_imdb(imdb, data, proposals, config)
-    if ctx is None or ctx.is_main:
-        print(f"Loaded dataset `{imdb_obj.name}` for training", file=stream, flush=True)
-    roidb, means, stds = training_roidb(imdb_obj, config)
-    roidb = distributed.shard(roidb, ctx)
+def make_output_dir(output) -> Path:
+    """``--output DIR``, created (with parents); ``ConfigError`` when it cannot be."""
     out_dir = Path(output)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"--output {out_dir}: cannot create the output directory "
                           f"({e.strerror or e})") from None
+    return out_dir
+
+
+def setup_training(solver, cfg, imdb, weights=None, output="output", device="cpu", ctx=None,
+                   resume=None, log_kept_rois=None, log_every: int = 1, verbose: bool = True,
+                   stream=None) -> Trainer:
+    """``train_net.py`` up to ``train_model``, in the original's order: seeds (``RNG_SEED``); the
+    training roidb of ``imdb`` with the bbox-target means/stds (this process's shard under
+    torchrun); the output directory; the trainer (``build_trainer``: net, solver, ``weights``
+    unless resuming, the roidb); per-process seeds under torchrun; the state of ``resume``; the
+    kept-RoI log (``attach_kept_roi_log``, ``imdb.classes`` named in it).
+
+    ``verbose``: print the roidb statistics (filtered entries, target means/stds).
+    """
+    seed_rngs(cfg.RNG_SEED)
+    roidb, means, stds = training_roidb(imdb, cfg, verbose=verbose)
+    roidb = distributed.shard(roidb, ctx)
+    out_dir = make_output_dir(output)
     if log_kept_rois:
         _check_writable(log_kept_rois, "--log-kept-rois")
-    trainer = build_trainer(solver, config, roidb, means, stds, None if resume else weights,
+    trainer = build_trainer(solver, cfg, roidb, means, stds, None if resume else weights,
                             out_dir, device, ctx, stream=stream)
     if ctx is not None:  # dropout etc. differ per replica; the weights were broadcast
-        torch.manual_seed(config.RNG_SEED + ctx.rank)
-        np.random.seed(config.RNG_SEED + ctx.rank)
+        torch.manual_seed(cfg.RNG_SEED + ctx.rank)
+        np.random.seed(cfg.RNG_SEED + ctx.rank)
     if resume:
         trainer.load_state(resume)
         trainer.log(f"Resumed from {resume} at iteration {trainer.solver.iter}")
     if log_kept_rois:
         attach_kept_roi_log(trainer.net, log_kept_rois, log_every, lambda: trainer.solver.iter,
-                            classes=getattr(imdb_obj, "classes", None))
-    max_iters = iters if iters is not None else trainer.solver.max_iter
-    if max_iters is None or max_iters <= 0:
-        raise ConfigError(f"{solver}: no iteration count (give --iters or max_iter in the solver)")
-    if resume and max_iters <= trainer.solver.iter:
-        raise ConfigError(f"--resume {resume}: the state is at iteration {trainer.solver.iter}, "
-                          f"already at or past the {max_iters} asked for (--iters counts from 0)")
-    trainer.log(f"Output will be saved to `{out_dir}`; solving to iteration {max_iters}")
+                            classes=getattr(imdb, "classes", None))
+    return trainer
+
+
+def run_training(trainer: Trainer, max_iters: int) -> list[Path]:
+    """``train_model``: ``trainer.train(max_iters)``, then the data layers' prefetch workers
+    stopped (also when training fails). Returns the .caffemodel paths written."""
     try:
-        models = trainer.train(max_iters)
+        return trainer.train(max_iters)
     finally:
         for layer in find_data_layers(trainer.net):
             if hasattr(layer, "close"):
                 layer.close()  # prefetch workers
-    trainer.log("done solving; snapshots: " + ", ".join(str(m) for m in models))
-    if trainer.interrupted is not None:
-        return 128 + int(trainer.interrupted)
-    return 0

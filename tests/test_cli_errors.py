@@ -197,12 +197,12 @@ def test_unwritable_json_path_is_one_line(capsys, tmp_path):
 
 
 def test_oserror_in_a_command_is_one_line(capsys, tmp_path, monkeypatch):
-    from readonly_ohem.caffe import summary
+    from readonly_ohem.commands import net
 
     def boom(**kwargs):
         raise FileNotFoundError(2, "No such file or directory", str(tmp_path / "gone" / "x"))
 
-    monkeypatch.setattr(summary, "net_command", boom)
+    monkeypatch.setattr(net, "net_command", boom)
     line = run_error(capsys, ["net", str(CASE / "net.prototxt")])
     assert line == f"readonly-ohem net: error: {tmp_path / 'gone' / 'x'}: No such file or directory"
 

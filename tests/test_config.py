@@ -89,3 +89,13 @@ def test_bad_yml_names_file_and_key(tmp_path):
         load_config([g])
     with pytest.raises(ConfigError, match="missing.yml"):
         load_config([tmp_path / "missing.yml"])
+
+
+def test_entry_point_defaults_come_before_files_and_set(tmp_path):
+    f = tmp_path / "a.yml"
+    f.write_text("TRAIN:\n  BATCH_SIZE: 32\n")
+    cfg = load_config([f], [["TRAIN.IMS_PER_BATCH", "4"]],
+                      defaults={"TRAIN": dict(BATCH_SIZE=64, IMS_PER_BATCH=1, USE_OHEM=True)})
+    assert (cfg.TRAIN.BATCH_SIZE, cfg.TRAIN.IMS_PER_BATCH, cfg.TRAIN.USE_OHEM) == (32, 4, True)
+    with pytest.raises(ConfigError, match="TRAIN.NOPE"):
+        load_config(defaults={"TRAIN": {"NOPE": 1}})

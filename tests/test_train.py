@@ -1,5 +1,5 @@
 """The training loop: snapshots (names, bbox un-normalization, atomic writes), resume equality,
-NaN stop, SIGINT snapshot, logging; and a short real run on the mini-VOC when the data lands."""
+NaN stop, SIGINT snapshot, logging. The command's real runs: ``tests/commands/test_train_command.py``."""
 
 import os
 import signal
@@ -14,7 +14,16 @@ pytest.importorskip("readonly_ohem.caffe.net")
 from readonly_ohem.config import default_config  # noqa: E402
 from readonly_ohem.errors import ConfigError  # noqa: E402
 from readonly_ohem.caffe.solver import NonFiniteLossError  # noqa: E402
-from readonly_ohem.train import Trainer, atomic_torch_save, build_trainer  # noqa: E402
+from readonly_ohem.train import (  # noqa: E402
+    Trainer,
+    atomic_torch_save,
+    attach_kept_roi_log,
+    build_trainer,
+    find_bbox_pred,
+    normalize_bbox_pred,
+    unnormalize_bbox_pred,
+    unnormalized_bbox_pred,
+)
 from readonly_ohem.caffe.weights import blob_to_array, read_caffemodel  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,6 +124,28 @@ def test_no_unnormalization_when_targets_not_normalized(exp_dir):
     np.testing.assert_array_equal(saved["bbox_pred"][1], t.net.layer_params("bbox_pred")[1].detach())
 
 
+def test_bbox_pred_normalize_undoes_unnormalize_and_the_context_restores_exactly(exp_dir):
+    t = make(exp_dir)
+    before = [x.detach().clone() for x in t.net.layer_params("bbox_pred")]
+    with unnormalized_bbox_pred(t.net, MEANS, STDS):
+        w, b = (x.detach().clone() for x in t.net.layer_params("bbox_pred"))
+        np.testing.assert_allclose(w.numpy(), before[0].numpy() * STDS[:, None], rtol=1e-6)
+        np.testing.assert_allclose(b.numpy(), before[1].numpy() * STDS + MEANS, rtol=1e-6, atol=1e-7)
+    for x, y in zip(t.net.layer_params("bbox_pred"), before):
+        assert torch.equal(x.detach(), y)  # copied back, bit-exact
+    keep = STDS > 0  # class 0 (background) has std 0: nothing to normalize back
+    stds = np.where(keep, STDS, 1.0)
+    unnormalize_bbox_pred(t.net, MEANS, stds)
+    normalize_bbox_pred(t.net, MEANS, stds)
+    for x, y in zip(t.net.layer_params("bbox_pred"), before):
+        np.testing.assert_allclose(x.detach().numpy(), y.numpy(), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ConfigError, match="bbox_pred has 8 outputs, the target stds 4"):
+        normalize_bbox_pred(t.net, MEANS[:4], STDS[:4])
+    assert find_bbox_pred(t.net) == "bbox_pred"
+    assert find_bbox_pred(t.net, ("bbox_pred_readonly", "cls_score")) == "cls_score"
+    assert find_bbox_pred(t.net, ("relu1",)) is None  # no weight and bias
+
+
 def test_resume_equals_uninterrupted_run(exp_dir):
     straight = make(exp_dir, out="a")
     straight.train(6)
@@ -202,84 +233,6 @@ def test_resume_rejects_a_foreign_file(exp_dir):
 
 
 def test_log_kept_rois_needs_an_ohem_layer(exp_dir):
-    from readonly_ohem.train import attach_kept_roi_log
-
     t = make(exp_dir)
     with pytest.raises(ConfigError, match="no OHEM layer"):
         attach_kept_roi_log(t.net, str(exp_dir / "log"), 1, lambda: 0)
-
-
-# -- the real thing: mini-VOC, small OHEM net, RoIDataLayer ---------------------------------------
-def _small_solver(kind):
-    return REPO / "prototxt" / "small" / kind / "solver.prototxt"
-
-
-@pytest.fixture
-def voc_data(tmp_path, request):
-    """(data dir, proposals file or None): a 6-image mini-VOC, else the shared original-pipeline set."""
-    try:
-        from readonly_ohem.datasets.minivoc import make_minivoc
-    except ImportError:
-        shared = request.getfixturevalue("shared_dir") / "original_pipeline" / "train"
-        return shared, shared / "voc_2007_trainval.mat"
-    make_minivoc(tmp_path / "voc", seed=0, num_images=6)
-    return tmp_path / "voc", None
-
-
-def test_train_command_ohem_resume_equals_uninterrupted(tmp_path, voc_data):
-    solver = _small_solver("fast_rcnn_ohem")
-    if not solver.is_file():
-        pytest.skip("prototxt/small/fast_rcnn_ohem/solver.prototxt not there yet")
-    from readonly_ohem.train import train_command
-
-    data, proposals = voc_data
-    common = dict(solver=str(solver), imdb="voc_2007_trainval", data=str(data),
-                  proposals=None if proposals is None else str(proposals),
-                  cfg=[str(REPO / "prototxt" / "cfgs" / "fast_rcnn_ohem.yml")],
-                  set_pairs=[["TRAIN.SCALES", "(96,)"], ["TRAIN.MAX_SIZE", "160"],
-                             ["TRAIN.SNAPSHOT_ITERS", "1"]], stream=__import__("io").StringIO())
-    log = tmp_path / "kept.log"
-    assert train_command(iters=2, output=str(tmp_path / "a"), log_kept_rois=str(log), log_every=1,
-                         **common) == 0
-    read_log = pytest.importorskip("readonly_ohem.inspect").read_log
-    assert read_log(log).iterations == [0, 1]  # the hook is attached: both iterations logged
-    # the straight run's own snapshot at 1 stands for an interrupted run
-    state = tmp_path / "a" / "small_fast_rcnn_ohem_iter_1.state.pt"
-    assert train_command(iters=2, output=str(tmp_path / "b"), resume=str(state), **common) == 0
-    a = torch.load(tmp_path / "a" / "small_fast_rcnn_ohem_iter_2.state.pt", weights_only=False)
-    b = torch.load(tmp_path / "b" / "small_fast_rcnn_ohem_iter_2.state.pt", weights_only=False)
-    assert a["data"] == b["data"] and a["data"]  # the data layer's order and cursor
-    for k in a["weights"]:
-        assert torch.equal(a["weights"][k], b["weights"][k]), k
-    # the snapshot un-normalizes bbox_pred (shared by bbox_pred and bbox_pred_readonly)
-    saved = {name: [blob_to_array(bl) for bl in blobs] for name, _, blobs in
-             read_caffemodel(tmp_path / "a" / "small_fast_rcnn_ohem_iter_2.caffemodel")}
-    np.testing.assert_array_equal(saved["bbox_pred"][1], saved["bbox_pred_readonly"][1])
-    assert not np.array_equal(saved["bbox_pred"][1], a["weights"]["bbox_pred_b"].numpy())
-    # resuming at iteration 1 with --iters 1: nothing to do is an error, not a silent re-snapshot
-    with pytest.raises(ConfigError, match="at iteration 1, already at or past the 1 asked for"):
-        train_command(iters=1, output=str(tmp_path / "c"), resume=str(state), **common)
-    assert not list((tmp_path / "c").glob("*.caffemodel"))
-
-
-def test_train_command_user_errors_before_training(tmp_path, voc_data):
-    """--iters < 1, an output dir or a kept-RoI log that cannot be created: ConfigError naming
-    the option and path (the CLI prints it as one line), before any iteration runs."""
-    from readonly_ohem.train import train_command
-
-    data, proposals = voc_data
-    common = dict(solver=str(_small_solver("fast_rcnn_ohem")), data=str(data),
-                  proposals=None if proposals is None else str(proposals),
-                  cfg=[str(REPO / "prototxt" / "cfgs" / "fast_rcnn_ohem.yml")],
-                  set_pairs=[["TRAIN.SCALES", "(96,)"], ["TRAIN.MAX_SIZE", "160"]],
-                  stream=__import__("io").StringIO())
-    blocker = tmp_path / "a_file"
-    blocker.write_text("")
-    with pytest.raises(ConfigError, match="--iters must be >= 1, got -3"):
-        train_command(iters=-3, output=str(tmp_path / "o"), **common)
-    with pytest.raises(ConfigError, match=f"--output {blocker / 'out'}: cannot create"):
-        train_command(iters=1, output=str(blocker / "out"), **common)
-    with pytest.raises(ConfigError, match=f"--log-kept-rois {blocker / 'k.jsonl'}: cannot write"):
-        train_command(iters=1, output=str(tmp_path / "o"), log_kept_rois=str(blocker / "k.jsonl"),
-                      **common)
-    assert not list((tmp_path / "o").glob("*"))

@@ -37,9 +37,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from readonly_ohem.roi_data.layer import MinibatchPlanner
-from readonly_ohem.errors import ConfigError
 from readonly_ohem import python_layers  # noqa: F401  (registers RoIDataLayer, OHEMDataLayer)
+from readonly_ohem.caffe.net import Net
+from readonly_ohem.config import load_config
+from readonly_ohem.datasets.minivoc import make_minivoc
+from readonly_ohem.datasets.pascal_voc import get_imdb
+from readonly_ohem.detection.test import test_net
+from readonly_ohem.errors import ConfigError
+from readonly_ohem.inspect import summarize_selection
+from readonly_ohem.roi_data.layer import MinibatchPlanner
+from readonly_ohem.train import attach_kept_roi_log, find_data_layers, run_training, setup_training
 
 _PACKAGE = Path(__file__).resolve().parents[1]
 # the repository's prototxt/ (editable install, checkout), or a copy packaged inside the package
@@ -127,8 +134,6 @@ class StepTimer:
 
 def method_config(method: str, seed: int):
     """small.yml (+ fast_rcnn_ohem.yml for OHEM) with ``RNG_SEED`` = seed."""
-    from readonly_ohem.config import load_config
-
     _, extra = METHODS[method]
     return load_config([str(SMALL_CFG)] + [str(p) for p in extra], [["RNG_SEED", str(seed)]])
 
@@ -136,7 +141,8 @@ def method_config(method: str, seed: int):
 def train_method(method: str, data_dir: Path, out_dir: Path, iters: int | None, seed: int,
                  init_weights: Path | None = None, stream=None, kept_roi_log: Path | None = None,
                  log_every: int = 20) -> dict:
-    """Train one arm of the comparison on the mini-VOC's trainval set.
+    """Train one arm of the comparison on the mini-VOC's trainval set (the training sequence of
+    ``readonly-ohem train``: ``setup_training``, ``run_training``).
 
     ``init_weights``: None for the first arm (its fresh fill is saved as ``init.caffemodel``
     next to ``out_dir`` and returned), else that file. ``iters``: None = the solver's
@@ -144,21 +150,13 @@ def train_method(method: str, data_dir: Path, out_dir: Path, iters: int | None, 
     Returns ``{"model", "init", "iters", "sec_per_iter", "train_seconds", "fg_fraction",
     "rois_per_iter"}``.
     """
-    from readonly_ohem.datasets.pascal_voc import get_imdb
-    from readonly_ohem.roi_data.roidb import training_roidb
-    from readonly_ohem.train import attach_kept_roi_log, build_trainer, find_data_layers
-
     stream = stream if stream is not None else sys.stdout
     solver_path, _ = METHODS[method]
     cfg = method_config(method, seed)
-    np.random.seed(cfg.RNG_SEED)  # as train_net.py
-    torch.manual_seed(cfg.RNG_SEED)
     imdb = get_imdb("voc_2007_trainval", data_dir, None, cfg, cache_dir=False)
-    roidb, means, stds = training_roidb(imdb, cfg, verbose=False)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    trainer = build_trainer(solver_path, cfg, roidb, means, stds,
-                            weights=str(init_weights) if init_weights else None,
-                            output=out_dir, stream=stream)
+    trainer = setup_training(solver_path, cfg, imdb,
+                             weights=str(init_weights) if init_weights else None,
+                             output=out_dir, verbose=False, stream=stream)
     param = trainer.solver.param
     if iters is None:
         iters = param.max_iter
@@ -167,16 +165,17 @@ def train_method(method: str, data_dir: Path, out_dir: Path, iters: int | None, 
     if init_weights is None:
         init_weights = out_dir.parent / "init.caffemodel"
         trainer.net.save_caffemodel(str(init_weights))
-    for layer in find_data_layers(trainer.net):
-        layer.planner = SharedOrderPlanner(roidb, cfg, order_seed=seed)
+    data_layers = find_data_layers(trainer.net)
+    for layer in data_layers:
+        layer.planner = SharedOrderPlanner(layer.roidb, cfg, order_seed=seed)
     if kept_roi_log is not None:
         for p in (kept_roi_log, kept_roi_log.with_name(kept_roi_log.name + ".blobs")):
             p.unlink(missing_ok=True)  # a rerun into the same directory starts a fresh log
         attach_kept_roi_log(trainer.net, str(kept_roi_log), log_every, lambda: trainer.solver.iter)
-    counter = RoICounter(trainer.net, find_data_layers(trainer.net)[0])
+    counter = RoICounter(trainer.net, data_layers[0])
     timer = StepTimer(trainer.solver)
     t0 = time.perf_counter()
-    models = trainer.train(iters)
+    models = run_training(trainer, iters)
     return {"model": Path(models[-1]), "init": Path(init_weights), "iters": iters,
             "sec_per_iter": timer.sec_per_iter, "train_seconds": time.perf_counter() - t0,
             "fg_fraction": counter.fg_fraction, "rois_per_iter": counter.total / max(iters, 1),
@@ -197,10 +196,6 @@ def test_model(model: Path, data_dir: Path, out_dir: Path, seed: int, settings=T
     Returns ``{(max_per_image, thresh): {"mAP" (over the classes present), "mAP_voc20" (over all
     20, absent classes AP 0), "per_class", "images_per_second", "result_dir"}}``.
     """
-    from readonly_ohem.datasets.pascal_voc import get_imdb
-    from readonly_ohem.caffe.net import Net
-    from readonly_ohem.detection.test import test_net
-
     stream = stream if stream is not None else sys.stdout
     cfg = method_config("FRCN", seed)
     net = Net.from_file(str(TEST_DEF), phase="TEST", cfg=cfg)
@@ -257,8 +252,6 @@ def run_demo(output="demo_output", iters: int | None = None, seed: int = 0,
              stream=None) -> dict:
     """The whole experiment (see the module docstring); returns the results, also written to
     ``output/results.json`` and ``output/results.txt``."""
-    from readonly_ohem.datasets.minivoc import make_minivoc
-
     stream = stream if stream is not None else sys.stdout
     needed = [SMALL_CFG, OHEM_CFG, TEST_DEF] + [solver for solver, _ in METHODS.values()]
     missing = [str(p) for p in needed if not p.is_file()]
@@ -311,27 +304,21 @@ def run_demo(output="demo_output", iters: int | None = None, seed: int = 0,
 
     say("\n[5/5] which RoIs OHEM kept (readonly_ohem.inspect)", stream)
     picture = out / "kept_rois.png"
-    stats = None
-    try:
-        from readonly_ohem.inspect import summarize_selection
-    except ImportError:  # the inspection module is optional for the experiment itself
-        say("readonly_ohem.inspect is not installed: no picture / statistics", stream)
-    else:
-        stats = summarize_selection(out / "kept_rois.jsonl", stream=stream, picture=picture)
-        say(f"wrote {picture} (the last logged iteration's first image)", stream)
+    stats = summarize_selection(out / "kept_rois.jsonl", stream=stream, picture=picture)
+    say(f"wrote {picture} (the last logged iteration's first image)", stream)
 
     elapsed = time.perf_counter() - t_start
     summary = {"seed": seed, "num_images": num_images, "total_seconds": elapsed,
                "same_images_per_step": same_images,
                "settings": [list(s) for s in settings], "methods": _jsonable(results),
-               "table": table, "picture": str(picture) if stats is not None else None}
+               "table": table, "picture": str(picture)}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "results.txt").write_text(table + "\n\n" + "\n".join(notes) + "\n")
     say(f"\ndemo done in {elapsed / 60:.1f} min; table in {out / 'results.txt'}, "
         f"everything in {out}/", stream)
     return {"results": results, "table": table, "stats": stats, "seconds": elapsed,
             "same_images_per_step": same_images,
-            "picture": picture if stats is not None else None, "output": out}
+            "picture": picture, "output": out}
 
 
 def demo_command(output="demo_output", iters=None, seed=0) -> int:

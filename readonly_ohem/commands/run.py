@@ -20,8 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from readonly_ohem.errors import DataError, SpecError
 from readonly_ohem import python_layers  # noqa: F401  (registers RoIDataLayer, OHEMDataLayer)
+from readonly_ohem.caffe.net import Net
+from readonly_ohem.caffe.solver import Solver
+from readonly_ohem.caffe.spec import read_solver
+from readonly_ohem.config import load_config
+from readonly_ohem.errors import DataError, SpecError
 
 _BATCH_KEY = re.compile(r"^batch(\d+)/(.+)$")
 
@@ -116,9 +120,6 @@ def run_command(prototxt, inputs, out, weights=None, phase: str = "TRAIN", backw
                 top_diff=None, solver=None, iters: int = 1, cfg=(), set_pairs=(),
                 allow_python_import: bool = False) -> int:
     """One forward/backward (or ``iters`` solver iterations) of ``prototxt`` on ``inputs``."""
-    from readonly_ohem.config import load_config
-    from readonly_ohem.caffe.net import Net
-
     config = load_config(cfg or (), set_pairs or ())
     feeds = split_batches(_as_float32(read_npz(inputs, "inputs"), str(inputs)), str(inputs))
     if solver is not None:
@@ -166,14 +167,6 @@ def _run_once(net, feed, backward: bool, top_diff) -> dict[str, np.ndarray]:
 
 
 def _run_solver(net, solver_path, feeds, iters: int) -> dict[str, np.ndarray]:
-    try:
-        from readonly_ohem.caffe.solver import Solver
-    except ModuleNotFoundError as e:
-        if e.name == "readonly_ohem.caffe.solver":
-            raise SpecError("--solver: the solver (readonly_ohem.caffe.solver) is not available") from None
-        raise
-    from readonly_ohem.caffe.spec import read_solver
-
     if iters < 1:
         raise SpecError(f"--iters must be >= 1, got {iters}")
     param = read_solver(solver_path)

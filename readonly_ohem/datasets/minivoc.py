@@ -270,9 +270,3 @@ def make_minivoc(dir, seed: int = 0, num_images: int = DEFAULT_IMAGES, verbose: 
         print(f"mini-VOC written to {root} ({len(splits['trainval'])} trainval, {len(splits['test'])} test, "
               f"seed {seed})")
     return root
-
-
-def make_minivoc_command(dir, seed: int = 0, images: int | None = None) -> int:
-    """``readonly-ohem make-minivoc DIR [--seed S] [--images N]``."""
-    make_minivoc(dir, seed=seed, num_images=images or DEFAULT_IMAGES)
-    return 0

@@ -9,16 +9,13 @@ is not the MATLAB code Fast R-CNN used, so its boxes (and the resulting mAP) dif
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from readonly_ohem.datasets.image import load_image_bgr
-from readonly_ohem.datasets.proposals import save_proposals_mat
 from readonly_ohem.errors import DataError
 
 
-def _segmentation(mode: str):
+def segmentation(mode: str):
+    """OpenCV's selective-search segmentation object (one per run: it is reused per image)."""
     try:
         import cv2
         ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
@@ -30,29 +27,9 @@ def _segmentation(mode: str):
 
 def selective_search_boxes(im_bgr: np.ndarray, mode: str = "fast", ss=None) -> np.ndarray:
     """(K, 4) float64 [x1 y1 x2 y2] 0-based inclusive boxes of one (H, W, 3) uint8 BGR image."""
-    ss = ss or _segmentation(mode)
+    ss = ss or segmentation(mode)
     ss.setBaseImage(np.ascontiguousarray(im_bgr))
     ss.switchToSelectiveSearchFast() if mode == "fast" else ss.switchToSelectiveSearchQuality()
     rects = np.asarray(ss.process(), dtype=np.float64).reshape(-1, 4)  # x, y, w, h
     return np.stack([rects[:, 0], rects[:, 1], rects[:, 0] + rects[:, 2] - 1,
                      rects[:, 1] + rects[:, 3] - 1], axis=1)
-
-
-def proposals_command(voc_dir, imageset: str = "trainval", out: str = "proposals.mat",
-                      mode: str = "fast") -> int:
-    """Compute proposals for ``VOC<year>/ImageSets/Main/<imageset>.txt`` and save them as ``out``."""
-    voc = Path(voc_dir)
-    set_file = voc / "ImageSets" / "Main" / f"{imageset}.txt"
-    try:
-        ids = [ln.split()[0] for ln in set_file.read_text().splitlines() if ln.strip()]
-    except FileNotFoundError:
-        raise DataError(f"{set_file}: image set file not found") from None
-    ss = _segmentation(mode)
-    boxes = []
-    for k, i in enumerate(ids):
-        boxes.append(selective_search_boxes(load_image_bgr(voc / "JPEGImages" / f"{i}.jpg"), mode, ss))
-        if (k + 1) % 50 == 0 or k + 1 == len(ids):
-            print(f"selective search: {k + 1}/{len(ids)} images", flush=True)
-    save_proposals_mat(out, boxes)
-    print(f"wrote {out} ({len(ids)} images, {np.mean([b.shape[0] for b in boxes]):.0f} boxes per image)")
-    return 0

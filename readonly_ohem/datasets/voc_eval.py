@@ -22,7 +22,6 @@ an empty array) and a class with no non-difficult ground truth gives it NaN (are
 
 from __future__ import annotations
 
-import json
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -349,22 +348,3 @@ def evaluate_detections(imdb, all_boxes, output_dir) -> dict:
     report = f"VOC AP ({'11-point VOC07' if use_07 else 'area'} metric):\n{format_ap_table(result)}"
     return {**out, "eval": result, "report": report}
 
-
-def eval_command(voc_dir, imageset, dets, metric="voc07", json_path=None):
-    """``readonly-ohem eval``: AP table of the result files in ``dets`` against ``voc_dir``'s XML.
-
-    Classes: the 20 VOC classes (a missing file means no detections, AP 0), then any other class
-    a result file names. ``metric``: ``voc07`` (11-point) or ``area``.
-    """
-    dets_by_class = read_results_dir(dets, imageset)
-    annotations = load_voc_annotations(voc_dir, imageset)
-    classes = list(VOC_CLASSES) + sorted(set(dets_by_class) - set(VOC_CLASSES))
-    result = evaluate_classes(dets_by_class, annotations, classes, use_07_metric=(metric == "voc07"),
-                              image_set=load_voc_image_set(voc_dir, imageset))
-    missing = [c for c in VOC_CLASSES if c not in dets_by_class]
-    if missing:
-        print(f"no result file (AP 0) for: {', '.join(missing)}")
-    print(format_ap_table(result))
-    if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=1) + "\n")
-    return 0

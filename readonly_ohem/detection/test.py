@@ -19,17 +19,19 @@ two methods with equal settings.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from readonly_ohem.roi_data.blob import im_list_to_blob, load_image_bgr, prep_im_for_blob
+from readonly_ohem.detection.vis import draw_detections
 from readonly_ohem.errors import DataError
-from readonly_ohem import python_layers  # noqa: F401  (registers RoIDataLayer, OHEMDataLayer)
 from readonly_ohem.ops.boxes import bbox_transform_inv, clip_boxes
+from readonly_ohem.ops.nms import greedy_nms
+from readonly_ohem.progress import Progress
+from readonly_ohem.datasets.image import load_image_bgr
+from readonly_ohem.roi_data.blob import im_list_to_blob, prep_im_for_blob
 
 
 def image_blob(im_bgr: np.ndarray, cfg) -> tuple[torch.Tensor, np.ndarray]:
@@ -123,8 +125,6 @@ def detect_classes(scores: np.ndarray, pred_boxes: np.ndarray, num_classes: int,
     order, which decides voc_eval's order among equal scores). Scores > ``thresh``
     (strict), NMS per class, then scores >= the ``max_per_image``-th best over all classes.
     """
-    from readonly_ohem.ops.nms import greedy_nms
-
     out = [np.zeros((0, 5), np.float32) for _ in range(num_classes)]
     if scores.shape[0] == 0:
         return out
@@ -156,8 +156,6 @@ def test_net(net, imdb, cfg, max_per_image: int = 100, thresh: float = 0.05,
     Returns ``{"all_boxes": all_boxes[class][image] (N, 5) float32, "result_files": {class: path},
     "images_per_second": float, "eval": {"mAP", "per_class", "metric"} or None}``.
     """
-    from readonly_ohem.progress import Progress
-
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     num_images, num_classes = imdb.num_images, len(imdb.classes)
@@ -176,8 +174,6 @@ def test_net(net, imdb, cfg, max_per_image: int = 100, thresh: float = 0.05,
             for j in range(num_classes):
                 all_boxes[j][i] = dets[j]
             if i < vis:
-                from readonly_ohem.detection.vis import draw_detections
-
                 draw_detections(im, {imdb.classes[j]: dets[j] for j in range(1, num_classes)},
                                 output_dir / f"{imdb.image_index[i]}_dets.png", classes=imdb.classes)
             bar.update()
@@ -191,24 +187,5 @@ def test_net(net, imdb, cfg, max_per_image: int = 100, thresh: float = 0.05,
             "images_per_second": rate, "eval": evaluation["eval"]}
 
 
-def test_command(def_path, net_path, imdb, data=None, proposals=None, cfg=(), set_pairs=(),
-                 output="output", thresh=0.05, max_per_image=100, vis=0, device="cpu"):
-    """``readonly-ohem test``: the original ``tools/test_net.py``."""
-    from readonly_ohem.config import load_config
-    from readonly_ohem.datasets.pascal_voc import get_imdb
-    from readonly_ohem.caffe.net import Net
-
-    config = load_config(cfg, set_pairs)
-    net = Net.from_file(def_path, phase="TEST", cfg=config)
-    report = net.load_caffemodel(net_path)
-    print(report, file=sys.stderr)  # loaded layers; names missing on either side
-    net.to(torch.device(device))
-    dataset = get_imdb(imdb, data, proposals, config)
-    test_net(net, dataset, config, max_per_image=max_per_image, thresh=thresh,
-             output_dir=output, vis=vis)
-    return 0
-
-
-# ``test_*`` names: keep pytest from collecting these when a test module imports them.
+# a ``test_*`` name: keep pytest from collecting it when a test module imports it.
 test_net.__test__ = False
-test_command.__test__ = False

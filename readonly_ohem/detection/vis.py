@@ -24,7 +24,8 @@ def class_color(index: int) -> tuple[int, int, int]:
     return PALETTE[(index - 1) % len(PALETTE)] if index > 0 else (255, 255, 255)
 
 
-def _font(size: int):
+def load_font(size: int):
+    """Pillow's default font at ``size`` px where it scales (FreeType), else its bitmap font."""
     try:
         return ImageFont.load_default(size=size)  # a scalable font when Pillow has FreeType
     except (TypeError, OSError, ImportError):
@@ -45,7 +46,7 @@ def draw_detections(im_bgr: np.ndarray, dets_by_class: dict, out_path, classes=N
     W, H = im.size
     classes = list(classes) if classes is not None else ["__background__", *dets_by_class]
     line = max(2, round(min(W, H) / 200))
-    font = _font(max(11, round(min(W, H) / 28)))
+    font = load_font(max(11, round(min(W, H) / 28)))
     draw = ImageDraw.Draw(im)
 
     items = []

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from readonly_ohem.detection.vis import _font
+from readonly_ohem.detection.vis import load_font
 
 # low loss -> high loss: cyan, green, yellow, orange, red, magenta (bright on the dimmed photo)
 _ANCHORS = np.array([(60, 200, 255), (90, 240, 120), (250, 240, 60), (255, 150, 30),
@@ -156,7 +156,7 @@ def render_selection(meta: dict, arrays: dict, classes, out=None, image=None, ti
         d.rectangle((x1 - 1, y1 - 1, x2 + 1, y2 + 1), outline=(0, 0, 0, 255), width=w + 2)
         d.rectangle((x1, y1, x2, y2), outline=c, width=w)
     # tags, hardest first: kept foreground RoIs, then a few kept background ones, never overlapping
-    font = _font(13)
+    font = load_font(13)
     placed: list = []
     hard_first = kept_order[::-1]
     for fg, limit in ((True, MAX_FG_TAGS), (False, MAX_BG_TAGS)):
@@ -211,13 +211,13 @@ def _title(draw, meta, loss, kept, labels, supp, harder, fw, title):
     if meta.get("pass_num_kept") is not None and meta.get("pass_num_rois") not in (None, n):
         line2 += f"  (pass: {meta['pass_num_kept']} of {meta['pass_num_rois']})"
     draw.rectangle((0, 0, fw, _title_height()), fill=(32, 32, 36))
-    draw.text((10, 8), title, font=_font(18), fill=(255, 255, 255))
-    draw.text((10, 36), line2, font=_font(14), fill=(220, 220, 220))
+    draw.text((10, 8), title, font=load_font(18), fill=(255, 255, 255))
+    draw.text((10, 36), line2, font=load_font(14), fill=(220, 220, 220))
 
 
 def _panel(draw, fig, x0, y0, lo, hi, classes, labels, kept, hardest, settings, notes):
     """Colour bar, legend, kept counts by class, notes: in the right-hand panel."""
-    font, small = _font(14), _font(12)
+    font, small = load_font(14), load_font(12)
     x = x0 + 16
     y = y0 + 12
     draw.text((x, y), "per-RoI loss (cls + bbox)", font=font, fill=(0, 0, 0))

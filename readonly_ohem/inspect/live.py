@@ -23,8 +23,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from readonly_ohem.errors import ConfigError, DataError
 from readonly_ohem import python_layers  # noqa: F401  (registers RoIDataLayer, OHEMDataLayer)
+from readonly_ohem.caffe.net import Net
+from readonly_ohem.config import load_config
+from readonly_ohem.datasets.pascal_voc import parse_voc_xml
+from readonly_ohem.datasets.proposals import _read_keyed, clean_proposals, read_mat_boxes
+from readonly_ohem.errors import ConfigError, DataError
+from readonly_ohem.inspect.draw import render_selection
+from readonly_ohem.inspect.log import default_classes, split_record
+from readonly_ohem.roi_data.blob import blob_scale, image_size
+from readonly_ohem.roi_data.layer import TOP_NAMES
+from readonly_ohem.roi_data.minibatch import build_minibatch, plan_minibatch
+from readonly_ohem.roi_data.roidb import add_bbox_regression_targets, merge_gt_and_proposals, prepare_roidb
+from readonly_ohem.train import (
+    bbox_targets_normalized,
+    find_bbox_pred,
+    find_data_layers,
+    find_ohem_layers,
+    normalize_bbox_pred,
+)
 
 # the OHEM experiment settings (reference_cfgs/fast_rcnn_ohem.yml), applied before --cfg/--set
 OHEM_KEYS = dict(USE_OHEM=True, BG_THRESH_LO=0.0, IMS_PER_BATCH=1, BATCH_SIZE=64, ASPECT_GROUPING=False)
@@ -39,8 +56,6 @@ def find_annotation(image: Path) -> Path | None:
 
 def read_gt(xml: Path, classes) -> dict:
     """Non-difficult objects of a VOC XML as the training roidb has them (0-based, floored)."""
-    from readonly_ohem.datasets.pascal_voc import parse_voc_xml
-
     objs = [o for o in parse_voc_xml(xml) if not o["difficult"]]
     unknown = sorted({o["name"] for o in objs} - set(classes[1:]))
     if unknown:
@@ -72,8 +87,6 @@ def grid_proposals(width: int, height: int, max_boxes: int = 2000) -> np.ndarray
 
 def read_proposals(path: Path, image_id: str) -> np.ndarray:
     """(K, 4) 0-based cleaned proposals of one image from .npz/.json (by id or ``boxes``) or .mat."""
-    from readonly_ohem.datasets.proposals import _read_keyed, clean_proposals, read_mat_boxes
-
     if not path.is_file():
         raise DataError(f"--proposals {path}: file not found")
     if path.suffix.lower() == ".mat":
@@ -94,46 +107,29 @@ def read_proposals(path: Path, image_id: str) -> np.ndarray:
     return boxes
 
 
-def _config(cfg_files, set_pairs):
-    from readonly_ohem.config import default_config
-
-    cfg = default_config()
-    for k, v in OHEM_KEYS.items():
-        cfg.TRAIN[k] = v
-    for f in cfg_files or ():
-        cfg.merge_file(f)
-    cfg.set_list(set_pairs or ())
-    return cfg
+def _bbox_targets(entry: dict, cfg, num_classes: int) -> None:
+    """``entry["bbox_targets"]`` (N, 5) as the training roidb has them, normalized with the
+    config's means/stds (``TRAIN.BBOX_NORMALIZE_MEANS/STDS``: the model file does not record the
+    training set's)."""
+    precomputed = cfg.clone()
+    precomputed.TRAIN.BBOX_NORMALIZE_TARGETS_PRECOMPUTED = True
+    add_bbox_regression_targets([entry], precomputed, num_classes, verbose=False)
 
 
-def _bbox_targets(entry: dict, cfg, num_classes: int) -> np.ndarray:
-    """(N, 5) targets as the training roidb has them, normalized with the config's means/stds."""
-    from readonly_ohem.roi_data.roidb import compute_targets
-
-    t = compute_targets(entry["boxes"], entry["max_overlaps"], entry["max_classes"], cfg.TRAIN.BBOX_THRESH)
-    if cfg.TRAIN.BBOX_NORMALIZE_TARGETS:
-        rows = t[:, 0] > 0
-        t[rows, 1:] = ((t[rows, 1:] - np.asarray(cfg.TRAIN.BBOX_NORMALIZE_MEANS))
-                       / np.asarray(cfg.TRAIN.BBOX_NORMALIZE_STDS)).astype(np.float32)
-    return t
-
-
-@torch.no_grad()
 def _normalize_bbox_pred(net, cfg, num_classes: int) -> bool:
-    """Undo the snapshot's un-normalization of bbox_pred with the config's means/stds."""
-    if not (cfg.TRAIN.BBOX_REG and cfg.TRAIN.BBOX_NORMALIZE_TARGETS):
+    """Undo the snapshot's un-normalization of bbox_pred (or bbox_pred_readonly) with the config's
+    means/stds; False (the net left as it is) where there is nothing to undo or they do not fit."""
+    if not bbox_targets_normalized(cfg):
         return False
-    names = [r.name for r in net.layers]
-    name = "bbox_pred" if "bbox_pred" in names else ("bbox_pred_readonly" if "bbox_pred_readonly" in names else None)
-    if name is None or len(net.layer_params(name)) != 2:
+    layer = find_bbox_pred(net, ("bbox_pred", "bbox_pred_readonly"))
+    if layer is None:
         return False
-    w, b = net.layer_params(name)
-    means = torch.as_tensor(np.tile(cfg.TRAIN.BBOX_NORMALIZE_MEANS, num_classes), dtype=w.dtype)
-    stds = torch.as_tensor(np.tile(cfg.TRAIN.BBOX_NORMALIZE_STDS, num_classes), dtype=w.dtype)
-    if stds.numel() != w.shape[0]:
+    means = np.tile(cfg.TRAIN.BBOX_NORMALIZE_MEANS, num_classes)
+    stds = np.tile(cfg.TRAIN.BBOX_NORMALIZE_STDS, num_classes)
+    try:
+        normalize_bbox_pred(net, means, stds, layer)
+    except ConfigError:  # not num_classes × 4 outputs
         return False
-    b.sub_(means.to(b.device)).div_(stds.to(b.device))
-    w.div_(stds.to(w.device).view(-1, *([1] * (w.ndim - 1))))
     return True
 
 
@@ -143,26 +139,19 @@ def inspect_image(def_path, net_path, image, proposals=None, cfg_files=(), set_p
 
     Returns ``{meta, arrays, classes, notes, summary, picture}`` (``meta``/``arrays`` as a log
     record's, so ``render_selection`` and the stats code read them)."""
-    from readonly_ohem.roi_data.blob import image_size
-    from readonly_ohem.roi_data.minibatch import build_minibatch, plan_minibatch
-    from readonly_ohem.roi_data.roidb import merge_gt_and_proposals, prepare_roidb
-    from readonly_ohem.inspect.draw import render_selection
-    from readonly_ohem.inspect.log import default_classes, split_record
-    from readonly_ohem.caffe.net import Net
-
     image = Path(image)
     if not image.is_file():
         raise DataError(f"--image {image}: file not found")
-    cfg = _config(cfg_files, set_pairs)
+    cfg = load_config(cfg_files, set_pairs, defaults={"TRAIN": OHEM_KEYS})
     net = Net.from_file(str(def_path), phase="TRAIN", cfg=cfg)
-    ohem = [r for r in net.layers if hasattr(r.module, "recorder")]
-    data = [r for r in net.layers if hasattr(r.module, "set_roidb")]
+    ohem = find_ohem_layers(net)
+    data = find_data_layers(net)
     if not ohem or not data:
         raise ConfigError(f"--def {def_path}: needs an OHEM train net (a RoIDataLayer and an "
                           f"OHEMDataLayer); this one has {'no OHEM layer' if not ohem else 'no RoIDataLayer'}")
     report = net.load_caffemodel(str(net_path))
     net.to(device)
-    num_classes = int(data[0].module.num_classes)
+    num_classes = int(data[0].num_classes)
     classes = default_classes(num_classes)
     notes = [f"model {Path(net_path).name}, TRAIN phase (dropout on, seed {cfg.RNG_SEED})"]
     missing = list(getattr(report, "missing", []) or [])
@@ -184,22 +173,18 @@ def inspect_image(def_path, net_path, image, proposals=None, cfg_files=(), set_p
     entry = merge_gt_and_proposals(gt, props, num_classes)
     entry.update(image=str(image), image_id=image.stem, width=width, height=height)
     prepare_roidb([entry])
-    entry["bbox_targets"] = _bbox_targets(entry, cfg, num_classes)
+    _bbox_targets(entry, cfg, num_classes)
     plan = plan_minibatch([entry], cfg, np.random.RandomState(cfg.RNG_SEED), ohem=True)
     blobs = build_minibatch([entry], plan, num_classes, cfg)
-    from readonly_ohem.roi_data.layer import TOP_NAMES
-
-    feed = {top: blobs[name].to(device) for top, name in zip(data[0].tops, TOP_NAMES)}
+    feed = {top: blobs[name].to(device) for top, name in zip(data[0].param.top, TOP_NAMES)}
     records = []
-    for r in ohem:
-        r.module.recorder = records.append
+    for layer in ohem:
+        layer.recorder = records.append
     torch.manual_seed(cfg.RNG_SEED)
     net.forward(feed)
     if not records:
         raise ConfigError(f"--def {def_path}: the OHEM layer did not run")
     keep = np.asarray(plan["keep"][0])
-    from readonly_ohem.roi_data.blob import blob_scale
-
     scale = blob_scale(height, width, cfg.TRAIN.SCALES[int(plan["scale_inds"][0])], cfg.TRAIN.MAX_SIZE)
     meta_in = dict(image_id=image.stem, image_path=str(image), flipped=False, width=width, height=height,
                    scale=scale, roidb_rows=keep, roidb_boxes=entry["boxes"][keep])

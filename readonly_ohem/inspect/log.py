@@ -25,8 +25,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import torch.distributed as dist
 
+from readonly_ohem.datasets.pascal_voc import VOC_CLASSES
 from readonly_ohem.errors import DataError
+from readonly_ohem.roi_data.blob import blob_scale
 
 FORMAT = "readonly-ohem kept-rois"
 VERSION = 1
@@ -53,8 +56,6 @@ def blobs_path(path: str | Path) -> Path:
 
 def default_classes(num_classes: int) -> list[str]:
     """VOC names for 21 classes, else ``__background__, class1, ...``."""
-    from readonly_ohem.datasets.pascal_voc import VOC_CLASSES
-
     if num_classes == len(VOC_CLASSES):
         return list(VOC_CLASSES)
     return ["__background__"] + [f"class{i}" for i in range(1, num_classes)]
@@ -63,8 +64,6 @@ def default_classes(num_classes: int) -> list[str]:
 # -- per-image view of one SelectionRecord ----------------------------------------------------------
 def image_meta_from_plan(data_layer, plan: dict) -> list[dict]:
     """Per image of a RoIDataLayer minibatch: id, path, flip, size, scale and roidb rows."""
-    from readonly_ohem.roi_data.blob import blob_scale
-
     cfg = data_layer.cfg
     out = []
     for i, db in enumerate(plan["db_inds"]):
@@ -249,8 +248,6 @@ def make_recorder(path, every: int = 1, iteration: Callable[[], int] | None = No
                   classes=None) -> KeptRoiLogger:
     """The hook ``readonly_ohem.train.attach_kept_roi_log`` calls. Under torchrun, process r > 0
     writes ``FILE.rank<r>`` (rank 0 writes ``FILE``)."""
-    import torch.distributed as dist
-
     path = Path(path)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and dist.get_rank():
         path = path.with_name(f"{path.name}.rank{dist.get_rank()}")

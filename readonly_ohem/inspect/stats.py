@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from readonly_ohem.errors import ConfigError
+from readonly_ohem.inspect.draw import render_selection
+from readonly_ohem.inspect.log import KeptRoiLog, find_record, read_log
 
 HIST_BINS = 12
 
@@ -35,8 +37,6 @@ def selection_stats(log) -> dict:
     kept_fg, fg_fraction, kept_mean_loss, all_mean_loss, suppressed, harder_than_kept,
     passes_with_harder.
     """
-    from readonly_ohem.inspect.log import KeptRoiLog, read_log
-
     log = log if isinstance(log, KeptRoiLog) else read_log(log)
     classes = log.classes or []
     per_iter: dict[int, dict] = {}
@@ -229,9 +229,6 @@ def summarize_selection(log, stream=None, plot=None, picture=None, iteration=Non
     needs matplotlib) and one selection picture (``picture``: the last logged iteration's first
     image unless ``iteration``/``image`` say otherwise). Returns ``selection_stats`` plus
     ``table`` and the written paths."""
-    from readonly_ohem.inspect.log import KeptRoiLog, find_record, read_log
-    from readonly_ohem.inspect.draw import render_selection
-
     log = log if isinstance(log, KeptRoiLog) else read_log(log)
     stats = selection_stats(log)
     stats["table"] = format_stats(stats)

@@ -284,7 +284,7 @@ def test_fixture_matches_transcribed_original_bit_for_bit():
 def test_eval_command_prints_table_and_writes_json(tmp_path, capsys):
     pytest.importorskip("readonly_ohem.datasets.pascal_voc",
                         reason="parse_voc_xml (data helper) has not landed yet")
-    from readonly_ohem.datasets.voc_eval import eval_command
+    from readonly_ohem.commands.eval import eval_command
 
     out = tmp_path / "ap.json"
     assert eval_command(str(VOC), "test", str(FIX / "expected_results"), "voc07", str(out)) == 0
@@ -324,7 +324,7 @@ def test_eval_command_counts_repeated_image_set_lines(tmp_path):
     pytest.importorskip("readonly_ohem.datasets.pascal_voc")
     import shutil
 
-    from readonly_ohem.datasets.voc_eval import eval_command
+    from readonly_ohem.commands.eval import eval_command
 
     voc = tmp_path / "VOC2007"
     shutil.copytree(VOC / "Annotations", voc / "Annotations")

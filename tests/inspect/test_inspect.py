@@ -1,4 +1,4 @@
-"""The kept-RoI log on hand-built selections: format, crash tolerance, statistics, pictures, CLI."""
+"""The kept-RoI log on hand-built selections: format, crash tolerance, statistics, pictures."""
 
 import io
 import json
@@ -6,15 +6,14 @@ import zlib
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from readonly_ohem.errors import ConfigError, DataError
+from readonly_ohem.commands.inspect import inspect_command
 from readonly_ohem.inspect import (
     KeptRoiLogger,
     figure_size,
     format_stats,
-    inspect_command,
     read_log,
     render_selection,
     selection_stats,
@@ -22,43 +21,8 @@ from readonly_ohem.inspect import (
 )
 from readonly_ohem.inspect.draw import loss_colors
 from readonly_ohem.inspect.log import blobs_path, split_record
-from readonly_ohem.ohem.record import SelectionRecord
 
-
-def record(loss_cls, loss_bbox, labels, suppressed, keep, batch_size, image=None, boxes=None):
-    """A SelectionRecord as the OHEM layer hands it over (torch tensors)."""
-    n = len(labels)
-    lc = torch.tensor(loss_cls, dtype=torch.float64)
-    lb = torch.tensor(loss_bbox, dtype=torch.float64)
-    kept = torch.zeros(n, dtype=torch.bool)
-    kept[torch.tensor(keep, dtype=torch.long)] = True
-    if boxes is None:
-        boxes = [[10.0 * i, 5.0 * i, 10.0 * i + 40, 5.0 * i + 30] for i in range(n)]
-    return SelectionRecord(
-        keep=torch.tensor(keep, dtype=torch.long), loss_cls=lc, loss_bbox=lb, loss=lc + lb,
-        labels=torch.tensor(labels, dtype=torch.long),
-        image=torch.tensor(image if image is not None else [0] * n, dtype=torch.long),
-        boxes=torch.tensor(boxes, dtype=torch.float32), suppressed=torch.tensor(suppressed),
-        kept=kept, batch_size=batch_size)
-
-
-# iteration 0: losses 4, 3, 2, 1, 0.5; RoI 1 (loss 3) suppressed although harder than the easiest
-# kept (2); batch 2 is full.  iteration 1: losses 1, 2, 0.25, 0.125; RoI 3 suppressed, easier than
-# every kept one, but only 3 RoIs survived for a batch of 4: NMS cost the batch a RoI.
-REC0 = dict(loss_cls=[3.5, 3.0, 2.0, 0.75, 0.5], loss_bbox=[0.5, 0, 0, 0.25, 0], labels=[1, 0, 0, 2, 0],
-            suppressed=[False, True, False, False, False], keep=[0, 2], batch_size=2)
-REC1 = dict(loss_cls=[1.0, 1.5, 0.25, 0.125], loss_bbox=[0, 0.5, 0, 0], labels=[0, 3, 0, 0],
-            suppressed=[False, False, False, True], keep=[1, 0, 2], batch_size=4)
-META = dict(image_id="000007", image_path=None, flipped=False, width=120, height=90, scale=2.0)
-
-
-@pytest.fixture
-def hand_log(tmp_path):
-    path = tmp_path / "kept.jsonl"
-    logger = KeptRoiLogger(path, log_every=1)
-    logger(record(**REC0), iteration=0, metas=[META])
-    logger(record(**REC1), iteration=1, metas=[META])
-    return path
+from kept_roi_samples import META, REC0, REC1, hand_log, record  # noqa: F401  (hand_log: a fixture)
 
 
 def test_index_lines_are_plain_json_and_blobs_plain_npz(hand_log):
@@ -235,17 +199,6 @@ def test_picture_without_the_image_file(hand_log, tmp_path):
     rec = read_log(hand_log)[0]
     im = render_selection(rec.meta, rec.arrays, None, tmp_path / "x.png")
     assert im.size == figure_size(120, 90)
-
-
-def test_cli_errors(hand_log, tmp_path):
-    with pytest.raises(DataError, match="iteration 7 was not logged"):
-        inspect_command(str(hand_log), iteration=7, out=str(tmp_path / "a.png"))
-    with pytest.raises(DataError, match="no image 'zzz'"):
-        inspect_command(str(hand_log), iteration=0, image="zzz", out=str(tmp_path / "a.png"))
-    with pytest.raises(ConfigError, match="needs --def"):
-        inspect_command(def_path="x.prototxt")
-    with pytest.raises(ConfigError, match="needs a log"):
-        inspect_command()
 
 
 def test_stats_plot_without_matplotlib_says_what_to_install(hand_log, tmp_path, monkeypatch):

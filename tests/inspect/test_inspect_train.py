@@ -9,9 +9,11 @@ import pytest
 from PIL import Image
 
 import readonly_ohem.inspect as inspect_pkg
+from readonly_ohem.commands.inspect import inspect_command
+from readonly_ohem.commands.train import train_command
 from readonly_ohem.datasets.minivoc import make_minivoc
 from readonly_ohem.datasets.pascal_voc import parse_voc_xml
-from readonly_ohem.inspect import figure_size, inspect_command, read_log, selection_stats
+from readonly_ohem.inspect import figure_size, read_log, selection_stats
 from readonly_ohem.inspect.log import make_recorder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,8 +28,6 @@ def minivoc(tmp_path_factory):
 
 
 def test_log_written_by_training_equals_the_layer_selection(minivoc, tmp_path, monkeypatch):
-    from readonly_ohem.train import train_command
-
     seen = []  # what each OHEM forward selected, as the layer handed it over
 
     def tee(path, every=1, iteration=None, data_layer=None, **kw):

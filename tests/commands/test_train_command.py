@@ -1,0 +1,85 @@
+"""``readonly-ohem train``: a short real run on the mini-VOC (small OHEM net, RoIDataLayer):
+resume equals an uninterrupted run; user errors before any iteration."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from readonly_ohem.caffe.weights import blob_to_array, read_caffemodel
+from readonly_ohem.commands.train import train_command
+from readonly_ohem.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _small_solver(kind):
+    return REPO / "prototxt" / "small" / kind / "solver.prototxt"
+
+
+@pytest.fixture
+def voc_data(tmp_path, request):
+    """(data dir, proposals file or None): a 6-image mini-VOC, else the shared original-pipeline set."""
+    try:
+        from readonly_ohem.datasets.minivoc import make_minivoc
+    except ImportError:
+        shared = request.getfixturevalue("shared_dir") / "original_pipeline" / "train"
+        return shared, shared / "voc_2007_trainval.mat"
+    make_minivoc(tmp_path / "voc", seed=0, num_images=6)
+    return tmp_path / "voc", None
+
+
+def test_train_command_ohem_resume_equals_uninterrupted(tmp_path, voc_data):
+    solver = _small_solver("fast_rcnn_ohem")
+    if not solver.is_file():
+        pytest.skip("prototxt/small/fast_rcnn_ohem/solver.prototxt not there yet")
+    data, proposals = voc_data
+    common = dict(solver=str(solver), imdb="voc_2007_trainval", data=str(data),
+                  proposals=None if proposals is None else str(proposals),
+                  cfg=[str(REPO / "prototxt" / "cfgs" / "fast_rcnn_ohem.yml")],
+                  set_pairs=[["TRAIN.SCALES", "(96,)"], ["TRAIN.MAX_SIZE", "160"],
+                             ["TRAIN.SNAPSHOT_ITERS", "1"]], stream=__import__("io").StringIO())
+    log = tmp_path / "kept.log"
+    assert train_command(iters=2, output=str(tmp_path / "a"), log_kept_rois=str(log), log_every=1,
+                         **common) == 0
+    read_log = pytest.importorskip("readonly_ohem.inspect").read_log
+    assert read_log(log).iterations == [0, 1]  # the hook is attached: both iterations logged
+    # the straight run's own snapshot at 1 stands for an interrupted run
+    state = tmp_path / "a" / "small_fast_rcnn_ohem_iter_1.state.pt"
+    assert train_command(iters=2, output=str(tmp_path / "b"), resume=str(state), **common) == 0
+    a = torch.load(tmp_path / "a" / "small_fast_rcnn_ohem_iter_2.state.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "small_fast_rcnn_ohem_iter_2.state.pt", weights_only=False)
+    assert a["data"] == b["data"] and a["data"]  # the data layer's order and cursor
+    for k in a["weights"]:
+        assert torch.equal(a["weights"][k], b["weights"][k]), k
+    # the snapshot un-normalizes bbox_pred (shared by bbox_pred and bbox_pred_readonly)
+    saved = {name: [blob_to_array(bl) for bl in blobs] for name, _, blobs in
+             read_caffemodel(tmp_path / "a" / "small_fast_rcnn_ohem_iter_2.caffemodel")}
+    np.testing.assert_array_equal(saved["bbox_pred"][1], saved["bbox_pred_readonly"][1])
+    assert not np.array_equal(saved["bbox_pred"][1], a["weights"]["bbox_pred_b"].numpy())
+    # resuming at iteration 1 with --iters 1: nothing to do is an error, not a silent re-snapshot
+    with pytest.raises(ConfigError, match="at iteration 1, already at or past the 1 asked for"):
+        train_command(iters=1, output=str(tmp_path / "c"), resume=str(state), **common)
+    assert not list((tmp_path / "c").glob("*.caffemodel"))
+
+
+def test_train_command_user_errors_before_training(tmp_path, voc_data):
+    """--iters < 1, an output dir or a kept-RoI log that cannot be created: ConfigError naming
+    the option and path (the CLI prints it as one line), before any iteration runs."""
+    data, proposals = voc_data
+    common = dict(solver=str(_small_solver("fast_rcnn_ohem")), data=str(data),
+                  proposals=None if proposals is None else str(proposals),
+                  cfg=[str(REPO / "prototxt" / "cfgs" / "fast_rcnn_ohem.yml")],
+                  set_pairs=[["TRAIN.SCALES", "(96,)"], ["TRAIN.MAX_SIZE", "160"]],
+                  stream=__import__("io").StringIO())
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="--iters must be >= 1, got -3"):
+        train_command(iters=-3, output=str(tmp_path / "o"), **common)
+    with pytest.raises(ConfigError, match=f"--output {blocker / 'out'}: cannot create"):
+        train_command(iters=1, output=str(blocker / "out"), **common)
+    with pytest.raises(ConfigError, match=f"--log-kept-rois {blocker / 'k.jsonl'}: cannot write"):
+        train_command(iters=1, output=str(tmp_path / "o"), log_kept_rois=str(blocker / "k.jsonl"),
+                      **common)
+    assert not list((tmp_path / "o").glob("*"))
