@@ -39,7 +39,6 @@ def init_from_env(device: str = "cpu") -> DistContext | None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return None
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         backend = "nccl" if str(device).startswith("cuda") else "gloo"

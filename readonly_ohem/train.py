@@ -44,6 +44,7 @@ from readonly_ohem import distributed, pretrained
 from readonly_ohem import inspect  # the kept-RoI log (readonly_ohem.inspect, not the stdlib's)
 from readonly_ohem import python_layers  # noqa: F401  (registers RoIDataLayer, OHEMDataLayer)
 from readonly_ohem.atomic import atomic_write
+from readonly_ohem.caffe import use_caffe_float32
 from readonly_ohem.caffe.solver import NonFiniteLossError, Solver, build_net
 from readonly_ohem.caffe.spec import read_solver
 from readonly_ohem.errors import ConfigError
@@ -185,6 +186,7 @@ class Trainer:
 
     def __init__(self, solver: Solver, cfg, output_dir: str | Path, bbox_means=None, bbox_stds=None,
                  feed_fn: Callable[[int, int], dict | None] | None = None, ctx=None, stream=None):
+        use_caffe_float32()  # Caffe computes in true float32: no TF32 on GPUs
         self.solver = solver
         self.net = solver.net
         self.cfg = cfg

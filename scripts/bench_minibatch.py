@@ -17,13 +17,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from readonly_ohem.config import load_config
-from readonly_ohem.roi_data.layer import RoIDataLayer  # noqa: F401  (registers the layer)
-from readonly_ohem.datasets.minivoc import make_minivoc
-from readonly_ohem.datasets.pascal_voc import get_imdb
-from readonly_ohem.datasets.proposals import save_proposals_npz
-from readonly_ohem.roi_data.roidb import training_roidb
+from google.protobuf import text_format
+
 from readonly_ohem.caffe.layers.base import PYTHON_LAYERS, LayerContext
+from readonly_ohem.caffe.proto import caffe_pb2
+from readonly_ohem.config import load_config
+from readonly_ohem.datasets import get_imdb
+from readonly_ohem.datasets.minivoc import make_minivoc
+from readonly_ohem.datasets.proposals import save_proposals_npz
+from readonly_ohem.roi_data.layer import RoIDataLayer  # noqa: F401  (registers the layer)
+from readonly_ohem.roi_data.roidb import training_roidb
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,10 +76,6 @@ def main() -> None:
     props = topped_up_proposals(base, args.rois, Path(tmp.name) / "proposals.npz")
     imdb = get_imdb("voc_2007_trainval", root, proposals=props, cfg=cfg, cache_dir=False)
     roidb, _, _ = training_roidb(imdb, cfg, verbose=False)
-
-    from google.protobuf import text_format
-
-    from readonly_ohem.caffe.proto import caffe_pb2
 
     param = text_format.Parse(
         "name: 'data' type: 'Python' top: 'data' top: 'rois' top: 'labels' top: 'bbox_targets' "

@@ -23,13 +23,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from readonly_ohem import python_layers  # noqa: F401  (registers RoIDataLayer, OHEMDataLayer)
+from readonly_ohem.caffe import use_caffe_float32
+from readonly_ohem.caffe.solver import Solver, build_net
+from readonly_ohem.caffe.spec import read_solver
+from readonly_ohem.config import load_config
+from readonly_ohem.datasets import get_imdb
+from readonly_ohem.datasets.minivoc import make_minivoc
+from readonly_ohem.roi_data.roidb import training_roidb
 
 REPO = Path(__file__).resolve().parents[1]
 NETS = {
@@ -44,12 +52,6 @@ def sync(device):
 
 
 def build(kind_dir, cfg_files, ohem, imdb_name, data_dir, proposals, device, set_pairs):
-    from readonly_ohem.config import load_config
-    from readonly_ohem.datasets.pascal_voc import get_imdb
-    from readonly_ohem.roi_data.roidb import training_roidb
-    from readonly_ohem.caffe.solver import Solver, build_net
-    from readonly_ohem.caffe.spec import read_solver
-
     files = [str(REPO / f) for f in cfg_files]
     if ohem:
         files.append(str(REPO / "prototxt/cfgs/fast_rcnn_ohem.yml"))
@@ -152,6 +154,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave)")
     args = ap.parse_args(argv)
+    use_caffe_float32()  # as the commands: true float32 on GPUs
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -160,8 +163,6 @@ def main(argv=None):
     tmp = None
     data = args.data
     if data is None:
-        from readonly_ohem.datasets.minivoc import make_minivoc
-
         tmp = tempfile.TemporaryDirectory()
         data = tmp.name
         make_minivoc(data, seed=0, num_images=args.images)

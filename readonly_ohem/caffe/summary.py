@@ -1,13 +1,13 @@
-"""``readonly-ohem net``: the layer table Caffe prints at start-up, without running the net.
+"""The layer table Caffe prints at start-up, without running the net (``readonly-ohem net``).
 
 For each layer: name, type, bottoms -> tops with their shapes, learnable params with shapes,
 shared names (and the owner) and the effective lr/decay mults (after Caffe's adoption of a
 sharer's mults); then totals (learnable values, shared counted once; memory for the data blobs,
 counted per top as Caffe's "Memory required for data").
 
-Data layers (Python ones included) are not built or run: their tops take the ``--shape`` given
-(``BLOB=d0,d1,...``), as do net inputs when given. Params are created on the meta device (no
-memory, no fill) unless ``--weights`` asks to load a .caffemodel.
+The net is built by the caller (``commands/net.py``): data layers (Python ones included) are
+not built or run there, their tops take the shapes given (``--shape BLOB=d0,d1,...``), as do net
+inputs when given; params live on the meta device (no memory, no fill) unless weights are loaded.
 """
 
 from __future__ import annotations

@@ -38,10 +38,11 @@ import numpy as np
 import torch
 
 from readonly_ohem import python_layers  # noqa: F401  (registers RoIDataLayer, OHEMDataLayer)
+from readonly_ohem.caffe import use_caffe_float32
 from readonly_ohem.caffe.net import Net
 from readonly_ohem.config import load_config
 from readonly_ohem.datasets.minivoc import make_minivoc
-from readonly_ohem.datasets.pascal_voc import get_imdb
+from readonly_ohem.datasets import get_imdb
 from readonly_ohem.detection.test import test_net
 from readonly_ohem.errors import ConfigError
 from readonly_ohem.inspect import summarize_selection
@@ -323,6 +324,7 @@ def run_demo(output="demo_output", iters: int | None = None, seed: int = 0,
 
 def demo_command(output="demo_output", iters=None, seed=0) -> int:
     """``readonly-ohem demo [--output DIR] [--iters N] [--seed S]``."""
+    use_caffe_float32()  # Caffe computes in true float32: no TF32 on GPUs
     if iters is not None and iters < 1:
         raise ConfigError(f"--iters must be >= 1, got {iters}")
     run_demo(output, iters=iters, seed=seed)

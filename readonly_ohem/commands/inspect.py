@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from readonly_ohem.caffe import use_caffe_float32
 from readonly_ohem.errors import ConfigError
 from readonly_ohem.inspect import draw_logged, read_log, summarize_selection
 from readonly_ohem.inspect.live import inspect_image
@@ -20,6 +21,7 @@ def inspect_command(log=None, iteration=None, image=None, out=None, stats=False,
                     net_path=None, proposals=None, cfg=(), set_pairs=(), stream=None) -> int:
     """``readonly-ohem inspect``: a picture of a logged selection, the statistics of a log, or
     (``--def/--net/--image``) the selection a trained net would make now on one image."""
+    use_caffe_float32()  # Caffe computes in true float32: no TF32 on GPUs
     stream = stream if stream is not None else sys.stdout
     if def_path or net_path:
         if not (def_path and net_path and image):

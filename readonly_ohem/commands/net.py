@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Mapping
 
 from readonly_ohem import python_layers  # noqa: F401  (registers RoIDataLayer, OHEMDataLayer)
+from readonly_ohem.caffe import use_caffe_float32
 from readonly_ohem.caffe.net import Net
 from readonly_ohem.caffe.summary import format_table, json_summary, summarize
 from readonly_ohem.errors import DataError, SpecError
@@ -21,6 +22,7 @@ from readonly_ohem.errors import DataError, SpecError
 def net_command(prototxt, phase: str = "TRAIN", shapes: Mapping | None = None, weights=None,
                 json_path=None, allow_python_import: bool = False) -> int:
     """Print the layer table of ``prototxt``; ``--json FILE|-`` also writes it as JSON."""
+    use_caffe_float32()  # Caffe computes in true float32: no TF32 on GPUs
     shapes = {k: tuple(v) for k, v in dict(shapes or {}).items()}
     net = Net.from_file(prototxt, phase=phase, input_shapes=shapes,
                         allow_python_import=allow_python_import, build_data_layers=False,

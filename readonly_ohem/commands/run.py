@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from readonly_ohem import python_layers  # noqa: F401  (registers RoIDataLayer, OHEMDataLayer)
+from readonly_ohem.caffe import use_caffe_float32
 from readonly_ohem.caffe.net import Net
 from readonly_ohem.caffe.solver import Solver
 from readonly_ohem.caffe.spec import read_solver
@@ -120,6 +121,7 @@ def run_command(prototxt, inputs, out, weights=None, phase: str = "TRAIN", backw
                 top_diff=None, solver=None, iters: int = 1, cfg=(), set_pairs=(),
                 allow_python_import: bool = False) -> int:
     """One forward/backward (or ``iters`` solver iterations) of ``prototxt`` on ``inputs``."""
+    use_caffe_float32()  # Caffe computes in true float32: no TF32 on GPUs
     config = load_config(cfg or (), set_pairs or ())
     feeds = split_batches(_as_float32(read_npz(inputs, "inputs"), str(inputs)), str(inputs))
     if solver is not None:

@@ -11,15 +11,17 @@ import sys
 import torch
 
 from readonly_ohem import python_layers  # noqa: F401  (registers RoIDataLayer, OHEMDataLayer)
+from readonly_ohem.caffe import use_caffe_float32
 from readonly_ohem.caffe.net import Net
 from readonly_ohem.config import load_config
-from readonly_ohem.datasets.pascal_voc import get_imdb
+from readonly_ohem.datasets import get_imdb
 from readonly_ohem.detection.test import test_net
 
 
 def test_command(def_path, net_path, imdb, data=None, proposals=None, cfg=(), set_pairs=(),
                  output="output", thresh=0.05, max_per_image=100, vis=0, device="cpu"):
     """``readonly-ohem test``: the original ``tools/test_net.py``."""
+    use_caffe_float32()  # Caffe computes in true float32: no TF32 on GPUs
     config = load_config(cfg, set_pairs)
     net = Net.from_file(def_path, phase="TEST", cfg=config)
     report = net.load_caffemodel(net_path)

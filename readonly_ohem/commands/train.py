@@ -14,7 +14,7 @@ import torch
 
 from readonly_ohem import distributed
 from readonly_ohem.config import load_config
-from readonly_ohem.datasets.pascal_voc import get_imdb
+from readonly_ohem.datasets import get_imdb
 from readonly_ohem.errors import ConfigError
 from readonly_ohem.train import run_training, setup_training
 

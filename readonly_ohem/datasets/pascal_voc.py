@@ -22,9 +22,7 @@ import numpy as np
 
 from readonly_ohem.config import default_config
 from readonly_ohem.datasets import voc_eval
-# get_imdb: the old import path, kept until train.py, detection/test.py and commands/demo.py
-# import it from readonly_ohem.datasets
-from readonly_ohem.datasets.factory import get_imdb, register_dataset  # noqa: F401
+from readonly_ohem.datasets.factory import register_dataset
 from readonly_ohem.datasets.imdb import Imdb, overlaps_matrix
 from readonly_ohem.datasets.proposals import MIN_SIZE, load_proposals
 from readonly_ohem.datasets.voc_eval import parse_voc_xml

@@ -104,7 +104,7 @@ def load_proposals(path: str | Path, image_ids: Sequence[str], min_size: int = M
                             f"{len(image_ids)} (the cell must follow the image-set order)")
         raw = [r[:, (1, 0, 3, 2)] - 1 for r in raw]
     elif suffix in (".npz", ".json"):
-        table = _read_keyed(path)
+        table = read_keyed(path)
         missing = [i for i in image_ids if i not in table]
         if missing:
             raise DataError(f"{path}: no proposals for {len(missing)} image(s) of the image set, "
@@ -128,7 +128,8 @@ def load_proposals(path: str | Path, image_ids: Sequence[str], min_size: int = M
     return out
 
 
-def _read_keyed(path: Path) -> dict:
+def read_keyed(path: Path) -> dict:
+    """A ``.npz`` or ``.json`` proposals file as a dict: image id (or ``boxes``) -> rows."""
     try:
         if path.suffix.lower() == ".npz":
             with np.load(path, allow_pickle=False) as z:
@@ -141,6 +142,28 @@ def _read_keyed(path: Path) -> dict:
     if not isinstance(data, dict):
         raise DataError(f"{path}: a .json proposals file must map image id -> [[x1, y1, x2, y2], ...]")
     return data
+
+
+def load_image_proposals(path: Path, image_id: str) -> np.ndarray:
+    """(K, 4) 0-based cleaned proposals of one image from .npz/.json (by id or ``boxes``) or .mat."""
+    if not path.is_file():
+        raise DataError(f"--proposals {path}: file not found")
+    if path.suffix.lower() == ".mat":
+        raw = read_mat_boxes(path)
+        if len(raw) != 1:
+            raise DataError(f"{path}: holds proposals for {len(raw)} images; give a one-image file "
+                            f"or a .npz keyed by image id")
+        boxes = raw[0][:, (1, 0, 3, 2)] - 1
+    else:
+        table = read_keyed(path)
+        key = image_id if image_id in table else ("boxes" if "boxes" in table else None)
+        if key is None:
+            raise DataError(f"{path}: no proposals for image {image_id!r} (keys: {sorted(table)[:5]})")
+        boxes = np.asarray(table[key], dtype=np.float64).reshape(-1, 4)
+    boxes, _ = clean_proposals(boxes)
+    if boxes.shape[0] == 0:
+        raise DataError(f"{path}: no usable proposals for image {image_id!r}")
+    return boxes
 
 
 def save_proposals_mat(path: str | Path, boxes_per_image: Sequence[np.ndarray]) -> None:

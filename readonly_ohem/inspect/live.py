@@ -26,15 +26,17 @@ import torch
 from readonly_ohem import python_layers  # noqa: F401  (registers RoIDataLayer, OHEMDataLayer)
 from readonly_ohem.caffe.net import Net
 from readonly_ohem.config import load_config
-from readonly_ohem.datasets.pascal_voc import parse_voc_xml
-from readonly_ohem.datasets.proposals import _read_keyed, clean_proposals, read_mat_boxes
+from readonly_ohem.datasets.voc_eval import parse_voc_xml
+from readonly_ohem.datasets.image import image_size
+from readonly_ohem.datasets.imdb import merge_gt_and_proposals
+from readonly_ohem.datasets.proposals import load_image_proposals
 from readonly_ohem.errors import ConfigError, DataError
 from readonly_ohem.inspect.draw import render_selection
 from readonly_ohem.inspect.log import default_classes, split_record
-from readonly_ohem.roi_data.blob import blob_scale, image_size
+from readonly_ohem.roi_data.blob import blob_scale
 from readonly_ohem.roi_data.layer import TOP_NAMES
 from readonly_ohem.roi_data.minibatch import build_minibatch, plan_minibatch
-from readonly_ohem.roi_data.roidb import add_bbox_regression_targets, merge_gt_and_proposals, prepare_roidb
+from readonly_ohem.roi_data.roidb import add_bbox_regression_targets, prepare_roidb
 from readonly_ohem.train import (
     bbox_targets_normalized,
     find_bbox_pred,
@@ -82,28 +84,6 @@ def grid_proposals(width: int, height: int, max_boxes: int = 2000) -> np.ndarray
     boxes = np.unique(boxes, axis=0)
     if boxes.shape[0] > max_boxes:
         boxes = boxes[np.round(np.linspace(0, boxes.shape[0] - 1, max_boxes)).astype(int)]
-    return boxes
-
-
-def read_proposals(path: Path, image_id: str) -> np.ndarray:
-    """(K, 4) 0-based cleaned proposals of one image from .npz/.json (by id or ``boxes``) or .mat."""
-    if not path.is_file():
-        raise DataError(f"--proposals {path}: file not found")
-    if path.suffix.lower() == ".mat":
-        raw = read_mat_boxes(path)
-        if len(raw) != 1:
-            raise DataError(f"{path}: holds proposals for {len(raw)} images; give a one-image file "
-                            f"or a .npz keyed by image id")
-        boxes = raw[0][:, (1, 0, 3, 2)] - 1
-    else:
-        table = _read_keyed(path)
-        key = image_id if image_id in table else ("boxes" if "boxes" in table else None)
-        if key is None:
-            raise DataError(f"{path}: no proposals for image {image_id!r} (keys: {sorted(table)[:5]})")
-        boxes = np.asarray(table[key], dtype=np.float64).reshape(-1, 4)
-    boxes, _ = clean_proposals(boxes)
-    if boxes.shape[0] == 0:
-        raise DataError(f"{path}: no usable proposals for image {image_id!r}")
     return boxes
 
 
@@ -166,7 +146,7 @@ def inspect_image(def_path, net_path, image, proposals=None, cfg_files=(), set_p
     if gt is None:
         notes.append("no annotation found: every RoI labelled background")
     if proposals:
-        props = read_proposals(Path(proposals), image.stem)
+        props = load_image_proposals(Path(proposals), image.stem)
     else:
         props = grid_proposals(width, height)
         notes.append(f"no --proposals: a sliding-window grid of {props.shape[0]} boxes")

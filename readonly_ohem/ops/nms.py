@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from readonly_ohem.ops.boxes import bbox_overlaps, bbox_overlaps_paired, box_areas, paired_intersections
+from readonly_ohem.ops.boxes import bbox_overlaps, bbox_overlaps_paired, paired_intersections
 
 _FIRST_CHUNK = 256  # boxes per chunk of an unbounded NMS (later chunks double, up to _MAX_CHUNK)
 _MIN_CHUNK = 64  # smallest chunk when stopping early

@@ -19,8 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-# image_size: re-exported for inspect/live.py until it imports readonly_ohem.datasets.image
-from readonly_ohem.datasets.image import image_size, load_image_bgr  # noqa: F401
+from readonly_ohem.datasets.image import load_image_bgr
 
 
 def blob_scale(height: int, width: int, target_size: int, max_size: int) -> float:

@@ -17,8 +17,6 @@ import warnings
 
 import numpy as np
 
-# merge_gt_and_proposals: re-exported for inspect/live.py until it imports readonly_ohem.datasets.imdb
-from readonly_ohem.datasets.imdb import merge_gt_and_proposals  # noqa: F401
 from readonly_ohem.errors import DataError
 from readonly_ohem.ops.boxes import bbox_overlaps, bbox_transform
 

@@ -380,7 +380,7 @@ def _read_lines(path):
 
 def test_fixture_result_files_match_the_original(tmp_path):
     net_mod = pytest.importorskip("readonly_ohem.caffe.net", reason="the Net engine has not landed yet")
-    from readonly_ohem.datasets.pascal_voc import get_imdb
+    from readonly_ohem.datasets import get_imdb
 
     cfg = default_config()
     net = net_mod.Net.from_file(str(FIX / "test.prototxt"), phase="TEST", cfg=cfg)

@@ -12,7 +12,7 @@ import readonly_ohem.inspect as inspect_pkg
 from readonly_ohem.commands.inspect import inspect_command
 from readonly_ohem.commands.train import train_command
 from readonly_ohem.datasets.minivoc import make_minivoc
-from readonly_ohem.datasets.pascal_voc import parse_voc_xml
+from readonly_ohem.datasets.voc_eval import parse_voc_xml
 from readonly_ohem.inspect import figure_size, read_log, selection_stats
 from readonly_ohem.inspect.log import make_recorder
 
