@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from readonly_ohem.inspect import KeptRoiLogger
+
+from kept_roi_samples import META, REC0, REC1, record
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -27,3 +31,13 @@ def shared_dir() -> Path:
 @pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+@pytest.fixture
+def hand_log(tmp_path) -> Path:
+    """A two-iteration kept-RoI log of the hand-built selections in ``kept_roi_samples``."""
+    path = tmp_path / "kept.jsonl"
+    logger = KeptRoiLogger(path, log_every=1)
+    logger(record(**REC0), iteration=0, metas=[META])
+    logger(record(**REC1), iteration=1, metas=[META])
+    return path

@@ -1,10 +1,8 @@
-"""Hand-built OHEM selections and a two-iteration kept-RoI log of them (``hand_log`` fixture),
+"""Hand-built OHEM selections (the ``hand_log`` fixture in conftest.py logs two iterations of them),
 for the tests of ``readonly_ohem.inspect`` and of the ``inspect`` command."""
 
-import pytest
 import torch
 
-from readonly_ohem.inspect import KeptRoiLogger
 from readonly_ohem.ohem.record import SelectionRecord
 
 
@@ -33,12 +31,3 @@ REC0 = dict(loss_cls=[3.5, 3.0, 2.0, 0.75, 0.5], loss_bbox=[0.5, 0, 0, 0.25, 0],
 REC1 = dict(loss_cls=[1.0, 1.5, 0.25, 0.125], loss_bbox=[0, 0.5, 0, 0], labels=[0, 3, 0, 0],
             suppressed=[False, False, False, True], keep=[1, 0, 2], batch_size=4)
 META = dict(image_id="000007", image_path=None, flipped=False, width=120, height=90, scale=2.0)
-
-
-@pytest.fixture
-def hand_log(tmp_path):
-    path = tmp_path / "kept.jsonl"
-    logger = KeptRoiLogger(path, log_every=1)
-    logger(record(**REC0), iteration=0, metas=[META])
-    logger(record(**REC1), iteration=1, metas=[META])
-    return path

@@ -7,6 +7,8 @@ Kept line for line (only made parametrizable where tests need a deterministic va
 of ours. There is one copy of each: tests and benchmarks import it.
 """
 
+import xml.etree.ElementTree as ET
+
 import numpy as np
 
 
@@ -116,3 +118,89 @@ def get_ohem_minibatch(loss, rois, labels, batch_size, use_nms, nms_thresh,
     else:
         hard_inds = select_hard_examples(loss, batch_size, argsort_desc)
     return hard_inds, keep_inds
+
+
+# -- datasets/voc_eval.py (Python 3 syntax only) ---------------------------------------------
+
+def voc_ap(rec, prec, use_07_metric):
+    """The original devkit AP: 11-point (VOC07) or area under the precision envelope."""
+    if use_07_metric:
+        ap = 0.0
+        for t in np.arange(0.0, 1.1, 0.1):
+            if np.sum(rec >= t) == 0:
+                p = 0
+            else:
+                p = np.max(prec[rec >= t])
+            ap = ap + p / 11.0
+    else:
+        mrec = np.concatenate(([0.0], rec, [1.0]))
+        mpre = np.concatenate(([0.0], prec, [0.0]))
+        for i in range(mpre.size - 1, 0, -1):
+            mpre[i - 1] = np.maximum(mpre[i - 1], mpre[i])
+        i = np.where(mrec[1:] != mrec[:-1])[0]
+        ap = np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1])
+    return ap
+
+
+def voc_eval(lines, recs, classname, ovthresh, use_07_metric, imagenames=None):
+    """The original ``voc_eval`` on result-file ``lines`` and parsed ``recs`` (the pickle cache
+    aside); ``imagenames``: the image-set lines (default: every annotated image)."""
+    class_recs, npos = {}, 0
+    for imagename in (recs if imagenames is None else imagenames):
+        R = [obj for obj in recs[imagename] if obj["name"] == classname]
+        bbox = np.array([x["bbox"] for x in R])
+        difficult = np.array([x["difficult"] for x in R]).astype(bool)
+        det = [False] * len(R)
+        npos = npos + sum(~difficult)
+        class_recs[imagename] = {"bbox": bbox, "difficult": difficult, "det": det}
+    splitlines = [x.strip().split(" ") for x in lines]
+    image_ids = [x[0] for x in splitlines]
+    confidence = np.array([float(x[1]) for x in splitlines])
+    BB = np.array([[float(z) for z in x[2:]] for x in splitlines])
+    sorted_ind = np.argsort(-confidence)
+    BB = BB[sorted_ind, :]
+    image_ids = [image_ids[x] for x in sorted_ind]
+    nd = len(image_ids)
+    tp, fp = np.zeros(nd), np.zeros(nd)
+    for d in range(nd):
+        R = class_recs[image_ids[d]]
+        bb = BB[d, :].astype(float)
+        ovmax = -np.inf
+        BBGT = R["bbox"].astype(float)
+        if BBGT.size > 0:
+            ixmin = np.maximum(BBGT[:, 0], bb[0])
+            iymin = np.maximum(BBGT[:, 1], bb[1])
+            ixmax = np.minimum(BBGT[:, 2], bb[2])
+            iymax = np.minimum(BBGT[:, 3], bb[3])
+            iw = np.maximum(ixmax - ixmin + 1.0, 0.0)
+            ih = np.maximum(iymax - iymin + 1.0, 0.0)
+            inters = iw * ih
+            uni = ((bb[2] - bb[0] + 1.0) * (bb[3] - bb[1] + 1.0)
+                   + (BBGT[:, 2] - BBGT[:, 0] + 1.0) * (BBGT[:, 3] - BBGT[:, 1] + 1.0) - inters)
+            overlaps = inters / uni
+            ovmax = np.max(overlaps)
+            jmax = np.argmax(overlaps)
+        if ovmax > ovthresh:
+            if not R["difficult"][jmax]:
+                if not R["det"][jmax]:
+                    tp[d] = 1.0
+                    R["det"][jmax] = 1
+                else:
+                    fp[d] = 1.0
+        else:
+            fp[d] = 1.0
+    fp, tp = np.cumsum(fp), np.cumsum(tp)
+    with np.errstate(invalid="ignore"):  # npos 0 -> NaN recalls, as the original
+        rec = tp / float(npos)
+    prec = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+    return rec, prec, voc_ap(rec, prec, use_07_metric)
+
+
+def parse_rec(filename):
+    """The original devkit's XML reader, so the tests' reference needs no module of ours."""
+    objects = []
+    for obj in ET.parse(filename).findall("object"):
+        bbox = obj.find("bndbox")
+        objects.append({"name": obj.find("name").text, "difficult": int(obj.find("difficult").text),
+                        "bbox": [int(bbox.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax")]})
+    return objects

@@ -15,7 +15,6 @@ from readonly_ohem.config import default_config  # noqa: E402
 from readonly_ohem.errors import ConfigError  # noqa: E402
 from readonly_ohem.caffe.solver import NonFiniteLossError  # noqa: E402
 from readonly_ohem.train import (  # noqa: E402
-    Trainer,
     atomic_torch_save,
     attach_kept_roi_log,
     build_trainer,

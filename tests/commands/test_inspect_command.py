@@ -5,8 +5,6 @@ import pytest
 from readonly_ohem.commands.inspect import inspect_command
 from readonly_ohem.errors import ConfigError, DataError
 
-from kept_roi_samples import hand_log  # noqa: F401  (a fixture)
-
 
 def test_cli_errors(hand_log, tmp_path):
     with pytest.raises(DataError, match="iteration 7 was not logged"):

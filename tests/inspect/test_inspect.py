@@ -22,7 +22,7 @@ from readonly_ohem.inspect import (
 from readonly_ohem.inspect.draw import loss_colors
 from readonly_ohem.inspect.log import blobs_path, split_record
 
-from kept_roi_samples import META, REC0, REC1, hand_log, record  # noqa: F401  (hand_log: a fixture)
+from kept_roi_samples import META, REC0, REC1, record
 
 
 def test_index_lines_are_plain_json_and_blobs_plain_npz(hand_log):

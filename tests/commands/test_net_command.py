@@ -17,7 +17,7 @@ DATA_SHAPES = ["--shape", "data=1,3,600,1000", "--shape", "rois=128,5", "--shape
 
 
 def reference_nets(shared_dir):
-    """The original Fast R-CNN nets (the Faster R-CNN end-to-end nets have tests of their own)."""
+    """The original Fast R-CNN nets (the Faster R-CNN end-to-end nets need the RPN Python layers)."""
     return sorted(p for p in (shared_dir / "reference_prototxt").rglob("*.prototxt")
                   if p.name in ("train.prototxt", "test.prototxt")
                   and p.parent.name in ("fast_rcnn", "fast_rcnn_ohem"))
