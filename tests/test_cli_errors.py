@@ -161,7 +161,6 @@ def test_bad_config_key_and_file(capsys, tmp_path):
 
 
 def test_bad_solver(capsys, tmp_path):
-    pytest.importorskip("readonly_ohem.caffe.solver")
     case = FIXTURES / "solver_step_small"
     shutil.copy(case / "net.prototxt", tmp_path / "net.prototxt")
     (tmp_path / "s.prototxt").write_text('net: "net.prototxt"\nbase_lr: 0.1\nlr_polcy: "step"\n')

@@ -7,7 +7,6 @@ from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -160,7 +159,6 @@ def _net_worker(rank, world, port, out_dir):
 
 
 def test_two_gloo_processes_train_a_real_net_identically(tmp_path):
-    pytest.importorskip("readonly_ohem.caffe.net")
     (tmp_path / "tiny.prototxt").write_text(NET)
     (tmp_path / "solver.prototxt").write_text(SOLVER_FILE)
     mp.spawn(_net_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)

@@ -50,7 +50,6 @@ def test_convert_maps_names_and_rejects_other_dicts():
 
 
 def test_load_into_a_net_by_caffe_layer_name(tmp_path):
-    pytest.importorskip("readonly_ohem.caffe.net")
     from readonly_ohem.caffe.net import Net
     from readonly_ohem.pretrained import load_torchvision_vgg16
 

@@ -9,12 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("readonly_ohem.caffe.net")
-
-from readonly_ohem.config import default_config  # noqa: E402
-from readonly_ohem.errors import ConfigError  # noqa: E402
-from readonly_ohem.caffe.solver import NonFiniteLossError  # noqa: E402
-from readonly_ohem.train import (  # noqa: E402
+from readonly_ohem.config import default_config
+from readonly_ohem.errors import ConfigError
+from readonly_ohem.caffe.solver import NonFiniteLossError
+from readonly_ohem.train import (
     atomic_torch_save,
     attach_kept_roi_log,
     build_trainer,
@@ -23,7 +21,7 @@ from readonly_ohem.train import (  # noqa: E402
     unnormalize_bbox_pred,
     unnormalized_bbox_pred,
 )
-from readonly_ohem.caffe.weights import blob_to_array, read_caffemodel  # noqa: E402
+from readonly_ohem.caffe.weights import blob_to_array, read_caffemodel
 
 REPO = Path(__file__).resolve().parents[1]
 

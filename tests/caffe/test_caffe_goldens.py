@@ -33,7 +33,6 @@ def run_case(case: Path, tmp_path: Path) -> None:
             "--out", str(out), "--weights", str(case / "weights.caffemodel"),
             "--phase", meta["phase"]]
     if "solver" in meta:
-        pytest.importorskip("readonly_ohem.caffe.solver", reason="the solver has not landed")
         args += ["--solver", str(case / meta["solver"]), "--iters", str(meta["iterations"])]
     elif meta["backward"]:
         args.append("--backward")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from google.protobuf import text_format
 
+from readonly_ohem.caffe import net as caffe_net
 from readonly_ohem.errors import SpecError
 from readonly_ohem.caffe.proto import caffe_pb2
 from readonly_ohem.caffe.solver import NonFiniteLossError, Solver, learning_rate, net_path
@@ -250,7 +251,7 @@ def test_net_path_cwd_first_then_solver_dir(tmp_path, monkeypatch):
 
 # -- the Caffe golden run -----------------------------------------------------------------------
 def test_caffe_golden_solver_step_small(fixtures_dir):
-    net_mod = pytest.importorskip("readonly_ohem.caffe.net")
+    net_mod = caffe_net
     case = fixtures_dir / "caffe_goldens" / "solver_step_small"
     meta = json.loads((case / "meta.json").read_text())
     try:
@@ -278,7 +279,6 @@ def test_caffe_golden_solver_step_small(fixtures_dir):
 
 
 def test_from_file_builds_the_net_next_to_the_solver(fixtures_dir, tmp_path, monkeypatch):
-    pytest.importorskip("readonly_ohem.caffe.net")
     monkeypatch.chdir(tmp_path)  # net.prototxt is not in the CWD: found beside the solver
     s = Solver.from_file(fixtures_dir / "caffe_goldens" / "solver_step_small" / "solver.prototxt")
     assert [q.key for q in s.net.learnable_params()] == ["conv1/0", "conv1/1", "fc/0", "fc/1"]

@@ -22,8 +22,6 @@ def _fixture_annotations():
 
 
 def test_eval_command_prints_table_and_writes_json(tmp_path, capsys):
-    pytest.importorskip("readonly_ohem.datasets.pascal_voc",
-                        reason="parse_voc_xml (data helper) has not landed yet")
     out = tmp_path / "ap.json"
     assert eval_command(str(VOC), "test", str(FIX / "expected_results"), "voc07", str(out)) == 0
     expected = json.loads((FIX / "expected_ap.json").read_text())
@@ -45,7 +43,6 @@ def test_eval_command_prints_table_and_writes_json(tmp_path, capsys):
 
 def test_eval_command_counts_repeated_image_set_lines(tmp_path):
     """A repeated line of ImageSets/Main/<set>.txt doubles that image's npos, as the original."""
-    pytest.importorskip("readonly_ohem.datasets.pascal_voc")
     import shutil
 
     voc = tmp_path / "VOC2007"

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from readonly_ohem.cli import main
 
@@ -64,7 +63,6 @@ def test_every_reference_net_is_summarized(shared_dir, tmp_path, capsys):
 
 
 def test_ohem_net_shares_and_upper_bound(shared_dir, tmp_path, capsys):
-    pytest.importorskip("readonly_ohem.ohem.layer")
     path = shared_dir / "reference_prototxt/pascal_voc/VGG_CNN_M_1024/fast_rcnn_ohem/train.prototxt"
     s = summarize(path, tmp_path, DATA_SHAPES)
     table = capsys.readouterr().out

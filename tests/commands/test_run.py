@@ -5,7 +5,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from readonly_ohem.cli import main
 from readonly_ohem.commands.run import split_batches
@@ -32,7 +31,6 @@ def test_solver_passes_take_batch_f_mod_k(tmp_path):
     """lr 0 keeps the weights, so iteration t's loss is the mean over its iter_size passes of
     the forward losses of batches (2t, 2t+1) mod 3."""
     case = FIXTURES / "solver_step_small"
-    pytest.importorskip("readonly_ohem.caffe.solver")
     shutil.copy(case / "net.prototxt", tmp_path / "net.prototxt")
     (tmp_path / "solver.prototxt").write_text(
         'net: "net.prototxt"\nbase_lr: 0\nlr_policy: "fixed"\nmomentum: 0.9\n'
@@ -83,7 +81,6 @@ layer {
 def test_config_reaches_the_ohem_layer(tmp_path):
     """--set TRAIN.OHEM_USE_NMS False / TRAIN.BATCH_SIZE 3: the 3 highest-loss RoIs, in order
     (classification loss only here: all RoIs are background)."""
-    pytest.importorskip("readonly_ohem.ohem.layer")
     (tmp_path / "ohem.prototxt").write_text(OHEM_NET)
     p_bg = np.array([0.9, 0.2, 0.5, 0.05, 0.7, 0.3], np.float32)
     cls_prob = np.stack([p_bg, (1 - p_bg) / 2, (1 - p_bg) / 2], 1).astype(np.float32)
@@ -106,7 +103,6 @@ def test_reference_ohem_net_with_data_tops_given(shared_dir, tmp_path):
     """The VGG_CNN_M OHEM train net on a small image with its data-layer tops given: the data
     layer is not built, the readonly head keeps no graph, and the shared fc weights get the
     trainable path's diff under both sharers."""
-    pytest.importorskip("readonly_ohem.ohem.layer")
     net = shared_dir / "reference_prototxt/pascal_voc/VGG_CNN_M_1024/fast_rcnn_ohem/train.prototxt"
     rng = np.random.default_rng(1)
     r = 12

@@ -10,6 +10,7 @@ import torch
 from readonly_ohem.caffe.weights import blob_to_array, read_caffemodel
 from readonly_ohem.commands.train import train_command
 from readonly_ohem.errors import ConfigError
+from readonly_ohem.inspect import read_log
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,7 +44,6 @@ def test_train_command_ohem_resume_equals_uninterrupted(tmp_path, voc_data):
     log = tmp_path / "kept.log"
     assert train_command(iters=2, output=str(tmp_path / "a"), log_kept_rois=str(log), log_every=1,
                          **common) == 0
-    read_log = pytest.importorskip("readonly_ohem.inspect").read_log
     assert read_log(log).iterations == [0, 1]  # the hook is attached: both iterations logged
     # the straight run's own snapshot at 1 stands for an interrupted run
     state = tmp_path / "a" / "small_fast_rcnn_ohem_iter_1.state.pt"

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from readonly_ohem.caffe import net as caffe_net
 from readonly_ohem.detection import test as T
 from readonly_ohem.config import default_config
 from readonly_ohem.datasets import voc_eval
@@ -379,7 +380,7 @@ def _read_lines(path):
 
 
 def test_fixture_result_files_match_the_original(tmp_path):
-    net_mod = pytest.importorskip("readonly_ohem.caffe.net", reason="the Net engine has not landed yet")
+    net_mod = caffe_net
     from readonly_ohem.datasets import get_imdb
 
     cfg = default_config()

@@ -344,8 +344,6 @@ def test_inactive_recorder_gets_a_cheap_record():
 
 
 def test_runs_through_the_cli(tmp_path):
-    pytest.importorskip("readonly_ohem.caffe.net")
-    pytest.importorskip("readonly_ohem.commands.run")
     from readonly_ohem.cli import main
 
     names = ["cls_prob_readonly", "bbox_pred_readonly", "rois", "labels", "bbox_targets",

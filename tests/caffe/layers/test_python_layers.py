@@ -10,6 +10,7 @@ import torch
 from google.protobuf import text_format
 
 from readonly_ohem.errors import SpecError
+from readonly_ohem.ohem import layer as ohem_layer  # noqa: F401  (registers OHEMDataLayer)
 from readonly_ohem.caffe.layers.base import LAYERS, PYTHON_LAYERS, Layer, LayerContext
 from readonly_ohem.caffe.layers.python import build_python_layer, parse_param_str, resolve
 from readonly_ohem.caffe.net import Net
@@ -35,7 +36,6 @@ def test_param_str_is_read_as_yaml_like_the_original():
 
 
 def test_builtin_registry_pairs_resolve():
-    pytest.importorskip("readonly_ohem.ohem.layer")
     p = layer_param('name: "hard_roi_mining" type: "Python" python_param { '
                     'module: "roi_data_layer.layer" layer: "OHEMDataLayer" '
                     'param_str: "\'num_classes\': 21" }')
