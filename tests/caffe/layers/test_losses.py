@@ -13,12 +13,9 @@ from readonly_ohem.errors import DataError, SpecError
 from readonly_ohem.caffe.layers import LAYERS, LayerContext
 from readonly_ohem.caffe.proto import caffe_pb2
 
+from layer_testing import make
+
 FLT_MIN = float(np.finfo(np.float32).tiny)
-
-
-def make(text: str, phase: str = "TRAIN"):
-    lp = text_format.Parse(text, caffe_pb2.LayerParameter())
-    return LAYERS[lp.type](lp, LayerContext(phase=phase))
 
 
 # -- SoftmaxWithLoss --------------------------------------------------------------------------
