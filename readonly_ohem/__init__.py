@@ -4,7 +4,8 @@ Two floors. The Caffe engine, which knows nothing of detection:
 
 - ``caffe``        spec parsing (``spec``), the net (``net``), layers in registries keyed by
   Caffe's type (``layers``; ``layers.python``: the Python-layer registry), ``.caffemodel`` I/O
-  (``weights``), SGD (``solver``), the layer table (``summary``)
+  (``weights``), SGD (``solver``), the layer table (``summary``), TF32 off for
+  Caffe's float32 (``precision.use_caffe_float32``, called by the entry points, never on import)
 - ``ops``          boxes, NMS, RoI pooling: leaves every floor uses
 
 The detection application on top, in pipeline order:
