@@ -1,6 +1,6 @@
 """``readonly-ohem demo``: the FRCN-vs-OHEM experiment on the built-in mini-VOC, in minutes on a CPU.
 
-Steps (each prints its progress): write the mini-VOC (``data.minivoc``); train the small net
+Steps (each prints its progress): write the mini-VOC (``datasets.minivoc``); train the small net
 (``prototxt/small``) with plain Fast R-CNN and with OHEM; test both with the SAME detection
 settings (``--max-per-image 100 --thresh 0.05``, the original ``test_net.py`` defaults) and, in a
 second column, with the settings the original OHEM script used (2000 per image at 1e-5); print a
@@ -41,7 +41,7 @@ from readonly_ohem import python_layers  # noqa: F401  (registers RoIDataLayer, 
 from readonly_ohem.caffe import use_caffe_float32
 from readonly_ohem.caffe.net import Net
 from readonly_ohem.config import load_config
-from readonly_ohem.datasets.minivoc import make_minivoc
+from readonly_ohem.datasets.minivoc import DEFAULT_IMAGES, make_minivoc
 from readonly_ohem.datasets import get_imdb
 from readonly_ohem.detection.test import test_net
 from readonly_ohem.errors import ConfigError
@@ -61,7 +61,6 @@ METHODS = {  # name -> (solver, extra cfg files after small.yml)
     "OHEM": (SMALL / "fast_rcnn_ohem" / "solver.prototxt", [OHEM_CFG]),
 }
 TEST_DEF = SMALL / "fast_rcnn" / "test.prototxt"
-DEFAULT_IMAGES = 100  # the mini-VOC's default: 60 trainval (120 with flips), 40 test
 # (max_per_image, thresh): the equal settings every comparison uses, then the original OHEM script's
 TEST_SETTINGS = ((100, 0.05), (2000, 1e-5))
 

@@ -34,16 +34,15 @@ def _stat(p) -> list:
         return [None, None]
 
 
-def _description_json(imdb) -> str:
-    description, _ = imdb.cache_inputs()
+def _description_json(description: dict) -> str:
     return json.dumps(dict(version=VERSION, description=description), sort_keys=True)
 
 
-def cache_key(imdb) -> str:
-    """sha1 of the format version, ``imdb.cache_inputs()``'s description and its files' (path,
-    mtime, size)."""
-    _, files = imdb.cache_inputs()
-    h = hashlib.sha1(_description_json(imdb).encode())
+def cache_key(inputs: tuple[dict, list]) -> str:
+    """sha1 of the format version and ``imdb.cache_inputs()``: its description and its files'
+    (path, mtime, size)."""
+    description, files = inputs
+    h = hashlib.sha1(_description_json(description).encode())
     for f in files:
         h.update(json.dumps([str(f), *_stat(f)]).encode())
     return h.hexdigest()
@@ -55,23 +54,24 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "readonly_ohem"
 
 
-def _paths(imdb):
-    if imdb.cache_dir is False:
-        return None, None
+def _paths(imdb, description: dict):
     d = Path(imdb.cache_dir) if imdb.cache_dir else default_cache_dir()
-    tag = hashlib.sha1(_description_json(imdb).encode()).hexdigest()[:10]
+    tag = hashlib.sha1(_description_json(description).encode()).hexdigest()[:10]
     stem = f"{imdb.name}_{tag}_roidb"
     return d / f"{stem}.npz", d / f"{stem}.json"
 
 
 def load(imdb):
     """The cached roidb of ``imdb`` if the key matches, else None."""
-    npz_path, json_path = _paths(imdb)
-    if npz_path is None or not npz_path.is_file() or not json_path.is_file():
+    if imdb.cache_dir is False:
+        return None
+    inputs = imdb.cache_inputs()
+    npz_path, json_path = _paths(imdb, inputs[0])
+    if not npz_path.is_file() or not json_path.is_file():
         return None
     try:
         meta = json.loads(json_path.read_text())
-        if meta.get("key") != cache_key(imdb):
+        if meta.get("key") != cache_key(inputs):
             return None
         with np.load(npz_path, allow_pickle=False) as z:
             boxes, gt_classes = z["boxes"], z["gt_classes"]
@@ -95,9 +95,10 @@ def load(imdb):
 
 def save(imdb, roidb) -> None:
     """Write the cache; silently does nothing where the directory is not writable."""
-    npz_path, json_path = _paths(imdb)
-    if npz_path is None:
+    if imdb.cache_dir is False:
         return
+    inputs = imdb.cache_inputs()
+    npz_path, json_path = _paths(imdb, inputs[0])
     overlaps = scipy.sparse.vstack([e["gt_overlaps"] for e in roidb], format="csr", dtype=np.float32)
     try:
         npz_path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,7 +108,7 @@ def save(imdb, roidb) -> None:
                  overlaps_data=overlaps.data, overlaps_indices=overlaps.indices,
                  overlaps_indptr=overlaps.indptr)
         os.replace(tmp, npz_path)
-        json_path.write_text(json.dumps(dict(key=cache_key(imdb), name=imdb.name,
+        json_path.write_text(json.dumps(dict(key=cache_key(inputs), name=imdb.name,
                                              counts=[int(e["boxes"].shape[0]) for e in roidb],
                                              sizes=[[e["width"], e["height"]] for e in roidb])))
     except OSError:

@@ -72,6 +72,15 @@ def find_proposals(name: str, data_dir: Path, devkit: Path, proposals=None) -> P
     return None
 
 
+def gt_boxes(objs: list[dict]) -> tuple[np.ndarray, bool]:
+    """(G, 4) float64 0-based boxes of parsed XML objects as the original's roidb holds them
+    (``- 1``, floored as its uint16 array), and whether one started at 0 in the 1-based file
+    (clamped to 0: the original's uint16 would wrap around)."""
+    boxes = np.array([o["bbox"] for o in objs], dtype=np.float64).reshape(-1, 4) - 1
+    clamped = bool((boxes < 0).any())
+    return np.floor(np.maximum(boxes, 0)), clamped
+
+
 # -- the imdb ---------------------------------------------------------------------------------------
 class PascalVOC(Imdb):
     """One VOC image set: ids, paths, annotations, proposals and the (unflipped) roidb
@@ -121,11 +130,9 @@ class PascalVOC(Imdb):
         for o in objs:
             if o["name"] not in self.class_to_ind or o["name"] == self.classes[0]:
                 raise DataError(f"{path}: class {o['name']!r} is not in the class list of {self.name}")
-        boxes = np.array([o["bbox"] for o in objs], dtype=np.float64).reshape(-1, 4) - 1
-        if (boxes < 0).any():  # xmin 0 in a 1-based file: the original's uint16 would wrap around
+        boxes, clamped = gt_boxes(objs)
+        if clamped:
             warnings.warn(f"{path}: a box starts at 0 in 1-based coordinates; clamped to 0", stacklevel=3)
-            boxes = np.maximum(boxes, 0)
-        boxes = np.floor(boxes)  # the original stores gt boxes in a uint16 array
         gt_classes = np.array([self.class_to_ind[o["name"]] for o in objs], dtype=np.int32)
         return dict(boxes=boxes, gt_classes=gt_classes)
 

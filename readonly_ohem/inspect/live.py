@@ -29,6 +29,7 @@ from readonly_ohem.config import load_config
 from readonly_ohem.datasets.voc_eval import parse_voc_xml
 from readonly_ohem.datasets.image import image_size
 from readonly_ohem.datasets.imdb import merge_gt_and_proposals
+from readonly_ohem.datasets.pascal_voc import gt_boxes
 from readonly_ohem.datasets.proposals import load_image_proposals
 from readonly_ohem.errors import ConfigError, DataError
 from readonly_ohem.inspect.draw import render_selection
@@ -62,7 +63,7 @@ def read_gt(xml: Path, classes) -> dict:
     unknown = sorted({o["name"] for o in objs} - set(classes[1:]))
     if unknown:
         raise DataError(f"{xml}: class(es) {unknown} are not among the net's {len(classes)} classes")
-    boxes = np.floor(np.maximum(np.array([o["bbox"] for o in objs], np.float64).reshape(-1, 4) - 1, 0))
+    boxes, _ = gt_boxes(objs)
     return dict(boxes=boxes, gt_classes=np.array([list(classes).index(o["name"]) for o in objs], np.int32))
 
 
