@@ -45,7 +45,7 @@ from readonly_ohem.errors import SpecError
 
 
 class Net(nn.Module):
-    """A Caffe net. See the module docstring for the semantics; CONTRACTS.md for the API.
+    """A Caffe net; the module docstring gives the semantics.
 
     ``cfg``: the application's config, handed to the layers (``LayerContext.cfg``) as is; the
     engine never reads it. ``input_shapes``: blob -> shape for net inputs and data-layer tops;
