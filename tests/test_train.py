@@ -1,6 +1,7 @@
 """The training loop: snapshots (names, bbox un-normalization, atomic writes), resume equality,
 NaN stop, SIGINT snapshot, logging. The command's real runs: ``tests/commands/test_train_command.py``."""
 
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -13,7 +14,6 @@ from readonly_ohem.config import default_config
 from readonly_ohem.errors import ConfigError
 from readonly_ohem.caffe.solver import NonFiniteLossError
 from readonly_ohem.train import (
-    atomic_torch_save,
     attach_kept_roi_log,
     build_trainer,
     find_bbox_pred,
@@ -22,6 +22,8 @@ from readonly_ohem.train import (
     unnormalized_bbox_pred,
 )
 from readonly_ohem.caffe.weights import blob_to_array, read_caffemodel
+from readonly_ohem import train_state
+from readonly_ohem.train_state import read_state, save_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,7 +102,7 @@ def test_snapshots_names_and_bbox_unnormalization(exp_dir):
     out = exp_dir / "out"
     assert [m.name for m in models] == ["tiny_x_iter_2.caffemodel", "tiny_x_iter_3.caffemodel"]
     for n in (2, 3):
-        assert (out / f"tiny_x_iter_{n}.state.pt").is_file()
+        assert (out / f"tiny_x_iter_{n}.state.safetensors").is_file()
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     w, b = (x.detach().numpy() for x in t.net.layer_params("bbox_pred"))
     saved = {name: [blob_to_array(bl) for bl in blobs]
@@ -109,7 +111,7 @@ def test_snapshots_names_and_bbox_unnormalization(exp_dir):
     np.testing.assert_allclose(saved["bbox_pred"][1], b * STDS + MEANS, rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(saved["cls_score"][0], t.net.layer_params("cls_score")[0].detach())
     # the net keeps its normalized weights (restored after saving)
-    state = torch.load(out / "tiny_x_iter_3.state.pt", weights_only=False)
+    state = read_state(out / "tiny_x_iter_3.state.safetensors")
     np.testing.assert_array_equal(state["weights"]["bbox_pred/0"].numpy(), w)
 
 
@@ -149,7 +151,7 @@ def test_resume_equals_uninterrupted_run(exp_dir):
     first = make(exp_dir, out="b")
     first.train(3)  # snapshots at 2 and 3
     resumed = make(exp_dir, out="b")
-    resumed.load_state(exp_dir / "b" / "tiny_iter_3.state.pt")
+    resumed.load_state(exp_dir / "b" / "tiny_iter_3.state.safetensors")
     assert resumed.solver.iter == 3
     resumed.train(6)
     wa, wb = weights(straight), weights(resumed)
@@ -161,19 +163,25 @@ def test_resume_equals_uninterrupted_run(exp_dir):
 
 
 def test_atomic_write_keeps_the_previous_file(tmp_path, monkeypatch):
-    path = tmp_path / "s.state.pt"
-    atomic_torch_save({"a": 1}, path)
+    path = tmp_path / "s.state.safetensors"
+    save_state(path, {"a": 1})
+    real = train_state.atomic_write
 
-    def killed(obj, f):
-        f.write(b"partial")
-        raise KeyboardInterrupt  # the process dies mid-write
+    @contextlib.contextmanager
+    def killed_mid_write(p):
+        with real(p) as f:
+            class Dying:
+                def write(self, data):
+                    f.write(data[: len(data) // 2])
+                    raise KeyboardInterrupt  # the process dies mid-write
+            yield Dying()
 
-    monkeypatch.setattr(torch, "save", killed)
+    monkeypatch.setattr(train_state, "atomic_write", killed_mid_write)
     with pytest.raises(KeyboardInterrupt):
-        atomic_torch_save({"a": 2}, path)
+        save_state(path, {"a": 2})
     monkeypatch.undo()
-    assert torch.load(path, weights_only=False) == {"a": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["s.state.pt"]
+    assert read_state(path) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["s.state.safetensors"]
 
 
 def test_nan_loss_stops_naming_iteration_blob_layer_and_keeps_last_snapshot(exp_dir):
@@ -184,7 +192,7 @@ def test_nan_loss_stops_naming_iteration_blob_layer_and_keeps_last_snapshot(exp_
     assert "iteration 3" in msg and "'loss_bbox'" in msg and "tiny_iter_2.caffemodel" in msg
     assert t.solver.iter == 3
     files = sorted(p.name for p in (exp_dir / "out").iterdir())
-    assert files == ["tiny_iter_2.caffemodel", "tiny_iter_2.state.pt"]
+    assert files == ["tiny_iter_2.caffemodel", "tiny_iter_2.state.safetensors"]
     # the weights are those after iteration 3 (the failed one did not update)
     ref = make(exp_dir, out="ref")
     ref.train(3)
@@ -202,7 +210,7 @@ def test_sigint_writes_a_snapshot_and_stops(exp_dir):
     models = t.train(6)
     assert t.interrupted == signal.SIGINT
     assert t.solver.iter == 2 and [m.name for m in models] == ["tiny_iter_2.caffemodel"]
-    assert (exp_dir / "out" / "tiny_iter_2.state.pt").is_file()
+    assert (exp_dir / "out" / "tiny_iter_2.state.safetensors").is_file()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 

@@ -11,6 +11,7 @@ from readonly_ohem.caffe.weights import blob_to_array, read_caffemodel
 from readonly_ohem.commands.train import train_command
 from readonly_ohem.errors import ConfigError
 from readonly_ohem.inspect import read_log
+from readonly_ohem.train_state import read_state
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,10 +47,10 @@ def test_train_command_ohem_resume_equals_uninterrupted(tmp_path, voc_data):
                          **common) == 0
     assert read_log(log).iterations == [0, 1]  # the hook is attached: both iterations logged
     # the straight run's own snapshot at 1 stands for an interrupted run
-    state = tmp_path / "a" / "small_fast_rcnn_ohem_iter_1.state.pt"
+    state = tmp_path / "a" / "small_fast_rcnn_ohem_iter_1.state.safetensors"
     assert train_command(iters=2, output=str(tmp_path / "b"), resume=str(state), **common) == 0
-    a = torch.load(tmp_path / "a" / "small_fast_rcnn_ohem_iter_2.state.pt", weights_only=False)
-    b = torch.load(tmp_path / "b" / "small_fast_rcnn_ohem_iter_2.state.pt", weights_only=False)
+    a = read_state(tmp_path / "a" / "small_fast_rcnn_ohem_iter_2.state.safetensors")
+    b = read_state(tmp_path / "b" / "small_fast_rcnn_ohem_iter_2.state.safetensors")
     assert a["data"] == b["data"] and a["data"]  # the data layer's order and cursor
     for k in a["weights"]:
         assert torch.equal(a["weights"][k], b["weights"][k]), k
