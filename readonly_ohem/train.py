@@ -173,22 +173,29 @@ def _warn_config_changes(path: Path, saved, cfg) -> None:
                       f"{', '.join(changed[:8])}{' ...' if len(changed) > 8 else ''}", stacklevel=3)
 
 
-def _newest_loadable_hint(path: Path) -> str:
-    """``"; the newest loadable state beside it is …"`` for a state that does not load."""
-    stem = train_state.state_stem(path)
-    if stem is None or not stem.parent.is_dir():
-        return ""
-    good, _ = train_state.newest_loadable(stem, exclude=path)
-    return f"; the newest loadable state beside it is {good} (or use --resume auto)" if good else ""
+def _with_hint(read, path: Path):
+    """``read(path)``; its ``ConfigError`` gets ``"; the newest loadable state beside it is …"``
+    when there is one."""
+    try:
+        return read(path)
+    except ConfigError as e:
+        stem = train_state.state_stem(path)
+        good = train_state.newest_loadable(stem, exclude=path)[0] if stem is not None else None
+        hint = f"; the newest loadable state beside it is {good} (or use --resume auto)" if good else ""
+        raise ConfigError(f"{e}{hint}") from None
 
 
 def resolve_resume(resume, stem: Path) -> Path | None:
-    """``--resume``: a path as given; ``auto``: the newest ``{stem}_iter_{n}.state.safetensors``
-    that loads (``train_state.check_state``), each newer one that does not skipped with a warning
-    naming it and why; no state at all: None (a fresh start). ``ConfigError`` when states exist
-    but none loads, or only pickle ``.state.pt`` ones (refused)."""
-    if resume is None or str(resume) != "auto":
-        return None if resume is None else Path(resume)
+    """``--resume``: a path, checked (``train_state.check_state``: a ``ConfigError`` naming it, and
+    the newest loadable state beside it, before any slow work); ``auto``: the newest
+    ``{stem}_iter_{n}.state.safetensors`` that passes that check, each newer one that does not
+    skipped with a warning naming it and why; no state at all: None (a fresh start).
+    ``ConfigError`` when states exist but none loads, or only pickle ``.state.pt`` ones (refused)."""
+    if resume is None:
+        return None
+    if str(resume) != "auto":
+        _with_hint(train_state.check_state, Path(resume))
+        return Path(resume)
     good, skipped = train_state.newest_loadable(stem)
     for bad, why in skipped:
         warnings.warn(f"--resume auto: skipped {bad} ({why})"
@@ -320,10 +327,7 @@ class Trainer:
         """Continue from a ``.state.safetensors`` written by ``snapshot``. Anything else, a missing
         key or a tensor that does not fit the net is a ``ConfigError`` naming the file and key."""
         path = Path(path)
-        try:
-            state = train_state.read_state(path)
-        except ConfigError as e:
-            raise ConfigError(f"{e}{_newest_loadable_hint(path)}") from None
+        state = _with_hint(train_state.read_state, path)
         need = lambda key, kind=None: train_state.require(state, key, path, kind)  # noqa: E731
         weights = need("weights", dict)
         params = {q.key: q.tensor for q in self.net.learnable_params()}
@@ -546,23 +550,23 @@ def make_output_dir(output) -> Path:
 def setup_training(solver, cfg, imdb, weights=None, output="output", device="cpu", ctx=None,
                    resume=None, log_kept_rois=None, log_every: int = 1, verbose: bool = True,
                    stream=None) -> Trainer:
-    """``train_net.py`` up to ``train_model``, in the original's order: seeds (``RNG_SEED``); the
+    """``train_net.py`` up to ``train_model``, in the original's order (after finding and checking
+    the ``resume`` state, a path or ``"auto"``: ``resolve_resume``): seeds (``RNG_SEED``); the
     training roidb of ``imdb`` with the bbox-target means/stds (this process's shard under
     torchrun); the output directory; the trainer (``build_trainer``: net, solver, ``weights``
-    unless resuming, the roidb); per-process seeds under torchrun; the state of ``resume`` (a
-    path, or ``"auto"``: see ``resolve_resume``); the kept-RoI log (``attach_kept_roi_log``,
-    ``imdb.classes`` named in it).
+    unless resuming, the roidb); per-process seeds under torchrun; the state of ``resume``; the
+    kept-RoI log (``attach_kept_roi_log``, ``imdb.classes`` named in it).
 
     ``verbose``: print the roidb statistics (filtered entries, target means/stds).
     """
+    asked = resume  # found (or checked) first: a bad state fails before the roidb is built
+    resume = resolve_resume(resume, snapshot_stem(output, read_solver(str(solver)), cfg))
     seed_rngs(cfg.RNG_SEED)
     roidb, means, stds = training_roidb(imdb, cfg, verbose=verbose)
     roidb = distributed.shard(roidb, ctx)
     out_dir = make_output_dir(output)
     if log_kept_rois:
         _check_writable(log_kept_rois, "--log-kept-rois")
-    asked = resume
-    resume = resolve_resume(resume, snapshot_stem(out_dir, read_solver(str(solver)), cfg))
     trainer = build_trainer(solver, cfg, roidb, means, stds, None if resume else weights,
                             out_dir, device, ctx, stream=stream)
     if ctx is not None:  # dropout etc. differ per replica; the weights were broadcast

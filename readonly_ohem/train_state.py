@@ -59,27 +59,30 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict, path: str | Path = "<state>", key: str = "rng") -> None:
-    """Restore ``rng_state()``; a malformed part is a ``ConfigError`` naming ``path`` and its key."""
-    for part in ("torch", "numpy", "python"):
-        require(state, part, path, prefix=key)
-    try:
-        torch.set_rng_state(state["torch"])
-    except (TypeError, RuntimeError) as e:
-        raise ConfigError(f"{path}: key '{key}.torch' is not a torch generator state ({e})") from None
-    n = state["numpy"]
-    try:
-        np.random.set_state((n["name"], np.asarray(n["keys"], dtype=np.uint32), n["pos"],
-                             n["has_gauss"], n["cached_gaussian"]))
-    except (KeyError, TypeError, ValueError, OverflowError) as e:
-        raise ConfigError(f"{path}: key '{key}.numpy' is not a numpy RNG state ({e!r})") from None
-    p = state["python"]
-    try:
-        random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
-    except (KeyError, TypeError, ValueError, OverflowError) as e:
-        raise ConfigError(f"{path}: key '{key}.python' is not a Python random state ({e!r})") from None
+def _apply_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n, p = state["numpy"], state["python"]
+    np.random.set_state((n["name"], np.asarray(n["keys"], dtype=np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def set_rng_state(state: dict, path: str | Path = "<state>", key: str = "rng") -> None:
+    """Restore ``rng_state()``. A malformed part is a ``ConfigError`` naming ``path`` and its key,
+    and leaves every generator as it was."""
+    for part in ("torch", "numpy", "python"):
+        require(state, part, path, prefix=key)
+    before = rng_state()
+    for part in ("torch", "numpy", "python", "cuda"):
+        try:
+            _apply_rng_state({**before, part: state[part]} if part in state else before)
+        except Exception as e:  # noqa: BLE001 - torch, numpy and random each raise their own
+            _apply_rng_state(before)
+            raise ConfigError(f"{path}: key '{key}.{part}' is not a {part} generator state "
+                              f"({type(e).__name__}: {e})") from None
+    _apply_rng_state(state)
 
 
 # -- nested dict <-> (JSON, tensors) -------------------------------------------------------------
@@ -122,6 +125,12 @@ def save_state(path: str | Path, state: dict) -> None:
     atomically (a killed write leaves the previous file)."""
     tensors: dict[str, torch.Tensor] = {}
     body = _encode(state, "", tensors)
+    storages = set()
+    for name, t in tensors.items():  # safetensors stores no aliases: copy a tensor sharing memory
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in storages:
+            tensors[name] = t.clone()
+        storages.add(ptr)
     data = safetensors.torch.save(tensors, metadata={"format": FORMAT, "state": json.dumps(body)})
     with atomic_write(path) as f:
         f.write(data)
@@ -129,12 +138,16 @@ def save_state(path: str | Path, state: dict) -> None:
 
 # -- reading -------------------------------------------------------------------------------------
 def _looks_like_pickle(path: Path) -> bool:
+    """A ``torch.save`` zip or a binary pickle (protocol 2+), for the refusal message only."""
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
+            head = f.read(9)
     except OSError:
         return False
-    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or path.suffix in _PICKLE_SUFFIXES
+    if len(head) == 9 and head[8:9] == b"{":  # a safetensors header (length, then JSON)
+        return False
+    return (head.startswith(b"PK\x03\x04") or path.suffix in _PICKLE_SUFFIXES
+            or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5))
 
 
 def _read(path: Path, with_tensors: bool) -> dict:

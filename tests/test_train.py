@@ -4,6 +4,7 @@ NaN stop, SIGINT snapshot, logging. The command's real runs: ``tests/commands/te
 import contextlib
 import os
 import signal
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +14,13 @@ import torch
 from readonly_ohem.config import default_config
 from readonly_ohem.errors import ConfigError
 from readonly_ohem.caffe.solver import NonFiniteLossError
+from malicious import assert_live, pickle_bytes, torch_save_file
 from readonly_ohem.train import (
     attach_kept_roi_log,
     build_trainer,
     find_bbox_pred,
     normalize_bbox_pred,
+    resolve_resume,
     unnormalize_bbox_pred,
     unnormalized_bbox_pred,
 )
@@ -113,6 +116,16 @@ def test_snapshots_names_and_bbox_unnormalization(exp_dir):
     # the net keeps its normalized weights (restored after saving)
     state = read_state(out / "tiny_x_iter_3.state.safetensors")
     np.testing.assert_array_equal(state["weights"]["bbox_pred/0"].numpy(), w)
+
+
+def test_snapshots_get_the_mode_a_plain_open_would(exp_dir):
+    old = os.umask(0o027)
+    try:
+        make(exp_dir).train(2)
+    finally:
+        os.umask(old)
+    for name in ("tiny_iter_2.caffemodel", "tiny_iter_2.state.safetensors"):
+        assert stat.S_IMODE((exp_dir / "out" / name).stat().st_mode) == 0o640, name
 
 
 def test_no_unnormalization_when_targets_not_normalized(exp_dir):
@@ -241,3 +254,121 @@ def test_log_kept_rois_needs_an_ohem_layer(exp_dir):
     t = make(exp_dir)
     with pytest.raises(ConfigError, match="no OHEM layer"):
         attach_kept_roi_log(t.net, str(exp_dir / "log"), 1, lambda: 0)
+
+
+# -- the state file: nothing in it runs, every flaw named ------------------------------------------
+def test_resume_refuses_an_old_pickle_state_and_runs_none_of_it(exp_dir):
+    marker = exp_dir / "MARKER"
+    t = make(exp_dir)
+    old = torch_save_file(exp_dir / "tiny_iter_3.state.pt", marker)
+    raw = exp_dir / "tiny_iter_4.state.safetensors"  # a bare pickle under the new name
+    raw.write_bytes(pickle_bytes(marker))
+    for path in (old, raw):
+        with pytest.raises(ConfigError) as e:
+            t.load_state(path)
+        msg = str(e.value)
+        assert msg.startswith(f"{path}: not a readonly-ohem training state but a pickle")
+        assert "refused" in msg and "can run any code" in msg and "\n" not in msg
+        assert not marker.exists()
+    assert t.solver.iter == 0  # nothing of it was taken either
+    assert_live(lambda p: torch.load(p, weights_only=False), old, marker)  # the payload is real
+
+
+def _broken_copy(src, dst, edit):
+    state = read_state(src)
+    edit(state)
+    save_state(dst, state)
+    return dst
+
+
+def test_a_state_missing_a_key_or_with_a_misfit_tensor_names_the_file_and_key(exp_dir):
+    make(exp_dir).train(2)
+    good = exp_dir / "out" / "tiny_iter_2.state.safetensors"
+    cases = [
+        (lambda s: s["solver"].pop("current_step"), "the training state has no key 'solver.current_step'"),
+        (lambda s: s.pop("rng"), "the training state has no key 'rng'"),
+        (lambda s: s["rng"].pop("numpy"), "the training state has no key 'rng.numpy'"),
+        (lambda s: s["solver"].update(iter="2"), "key 'solver.iter' of the training state should be an integer"),
+        (lambda s: s["weights"].update({"fc1/0": torch.zeros(3, 3)}),
+         r"key 'weights.fc1/0' has shape \(3, 3\) in the state, param 'fc1/0' has \(5, 6\)"),
+        (lambda s: s["solver"]["history"].update({"fc1/0": torch.zeros(2)}),
+         r"solver state: history 'fc1/0' has shape \(2,\), the param \(5, 6\)"),
+        (lambda s: s["rng"].update(torch=torch.zeros(7, dtype=torch.uint8)),
+         "key 'rng.torch' is not a torch generator state"),
+        (lambda s: s["rng"]["numpy"].update(keys=[1, 2]), "key 'rng.numpy' is not a numpy generator state"),
+    ]
+    for i, (edit, expect) in enumerate(cases):
+        bad = _broken_copy(good, exp_dir / f"bad{i}.state.safetensors", edit)
+        with pytest.raises(ConfigError, match=expect) as e:
+            make(exp_dir).load_state(bad)
+        assert str(e.value).startswith(f"{bad}: ") and "\n" not in str(e.value), expect
+
+
+def test_a_truncated_state_names_the_newest_one_that_loads(exp_dir):
+    make(exp_dir).train(3)  # snapshots at 2 and 3
+    out = exp_dir / "out"
+    newest = out / "tiny_iter_3.state.safetensors"
+    data = newest.read_bytes()
+    for cut in (len(data) - 1, len(data) // 2, 10, 0):
+        newest.write_bytes(data[:cut])
+        with pytest.raises(ConfigError) as e:
+            make(exp_dir).load_state(newest)
+        msg = str(e.value)
+        assert msg.startswith(f"{newest}: not a readonly-ohem training state, or a truncated one")
+        assert msg.endswith(f"the newest loadable state beside it is {out / 'tiny_iter_2.state.safetensors'} "
+                            "(or use --resume auto)")
+
+
+def test_resume_auto_skips_a_truncated_newest_state_with_a_warning_and_equals_a_straight_run(exp_dir):
+    straight = make(exp_dir, out="a")
+    straight.train(6)
+    make(exp_dir, out="b").train(4)  # snapshots at 2 and 4; the one at 4 is cut short
+    out = exp_dir / "b"
+    (out / "tiny_iter_4.state.safetensors").write_bytes(
+        (out / "tiny_iter_4.state.safetensors").read_bytes()[:-100])
+    stem = out / "tiny"
+    with pytest.warns(UserWarning) as w:
+        path = resolve_resume("auto", stem)
+    assert path == out / "tiny_iter_2.state.safetensors"
+    assert [str(x.message) for x in w] == [
+        f"--resume auto: skipped {out / 'tiny_iter_4.state.safetensors'} (not a readonly-ohem "
+        "training state, or a truncated one (safetensors: Error while deserializing header: "
+        f"incomplete metadata, file not fully covered)); resuming from {path}"]
+    resumed = make(exp_dir, out="b")
+    resumed.load_state(path)
+    resumed.train(6)
+    for k, v in weights(straight).items():
+        assert torch.equal(v, weights(resumed)[k]), k
+    assert straight.solver.smoothed_loss() == resumed.solver.smoothed_loss()
+
+
+def test_resume_auto_without_a_usable_state(exp_dir):
+    out = exp_dir / "out"
+    out.mkdir()
+    assert resolve_resume("auto", out / "tiny") is None  # nothing there: a fresh start
+    assert resolve_resume(None, out / "tiny") is None
+    with pytest.raises(ConfigError, match="^x.state.safetensors: training state not found$"):
+        resolve_resume("x.state.safetensors", out / "tiny")  # a path is checked at once
+    (out / "tiny_iter_2.state.pt").write_bytes(b"\x80\x04old pickle")
+    with pytest.raises(ConfigError, match="holds only pickle states of an earlier version "
+                                          r"\(e.g. tiny_iter_2.state.pt\), refused"):
+        resolve_resume("auto", out / "tiny")
+    (out / "tiny_iter_2.state.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    (out / "tiny_iter_10.state.safetensors").write_bytes(b"")
+    (out / "other_iter_20.state.safetensors").write_bytes(b"")  # another solver's: not looked at
+    with pytest.warns(UserWarning) as w:
+        with pytest.raises(ConfigError, match=r"--resume auto: no training state under "
+                                              rf"{out / 'tiny'}_iter_\* loads \(the newest, "
+                                              rf"{out / 'tiny_iter_10.state.safetensors'}: "):
+            resolve_resume("auto", out / "tiny")
+    assert [str(x.message).split(" (")[0] for x in w] == [
+        f"--resume auto: skipped {out / 'tiny_iter_10.state.safetensors'}",
+        f"--resume auto: skipped {out / 'tiny_iter_2.state.safetensors'}"]
+
+
+def test_resuming_under_another_config_warns_naming_the_keys(exp_dir):
+    make(exp_dir).train(2)
+    t = make(exp_dir, FG_FRACTION=0.5)
+    with pytest.warns(UserWarning, match=r"differs from the run's in TRAIN.FG_FRACTION$"):
+        t.load_state(exp_dir / "out" / "tiny_iter_2.state.safetensors")
+    assert t.solver.iter == 2
