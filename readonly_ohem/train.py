@@ -23,8 +23,9 @@ Snapshots (every ``TRAIN.SNAPSHOT_ITERS`` and at the end), in the output directo
 ``--resume STATE`` continues so that the run equals one never interrupted; ``--resume auto``
 continues from the newest loadable state of this solver in the output directory (a newer one that
 does not load, e.g. truncated, is skipped with a warning naming it; none at all: a fresh start).
-SIGINT/SIGTERM end the current iteration, write a snapshot and stop. A NaN/inf loss stops before the update with a
-message naming the iteration and the loss blob and layer; the last good snapshot stays.
+SIGINT/SIGTERM end the current iteration, write a snapshot and stop. A NaN/inf loss stops before
+the update with a message naming the iteration and the loss blob and layer; the last good snapshot
+stays.
 
 Data-parallel under ``torchrun``: see ``readonly_ohem.distributed`` (each process its own shard of
 the images; effective batch = processes × iter_size × IMS_PER_BATCH images).
@@ -33,7 +34,7 @@ the images; effective batch = processes × iter_size × IMS_PER_BATCH images).
 from __future__ import annotations
 
 import contextlib
-import glob
+import functools
 import io
 import json
 import random
@@ -205,10 +206,10 @@ def resolve_resume(resume, stem: Path) -> Path | None:
     if skipped:
         raise ConfigError(f"--resume auto: no training state under {stem}_iter_* loads (the newest, "
                           f"{skipped[0][0]}: {skipped[0][1]})")
-    legacy = sorted(stem.parent.glob(f"{glob.escape(stem.name)}_iter_*{train_state.LEGACY_SUFFIX}"))
+    legacy = train_state.snapshot_states(stem, legacy=True)
     if legacy:
         raise ConfigError(f"--resume auto: {stem.parent} holds only pickle states of an earlier "
-                          f"version (e.g. {legacy[-1].name}), refused since loading a pickle can "
+                          f"version (e.g. {legacy[0].name}), refused since loading a pickle can "
                           f"run code; start without --resume")
     return None
 
@@ -328,8 +329,8 @@ class Trainer:
         key or a tensor that does not fit the net is a ``ConfigError`` naming the file and key."""
         path = Path(path)
         state = _with_hint(train_state.read_state, path)
-        need = lambda key, kind=None: train_state.require(state, key, path, kind)  # noqa: E731
-        weights = need("weights", dict)
+        need = functools.partial(train_state.require, state, path=path)
+        weights = need("weights", kind=dict)
         params = {q.key: q.tensor for q in self.net.learnable_params()}
         missing = sorted(set(params) ^ set(weights))
         if missing:
@@ -342,7 +343,7 @@ class Trainer:
             if tuple(src.shape) != tuple(t.shape):
                 raise ConfigError(f"{path}: key 'weights.{k}' has shape {tuple(src.shape)} in the "
                                   f"state, param {k!r} has {tuple(t.shape)} in the net")
-        solver = {k: need(f"solver.{k}", kind) for k, kind in
+        solver = {k: need(f"solver.{k}", kind=kind) for k, kind in
                   (("iter", int), ("current_step", int), ("history", dict), ("losses", list),
                    ("blob_losses", dict))}
         for k, h in solver["history"].items():

@@ -41,7 +41,7 @@ FORMAT = "readonly-ohem train state 2"
 SUFFIX = ".state.safetensors"
 LEGACY_SUFFIX = ".state.pt"  # pickles of readonly-ohem <= 0.1: refused, never unpickled
 _TENSOR = "$tensor"
-_PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin")
+_PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle")
 
 
 # -- RNG states as tensors and JSON -----------------------------------------------------------------
@@ -215,10 +215,8 @@ def require(state: dict, key: str, path: str | Path, kind: type | None = None, p
         else:
             raise ConfigError(f"{path}: the training state has no key {full!r}")
     if kind is not None:
-        ok = isinstance(node, kind) and not (kind in (int, float) and isinstance(node, bool))
-        if kind is float and isinstance(node, int) and not isinstance(node, bool):
-            ok = True
-        if not ok:
+        ok = isinstance(node, (int, float) if kind is float else kind)
+        if not ok or (kind in (int, float) and isinstance(node, bool)):
             raise ConfigError(f"{path}: key {full!r} of the training state should be "
                               f"{_KINDS.get(kind, kind.__name__)}, not {type(node).__name__}")
     return node
@@ -228,13 +226,14 @@ def require(state: dict, key: str, path: str | Path, kind: type | None = None, p
 _STATE_NAME = re.compile(r"^(?P<stem>.+)_iter_(?P<iter>\d+)\.state\.(safetensors|pt)$")
 
 
-def snapshot_states(stem: Path) -> list[Path]:
-    """The ``{stem}_iter_{n}.state.safetensors`` files, newest first (highest n; equal n: latest
-    mtime)."""
+def snapshot_states(stem: Path, legacy: bool = False) -> list[Path]:
+    """The ``{stem}_iter_{n}.state.safetensors`` files (``legacy``: the ``.state.pt`` ones), newest
+    first (highest n; equal n: latest mtime)."""
+    suffix = LEGACY_SUFFIX if legacy else SUFFIX
     found = []
-    for p in stem.parent.glob(f"{glob.escape(stem.name)}_iter_*{SUFFIX}"):
+    for p in stem.parent.glob(f"{glob.escape(stem.name)}_iter_*{suffix}"):
         m = _STATE_NAME.match(p.name)
-        if m and m["stem"] == stem.name and p.suffix == ".safetensors":
+        if m and m["stem"] == stem.name and p.name.endswith(suffix):
             found.append((int(m["iter"]), p.stat().st_mtime_ns, p))
     return [p for *_, p in sorted(found, key=lambda t: t[:2], reverse=True)]
 
