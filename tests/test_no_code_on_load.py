@@ -72,7 +72,7 @@ def test_torch_weights_pth_holding_code(tmp_path, marker):
         with pytest.raises(WeightsError) as e:
             load_initial_weights(net(tmp_path), evil, default_config())
         msg = one_line(e)
-        assert str(evil) in msg and "refused without running it" in msg and "posix.system" in msg
+        assert str(evil) in msg and "refused without running it" in msg and ".system" in msg
     with pytest.raises(WeightsError, match="refused without running it"):
         load_torchvision_vgg16(net(tmp_path), tmp_path / "vgg16.pth", default_config().PIXEL_MEANS)
 
