@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cfg(p)
     p.add_argument("--output", default="output", metavar="DIR")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--resume", metavar="STATE", help="continue an interrupted run")
+    p.add_argument("--resume", metavar="STATE|auto",
+                   help="continue an interrupted run from a .state.safetensors snapshot; auto: the "
+                        "newest one of this solver in --output that loads (none: start afresh)")
     p.add_argument("--log-kept-rois", dest="log_kept_rois", metavar="FILE",
                    help="log every OHEM selection (see `inspect`)")
     p.add_argument("--log-every", dest="log_every", type=int, default=1, metavar="K")

@@ -1,5 +1,12 @@
 """Initial weights from a torchvision VGG16 state dict (``torch.save(vgg16().state_dict())``).
 
+The file is read without running code: a ``.safetensors`` file with ``safetensors``, a ``.pth``
+(torchvision's download; a pickle in a zip) only with ``torch.load(weights_only=True)``, torch's
+restricted unpickler, which builds tensors and plain containers and refuses any other global a
+pickle names (on torch >= 2.6; earlier versions had a hole there, CVE-2025-32434, so there a
+``.pth`` is refused: convert it to ``.safetensors`` on a trusted machine). A ``.pth`` that names
+anything else is refused with one line, and nothing of it runs.
+
 torchvision's VGG16 reads RGB in [0, 1] normalized by the ImageNet mean/std; our nets read, as
 the original, BGR 0–255 minus ``PIXEL_MEANS`` (no std). Only conv1_1 sees the input, so the
 conversion folds everything into it, exactly:
@@ -27,9 +34,13 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 
 from readonly_ohem.errors import WeightsError
+
+# torch.load(weights_only=True) can be trusted with a hostile file from torch 2.6 on
+SAFE_WEIGHTS_ONLY = torch.__version__ >= (2, 6)
 
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
 IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
@@ -45,9 +56,31 @@ VGG16_NAMES = {
 
 
 def is_torch_file(path: str | Path) -> bool:
-    """A ``torch.save`` file (zip container, or a ``.pth``/``.pt`` name) rather than a caffemodel."""
+    """A ``torch.save`` file (zip container, or a ``.pth``/``.pt`` name) or a ``.safetensors`` file
+    rather than a caffemodel."""
     path = Path(path)
-    return path.suffix in (".pth", ".pt") or zipfile.is_zipfile(path)
+    return path.suffix in (".pth", ".pt", ".safetensors") or zipfile.is_zipfile(path)
+
+
+def read_state_dict(path: str | Path) -> dict:
+    """A state dict file -> {name: tensor} on the CPU, without running anything from the file
+    (see the module docstring); ``WeightsError`` naming the file otherwise."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            return safetensors.torch.load_file(str(path), device="cpu")
+        except Exception as e:  # noqa: BLE001 - safetensors' error class varies by version
+            raise WeightsError(f"{path}: cannot read as a safetensors state dict ({e})") from None
+    if not SAFE_WEIGHTS_ONLY:
+        raise WeightsError(f"{path}: reading a pickle (.pth) safely needs torch >= 2.6 (this is "
+                           f"{torch.__version__}); convert it to .safetensors on a trusted machine")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's weights problem
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "GLOBAL" in ln), lines[0] if lines else type(e).__name__)
+        raise WeightsError(f"{path}: cannot read as a torch state dict of tensors; refused "
+                           f"without running it ({why})") from None
 
 
 def fold_input_transform(weight: torch.Tensor, bias: torch.Tensor, pixel_means_bgr,
@@ -93,10 +126,7 @@ def load_torchvision_vgg16(net, path: str | Path, pixel_means_bgr) -> dict:
     ``net.load_caffemodel``. A shape mismatch raises ``WeightsError`` naming the layer.
     """
     path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's weights problem
-        raise WeightsError(f"{path}: cannot read as a torch state dict ({e})") from None
+    state = read_state_dict(path)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -13,14 +13,19 @@ Snapshots (every ``TRAIN.SNAPSHOT_ITERS`` and at the end), in the output directo
   un-normalized when ``TRAIN.BBOX_REG`` and ``TRAIN.BBOX_NORMALIZE_TARGETS``
   (W ← W·std, b ← b·std + mean, class-major 4-vectors), restored afterwards, as the original
   (``unnormalized_bbox_pred``; ``normalize_bbox_pred`` goes back, as ``inspect --def`` does);
-- ``…_iter_{n}.state.pt``: everything ``--resume`` needs (weights as trained, solver history,
-  iteration, torch/numpy/python RNG states, the data layer's order and cursor; per process under
-  torchrun). Both files are written atomically (a temp file, then ``os.replace``), so a killed
-  write leaves the previous snapshot intact.
+- ``…_iter_{n}.state.safetensors``: everything ``--resume`` needs (weights as trained, solver
+  history, iteration, torch/numpy/python RNG states, the data layer's order and cursor, the
+  config; per process under torchrun), as tensors and JSON: format in ``readonly_ohem.train_state``,
+  nothing in it can run code (the pickle ``.state.pt`` of earlier versions is refused). Both files
+  are written atomically (a temp file, then ``os.replace``), so a killed write leaves the previous
+  snapshot intact, with the mode a plain ``open`` would give.
 
-``--resume STATE`` continues so that the run equals one never interrupted. SIGINT/SIGTERM end the
-current iteration, write a snapshot and stop. A NaN/inf loss stops before the update with a
-message naming the iteration and the loss blob and layer; the last good snapshot stays.
+``--resume STATE`` continues so that the run equals one never interrupted; ``--resume auto``
+continues from the newest loadable state of this solver in the output directory (a newer one that
+does not load, e.g. truncated, is skipped with a warning naming it; none at all: a fresh start).
+SIGINT/SIGTERM end the current iteration, write a snapshot and stop. A NaN/inf loss stops before
+the update with a message naming the iteration and the loss blob and layer; the last good snapshot
+stays.
 
 Data-parallel under ``torchrun``: see ``readonly_ohem.distributed`` (each process its own shard of
 the images; effective batch = processes × iter_size × IMS_PER_BATCH images).
@@ -29,11 +34,14 @@ the images; effective batch = processes × iter_size × IMS_PER_BATCH images).
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
+import json
 import random
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -43,38 +51,16 @@ import torch
 from readonly_ohem import distributed, pretrained
 from readonly_ohem import inspect  # the kept-RoI log (readonly_ohem.inspect, not the stdlib's)
 from readonly_ohem import python_layers  # noqa: F401  (registers RoIDataLayer, OHEMDataLayer)
-from readonly_ohem.atomic import atomic_write
+from readonly_ohem import train_state
 from readonly_ohem.caffe import use_caffe_float32
 from readonly_ohem.caffe.solver import NonFiniteLossError, Solver, build_net
 from readonly_ohem.caffe.spec import read_solver
-from readonly_ohem.errors import ConfigError
+from readonly_ohem.errors import ConfigError, OhemError
 from readonly_ohem.progress import Progress, clock
 from readonly_ohem.roi_data.roidb import training_roidb
 
 
 # -- small helpers ---------------------------------------------------------------------------------
-def atomic_torch_save(obj, path: str | Path) -> None:
-    """``torch.save`` that leaves any previous file intact if killed mid-write."""
-    with atomic_write(path) as f:
-        torch.save(obj, f)
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def seed_rngs(seed: int) -> None:
     """``train_net.py``'s ``np.random.seed(cfg.RNG_SEED); caffe.set_random_seed(cfg.RNG_SEED)``
     (torch's generator stands for Caffe's), and Python's ``random`` too."""
@@ -154,6 +140,80 @@ def unnormalized_bbox_pred(net, means, stds, layer: str = "bbox_pred"):
             b.copy_(orig_b)
 
 
+# -- snapshot names and the state file -----------------------------------------------------------
+def snapshot_stem(output_dir, solver_param, cfg) -> Path:
+    """``output_dir/{snapshot_prefix}[_{SNAPSHOT_INFIX}]``: a snapshot is ``{stem}_iter_{n}.…``."""
+    infix = cfg.TRAIN.SNAPSHOT_INFIX
+    infix = f"_{infix}" if infix else ""
+    return Path(output_dir) / f"{solver_param.snapshot_prefix}{infix}"
+
+
+def config_json(cfg) -> dict:
+    """The config tree as JSON values (tuples and arrays become lists)."""
+    return json.loads(json.dumps(cfg, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x)))
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _warn_config_changes(path: Path, saved, cfg) -> None:
+    """Warn, naming the keys, when resuming under a config other than the one the state was
+    written with: the run then need not equal an uninterrupted one."""
+    if not isinstance(saved, dict):
+        return
+    a, b = _flat(saved), _flat(config_json(cfg))
+    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if changed:
+        warnings.warn(f"{path}: resuming with a config that differs from the run's in "
+                      f"{', '.join(changed[:8])}{' ...' if len(changed) > 8 else ''}", stacklevel=3)
+
+
+def _with_hint(read, path: Path):
+    """``read(path)``; its ``ConfigError`` gets ``"; the newest loadable state beside it is …"``
+    when there is one."""
+    try:
+        return read(path)
+    except ConfigError as e:
+        stem = train_state.state_stem(path)
+        good = train_state.newest_loadable(stem, exclude=path)[0] if stem is not None else None
+        hint = f"; the newest loadable state beside it is {good} (or use --resume auto)" if good else ""
+        raise ConfigError(f"{e}{hint}") from None
+
+
+def resolve_resume(resume, stem: Path) -> Path | None:
+    """``--resume``: a path, checked (``train_state.check_state``: a ``ConfigError`` naming it, and
+    the newest loadable state beside it, before any slow work); ``auto``: the newest
+    ``{stem}_iter_{n}.state.safetensors`` that passes that check, each newer one that does not
+    skipped with a warning naming it and why; no state at all: None (a fresh start).
+    ``ConfigError`` when states exist but none loads, or only pickle ``.state.pt`` ones (refused)."""
+    if resume is None:
+        return None
+    if str(resume) != "auto":
+        _with_hint(train_state.check_state, Path(resume))
+        return Path(resume)
+    good, skipped = train_state.newest_loadable(stem)
+    for bad, why in skipped:
+        warnings.warn(f"--resume auto: skipped {bad} ({why})"
+                      + (f"; resuming from {good}" if good else ""), stacklevel=2)
+    if good is not None:
+        return good
+    if skipped:
+        raise ConfigError(f"--resume auto: no training state under {stem}_iter_* loads (the newest, "
+                          f"{skipped[0][0]}: {skipped[0][1]})")
+    legacy = train_state.snapshot_states(stem, legacy=True)
+    if legacy:
+        raise ConfigError(f"--resume auto: {stem.parent} holds only pickle states of an earlier "
+                          f"version (e.g. {legacy[0].name}), refused since loading a pickle can "
+                          f"run code; start without --resume")
+    return None
+
+
 class TrainProgress(Progress):
     """``iter 120/40000  loss 0.8123  lr 0.001  0.412 s/iter  ETA 4:33:10`` (loss smoothed)."""
 
@@ -214,10 +274,7 @@ class Trainer:
 
     # snapshots ----------------------------------------------------------------------------------
     def snapshot_base(self, iteration: int) -> Path:
-        infix = self.cfg.TRAIN.SNAPSHOT_INFIX
-        infix = f"_{infix}" if infix else ""
-        prefix = self.solver.param.snapshot_prefix
-        return self.output_dir / f"{prefix}{infix}_iter_{iteration}"
+        return Path(f"{snapshot_stem(self.output_dir, self.solver.param, self.cfg)}_iter_{iteration}")
 
     def _scale_bbox_params(self) -> bool:
         return (bbox_targets_normalized(self.cfg) and self.bbox_stds is not None
@@ -233,16 +290,20 @@ class Trainer:
             self.net.save_caffemodel(str(path))
 
     def state(self) -> dict:
-        """This process's resumable state (weights as trained, not un-normalized)."""
+        """This process's resumable state (weights as trained, not un-normalized): tensors and
+        JSON values only (``readonly_ohem.train_state``)."""
         data_states = [layer.data_order_state() for layer in find_data_layers(self.net)
                        if hasattr(layer, "data_order_state")]
+        solver = self.solver.state_dict()
+        solver["losses"] = [float(x) for x in solver["losses"]]
+        solver["blob_losses"] = {n: [float(x) for x in v] for n, v in solver["blob_losses"].items()}
         return {
-            "format": "readonly-ohem train state 1",
             "iter": self.solver.iter,
             "weights": {q.key: q.tensor.detach().cpu().clone() for q in self.net.learnable_params()},
-            "solver": self.solver.state_dict(),
-            "rng": rng_state(),
+            "solver": solver,
+            "rng": train_state.rng_state(),
             "data": data_states,
+            "config": config_json(self.cfg),
         }
 
     def snapshot(self) -> Path:
@@ -257,47 +318,72 @@ class Trainer:
         if self.is_main:
             base.parent.mkdir(parents=True, exist_ok=True)
             self.save_caffemodel(model)
-            atomic_torch_save(own, base.with_name(base.name + ".state.pt"))
+            train_state.save_state(base.with_name(base.name + train_state.SUFFIX), own)
             self.log(f"Wrote snapshot to: {model}")
         distributed.barrier(self.ctx)
         self.snapshots.append(model)
         return model
 
     def load_state(self, path: str | Path) -> None:
-        """Continue from a ``.state.pt`` written by ``snapshot``."""
+        """Continue from a ``.state.safetensors`` written by ``snapshot``. Anything else, a missing
+        key or a tensor that does not fit the net is a ``ConfigError`` naming the file and key."""
         path = Path(path)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except FileNotFoundError:
-            raise ConfigError(f"--resume {path}: file not found") from None
-        except Exception as e:  # noqa: BLE001
-            raise ConfigError(f"--resume {path}: not a readable training state ({e})") from None
-        if not isinstance(state, dict) or state.get("format") != "readonly-ohem train state 1":
-            raise ConfigError(f"--resume {path}: not a readonly-ohem training state file")
+        state = _with_hint(train_state.read_state, path)
+        need = functools.partial(train_state.require, state, path=path)
+        weights = need("weights", kind=dict)
         params = {q.key: q.tensor for q in self.net.learnable_params()}
-        missing = sorted(set(params) ^ set(state["weights"]))
+        missing = sorted(set(params) ^ set(weights))
         if missing:
-            raise ConfigError(f"--resume {path}: the state's weights do not match the net "
+            raise ConfigError(f"{path}: the state's weights do not match the net "
                               f"(params on one side only: {missing[:6]})")
-        with torch.no_grad():
-            for k, t in params.items():
-                src = state["weights"][k]
-                if tuple(src.shape) != tuple(t.shape):
-                    raise ConfigError(f"--resume {path}: param {k!r} has shape {tuple(src.shape)} "
-                                      f"in the state, {tuple(t.shape)} in the net")
-                t.copy_(src.to(device=t.device, dtype=t.dtype))
-        self.solver.load_state_dict(state["solver"])
+        for k, t in params.items():
+            src = weights[k]
+            if not isinstance(src, torch.Tensor):
+                raise ConfigError(f"{path}: key 'weights.{k}' of the training state is not a tensor")
+            if tuple(src.shape) != tuple(t.shape):
+                raise ConfigError(f"{path}: key 'weights.{k}' has shape {tuple(src.shape)} in the "
+                                  f"state, param {k!r} has {tuple(t.shape)} in the net")
+        solver = {k: need(f"solver.{k}", kind=kind) for k, kind in
+                  (("iter", int), ("current_step", int), ("history", dict), ("losses", list),
+                   ("blob_losses", dict))}
+        for k, h in solver["history"].items():
+            if not isinstance(h, torch.Tensor):
+                raise ConfigError(f"{path}: key 'solver.history.{k}' of the training state is not "
+                                  "a tensor")
         own = state
         if self.ctx is not None:
             ranks = state.get("ranks")
-            if not ranks or len(ranks) != self.ctx.world_size:
-                raise ConfigError(f"--resume {path}: written by {len(ranks or [0])} process(es), "
-                                  f"resumed with {self.ctx.world_size}")
+            if not isinstance(ranks, list) or len(ranks) != self.ctx.world_size:
+                n = len(ranks) if isinstance(ranks, list) else 1
+                raise ConfigError(f"{path}: written by {n} process(es), resumed with "
+                                  f"{self.ctx.world_size}")
             own = ranks[self.ctx.rank]
+            where = f"ranks.{self.ctx.rank}."
+        else:
+            where = ""
+        data = train_state.require(own, "data", path, list, prefix=where.rstrip("."))
+        rng = train_state.require(own, "rng", path, dict, prefix=where.rstrip("."))
         layers = [layer for layer in find_data_layers(self.net) if hasattr(layer, "load_data_order_state")]
-        for layer, s in zip(layers, own["data"]):
-            layer.load_data_order_state(s)
-        set_rng_state(own["rng"])
+        if len(data) < len(layers):
+            raise ConfigError(f"{path}: key '{where}data' holds {len(data)} data layer state(s), "
+                              f"the net has {len(layers)} data layer(s)")
+        _warn_config_changes(path, state.get("config"), self.cfg)
+
+        # the file holds all it should: now into the trainer (what is left to fail names its key)
+        with torch.no_grad():
+            for k, t in params.items():
+                t.copy_(weights[k].to(device=t.device, dtype=t.dtype))
+        try:
+            self.solver.load_state_dict(solver)
+        except OhemError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        for i, (layer, s) in enumerate(zip(layers, data)):
+            try:
+                layer.load_data_order_state(s)
+            except (OhemError, KeyError, TypeError, ValueError) as e:
+                raise ConfigError(f"{path}: key '{where}data.{i}' is not a data layer state "
+                                  f"({e!r})") from None
+        train_state.set_rng_state(rng, path, key=f"{where}rng")
 
     # the loop -----------------------------------------------------------------------------------
     def _install_signal_handlers(self):
@@ -366,7 +452,8 @@ class Trainer:
                         self.snapshot()
                     name = signal.Signals(self._stop_signal or signal.SIGTERM).name
                     self.log(f"{name}: stopped at iteration {solver.iter}; resume with "
-                             f"--resume {self.snapshot_base(solver.iter)}.state.pt")
+                             f"--resume {self.snapshot_base(solver.iter)}{train_state.SUFFIX} "
+                             "(or --resume auto)")
                     return self.snapshots
             progress.close()
             if last_snapshot_iter != solver.iter:
@@ -464,7 +551,8 @@ def make_output_dir(output) -> Path:
 def setup_training(solver, cfg, imdb, weights=None, output="output", device="cpu", ctx=None,
                    resume=None, log_kept_rois=None, log_every: int = 1, verbose: bool = True,
                    stream=None) -> Trainer:
-    """``train_net.py`` up to ``train_model``, in the original's order: seeds (``RNG_SEED``); the
+    """``train_net.py`` up to ``train_model``, in the original's order (after finding and checking
+    the ``resume`` state, a path or ``"auto"``: ``resolve_resume``): seeds (``RNG_SEED``); the
     training roidb of ``imdb`` with the bbox-target means/stds (this process's shard under
     torchrun); the output directory; the trainer (``build_trainer``: net, solver, ``weights``
     unless resuming, the roidb); per-process seeds under torchrun; the state of ``resume``; the
@@ -472,6 +560,8 @@ def setup_training(solver, cfg, imdb, weights=None, output="output", device="cpu
 
     ``verbose``: print the roidb statistics (filtered entries, target means/stds).
     """
+    asked = resume  # found (or checked) first: a bad state fails before the roidb is built
+    resume = resolve_resume(resume, snapshot_stem(output, read_solver(str(solver)), cfg))
     seed_rngs(cfg.RNG_SEED)
     roidb, means, stds = training_roidb(imdb, cfg, verbose=verbose)
     roidb = distributed.shard(roidb, ctx)
@@ -486,6 +576,8 @@ def setup_training(solver, cfg, imdb, weights=None, output="output", device="cpu
     if resume:
         trainer.load_state(resume)
         trainer.log(f"Resumed from {resume} at iteration {trainer.solver.iter}")
+    elif asked:
+        trainer.log(f"--resume auto: no training state in {out_dir}; starting from iteration 0")
     if log_kept_rois:
         attach_kept_roi_log(trainer.net, log_kept_rois, log_every, lambda: trainer.solver.iter,
                             classes=getattr(imdb, "classes", None))

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from google.protobuf import text_format
 
 from readonly_ohem.caffe.proto import caffe_pb2
+from readonly_ohem.train_state import read_state
 
 SOLVER = 'lr_policy: "step" base_lr: 0.1 gamma: 0.5 stepsize: 2 momentum: 0.9 weight_decay: 0.01 ' \
          'iter_size: 2'
@@ -167,7 +168,7 @@ def test_two_gloo_processes_train_a_real_net_identically(tmp_path):
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
     # one state file per snapshot, holding each replica's RNG and data cursor
-    state = torch.load(tmp_path / "out" / f"tiny_iter_{ITERS}.state.pt", weights_only=False)
+    state = read_state(tmp_path / "out" / f"tiny_iter_{ITERS}.state.safetensors")
     assert len(state["ranks"]) == 2
     assert not torch.equal(state["ranks"][0]["rng"]["torch"], state["ranks"][1]["rng"]["torch"])
     for k, v in state["weights"].items():

@@ -75,3 +75,33 @@ layer { name: "cls_score" type: "InnerProduct" bottom: "f" top: "s" inner_produc
     w, b = fold_input_transform(state["features.0.weight"], state["features.0.bias"], PIXEL_MEANS)
     assert torch.equal(net.layer_params("conv1_1")[0].detach(), w)
     assert torch.equal(net.layer_params("fc6")[0].detach(), state["classifier.0.weight"])
+
+
+def test_a_safetensors_state_dict_loads_as_the_pth_does(tmp_path):
+    """``--weights vgg16.safetensors``: same tensors in, same net out (no pickle involved)."""
+    import safetensors.torch
+
+    from readonly_ohem.caffe.net import Net
+    from readonly_ohem.pretrained import is_torch_file, load_torchvision_vgg16, read_state_dict
+
+    (tmp_path / "n.prototxt").write_text("""
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 4 dim: 4 } } }
+layer { name: "conv1_1" type: "Convolution" bottom: "data" top: "c"
+        convolution_param { num_output: 2 kernel_size: 3 pad: 1 } }
+""")
+    g = torch.Generator().manual_seed(1)
+    state = {"features.0.weight": torch.randn(2, 3, 3, 3, generator=g),
+             "features.0.bias": torch.randn(2, generator=g)}
+    torch.save(state, tmp_path / "vgg16.pth")
+    safetensors.torch.save_file(state, tmp_path / "vgg16.safetensors")
+    assert is_torch_file(tmp_path / "vgg16.safetensors")
+    assert all(torch.equal(read_state_dict(tmp_path / "vgg16.safetensors")[k], v) for k, v in state.items())
+    nets = []
+    for name in ("vgg16.pth", "vgg16.safetensors"):
+        net = Net.from_file(tmp_path / "n.prototxt", phase="TEST")
+        assert load_torchvision_vgg16(net, tmp_path / name, PIXEL_MEANS)["loaded"] == ["conv1_1"]
+        nets.append([p.detach().clone() for p in net.layer_params("conv1_1")])
+    assert all(torch.equal(a, b) for a, b in zip(*nets))
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "vgg16.safetensors").read_bytes()[:-4])
+    with pytest.raises(WeightsError, match="cut.safetensors: cannot read as a safetensors state dict"):
+        read_state_dict(tmp_path / "cut.safetensors")

@@ -1,8 +1,10 @@
 """The training loop: snapshots (names, bbox un-normalization, atomic writes), resume equality,
 NaN stop, SIGINT snapshot, logging. The command's real runs: ``tests/commands/test_train_command.py``."""
 
+import contextlib
 import os
 import signal
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +14,19 @@ import torch
 from readonly_ohem.config import default_config
 from readonly_ohem.errors import ConfigError
 from readonly_ohem.caffe.solver import NonFiniteLossError
+from malicious import assert_live, pickle_bytes, torch_save_file
 from readonly_ohem.train import (
-    atomic_torch_save,
     attach_kept_roi_log,
     build_trainer,
     find_bbox_pred,
     normalize_bbox_pred,
+    resolve_resume,
     unnormalize_bbox_pred,
     unnormalized_bbox_pred,
 )
 from readonly_ohem.caffe.weights import blob_to_array, read_caffemodel
+from readonly_ohem import train_state
+from readonly_ohem.train_state import read_state, save_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,7 +105,7 @@ def test_snapshots_names_and_bbox_unnormalization(exp_dir):
     out = exp_dir / "out"
     assert [m.name for m in models] == ["tiny_x_iter_2.caffemodel", "tiny_x_iter_3.caffemodel"]
     for n in (2, 3):
-        assert (out / f"tiny_x_iter_{n}.state.pt").is_file()
+        assert (out / f"tiny_x_iter_{n}.state.safetensors").is_file()
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     w, b = (x.detach().numpy() for x in t.net.layer_params("bbox_pred"))
     saved = {name: [blob_to_array(bl) for bl in blobs]
@@ -109,8 +114,18 @@ def test_snapshots_names_and_bbox_unnormalization(exp_dir):
     np.testing.assert_allclose(saved["bbox_pred"][1], b * STDS + MEANS, rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(saved["cls_score"][0], t.net.layer_params("cls_score")[0].detach())
     # the net keeps its normalized weights (restored after saving)
-    state = torch.load(out / "tiny_x_iter_3.state.pt", weights_only=False)
+    state = read_state(out / "tiny_x_iter_3.state.safetensors")
     np.testing.assert_array_equal(state["weights"]["bbox_pred/0"].numpy(), w)
+
+
+def test_snapshots_get_the_mode_a_plain_open_would(exp_dir):
+    old = os.umask(0o027)
+    try:
+        make(exp_dir).train(2)
+    finally:
+        os.umask(old)
+    for name in ("tiny_iter_2.caffemodel", "tiny_iter_2.state.safetensors"):
+        assert stat.S_IMODE((exp_dir / "out" / name).stat().st_mode) == 0o640, name
 
 
 def test_no_unnormalization_when_targets_not_normalized(exp_dir):
@@ -149,7 +164,7 @@ def test_resume_equals_uninterrupted_run(exp_dir):
     first = make(exp_dir, out="b")
     first.train(3)  # snapshots at 2 and 3
     resumed = make(exp_dir, out="b")
-    resumed.load_state(exp_dir / "b" / "tiny_iter_3.state.pt")
+    resumed.load_state(exp_dir / "b" / "tiny_iter_3.state.safetensors")
     assert resumed.solver.iter == 3
     resumed.train(6)
     wa, wb = weights(straight), weights(resumed)
@@ -161,19 +176,25 @@ def test_resume_equals_uninterrupted_run(exp_dir):
 
 
 def test_atomic_write_keeps_the_previous_file(tmp_path, monkeypatch):
-    path = tmp_path / "s.state.pt"
-    atomic_torch_save({"a": 1}, path)
+    path = tmp_path / "s.state.safetensors"
+    save_state(path, {"a": 1})
+    real = train_state.atomic_write
 
-    def killed(obj, f):
-        f.write(b"partial")
-        raise KeyboardInterrupt  # the process dies mid-write
+    @contextlib.contextmanager
+    def killed_mid_write(p):
+        with real(p) as f:
+            class Dying:
+                def write(self, data):
+                    f.write(data[: len(data) // 2])
+                    raise KeyboardInterrupt  # the process dies mid-write
+            yield Dying()
 
-    monkeypatch.setattr(torch, "save", killed)
+    monkeypatch.setattr(train_state, "atomic_write", killed_mid_write)
     with pytest.raises(KeyboardInterrupt):
-        atomic_torch_save({"a": 2}, path)
+        save_state(path, {"a": 2})
     monkeypatch.undo()
-    assert torch.load(path, weights_only=False) == {"a": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["s.state.pt"]
+    assert read_state(path) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["s.state.safetensors"]
 
 
 def test_nan_loss_stops_naming_iteration_blob_layer_and_keeps_last_snapshot(exp_dir):
@@ -184,7 +205,7 @@ def test_nan_loss_stops_naming_iteration_blob_layer_and_keeps_last_snapshot(exp_
     assert "iteration 3" in msg and "'loss_bbox'" in msg and "tiny_iter_2.caffemodel" in msg
     assert t.solver.iter == 3
     files = sorted(p.name for p in (exp_dir / "out").iterdir())
-    assert files == ["tiny_iter_2.caffemodel", "tiny_iter_2.state.pt"]
+    assert files == ["tiny_iter_2.caffemodel", "tiny_iter_2.state.safetensors"]
     # the weights are those after iteration 3 (the failed one did not update)
     ref = make(exp_dir, out="ref")
     ref.train(3)
@@ -202,7 +223,7 @@ def test_sigint_writes_a_snapshot_and_stops(exp_dir):
     models = t.train(6)
     assert t.interrupted == signal.SIGINT
     assert t.solver.iter == 2 and [m.name for m in models] == ["tiny_iter_2.caffemodel"]
-    assert (exp_dir / "out" / "tiny_iter_2.state.pt").is_file()
+    assert (exp_dir / "out" / "tiny_iter_2.state.safetensors").is_file()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
@@ -233,3 +254,121 @@ def test_log_kept_rois_needs_an_ohem_layer(exp_dir):
     t = make(exp_dir)
     with pytest.raises(ConfigError, match="no OHEM layer"):
         attach_kept_roi_log(t.net, str(exp_dir / "log"), 1, lambda: 0)
+
+
+# -- the state file: nothing in it runs, every flaw named ------------------------------------------
+def test_resume_refuses_an_old_pickle_state_and_runs_none_of_it(exp_dir):
+    marker = exp_dir / "MARKER"
+    t = make(exp_dir)
+    old = torch_save_file(exp_dir / "tiny_iter_3.state.pt", marker)
+    raw = exp_dir / "tiny_iter_4.state.safetensors"  # a bare pickle under the new name
+    raw.write_bytes(pickle_bytes(marker))
+    for path in (old, raw):
+        with pytest.raises(ConfigError) as e:
+            t.load_state(path)
+        msg = str(e.value)
+        assert msg.startswith(f"{path}: not a readonly-ohem training state but a pickle")
+        assert "refused" in msg and "can run any code" in msg and "\n" not in msg
+        assert not marker.exists()
+    assert t.solver.iter == 0  # nothing of it was taken either
+    assert_live(lambda p: torch.load(p, weights_only=False), old, marker)  # the payload is real
+
+
+def _broken_copy(src, dst, edit):
+    state = read_state(src)
+    edit(state)
+    save_state(dst, state)
+    return dst
+
+
+def test_a_state_missing_a_key_or_with_a_misfit_tensor_names_the_file_and_key(exp_dir):
+    make(exp_dir).train(2)
+    good = exp_dir / "out" / "tiny_iter_2.state.safetensors"
+    cases = [
+        (lambda s: s["solver"].pop("current_step"), "the training state has no key 'solver.current_step'"),
+        (lambda s: s.pop("rng"), "the training state has no key 'rng'"),
+        (lambda s: s["rng"].pop("numpy"), "the training state has no key 'rng.numpy'"),
+        (lambda s: s["solver"].update(iter="2"), "key 'solver.iter' of the training state should be an integer"),
+        (lambda s: s["weights"].update({"fc1/0": torch.zeros(3, 3)}),
+         r"key 'weights.fc1/0' has shape \(3, 3\) in the state, param 'fc1/0' has \(5, 6\)"),
+        (lambda s: s["solver"]["history"].update({"fc1/0": torch.zeros(2)}),
+         r"solver state: history 'fc1/0' has shape \(2,\), the param \(5, 6\)"),
+        (lambda s: s["rng"].update(torch=torch.zeros(7, dtype=torch.uint8)),
+         "key 'rng.torch' is not a torch generator state"),
+        (lambda s: s["rng"]["numpy"].update(keys=[1, 2]), "key 'rng.numpy' is not a numpy generator state"),
+    ]
+    for i, (edit, expect) in enumerate(cases):
+        bad = _broken_copy(good, exp_dir / f"bad{i}.state.safetensors", edit)
+        with pytest.raises(ConfigError, match=expect) as e:
+            make(exp_dir).load_state(bad)
+        assert str(e.value).startswith(f"{bad}: ") and "\n" not in str(e.value), expect
+
+
+def test_a_truncated_state_names_the_newest_one_that_loads(exp_dir):
+    make(exp_dir).train(3)  # snapshots at 2 and 3
+    out = exp_dir / "out"
+    newest = out / "tiny_iter_3.state.safetensors"
+    data = newest.read_bytes()
+    for cut in (len(data) - 1, len(data) // 2, 10, 0):
+        newest.write_bytes(data[:cut])
+        with pytest.raises(ConfigError) as e:
+            make(exp_dir).load_state(newest)
+        msg = str(e.value)
+        assert msg.startswith(f"{newest}: not a readonly-ohem training state, or a truncated one")
+        assert msg.endswith(f"the newest loadable state beside it is {out / 'tiny_iter_2.state.safetensors'} "
+                            "(or use --resume auto)")
+
+
+def test_resume_auto_skips_a_truncated_newest_state_with_a_warning_and_equals_a_straight_run(exp_dir):
+    straight = make(exp_dir, out="a")
+    straight.train(6)
+    make(exp_dir, out="b").train(4)  # snapshots at 2 and 4; the one at 4 is cut short
+    out = exp_dir / "b"
+    (out / "tiny_iter_4.state.safetensors").write_bytes(
+        (out / "tiny_iter_4.state.safetensors").read_bytes()[:-100])
+    stem = out / "tiny"
+    with pytest.warns(UserWarning) as w:
+        path = resolve_resume("auto", stem)
+    assert path == out / "tiny_iter_2.state.safetensors"
+    assert [str(x.message) for x in w] == [
+        f"--resume auto: skipped {out / 'tiny_iter_4.state.safetensors'} (not a readonly-ohem "
+        "training state, or a truncated one (safetensors: Error while deserializing header: "
+        f"incomplete metadata, file not fully covered)); resuming from {path}"]
+    resumed = make(exp_dir, out="b")
+    resumed.load_state(path)
+    resumed.train(6)
+    for k, v in weights(straight).items():
+        assert torch.equal(v, weights(resumed)[k]), k
+    assert straight.solver.smoothed_loss() == resumed.solver.smoothed_loss()
+
+
+def test_resume_auto_without_a_usable_state(exp_dir):
+    out = exp_dir / "out"
+    out.mkdir()
+    assert resolve_resume("auto", out / "tiny") is None  # nothing there: a fresh start
+    assert resolve_resume(None, out / "tiny") is None
+    with pytest.raises(ConfigError, match="^x.state.safetensors: training state not found$"):
+        resolve_resume("x.state.safetensors", out / "tiny")  # a path is checked at once
+    (out / "tiny_iter_2.state.pt").write_bytes(b"\x80\x04old pickle")
+    with pytest.raises(ConfigError, match="holds only pickle states of an earlier version "
+                                          r"\(e.g. tiny_iter_2.state.pt\), refused"):
+        resolve_resume("auto", out / "tiny")
+    (out / "tiny_iter_2.state.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    (out / "tiny_iter_10.state.safetensors").write_bytes(b"")
+    (out / "other_iter_20.state.safetensors").write_bytes(b"")  # another solver's: not looked at
+    with pytest.warns(UserWarning) as w:
+        with pytest.raises(ConfigError, match=r"--resume auto: no training state under "
+                                              rf"{out / 'tiny'}_iter_\* loads \(the newest, "
+                                              rf"{out / 'tiny_iter_10.state.safetensors'}: "):
+            resolve_resume("auto", out / "tiny")
+    assert [str(x.message).split(" (")[0] for x in w] == [
+        f"--resume auto: skipped {out / 'tiny_iter_10.state.safetensors'}",
+        f"--resume auto: skipped {out / 'tiny_iter_2.state.safetensors'}"]
+
+
+def test_resuming_under_another_config_warns_naming_the_keys(exp_dir):
+    make(exp_dir).train(2)
+    t = make(exp_dir, FG_FRACTION=0.5)
+    with pytest.warns(UserWarning, match=r"differs from the run's in TRAIN.FG_FRACTION$"):
+        t.load_state(exp_dir / "out" / "tiny_iter_2.state.safetensors")
+    assert t.solver.iter == 2

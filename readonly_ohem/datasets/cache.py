@@ -5,8 +5,9 @@ False: no cache), one file pair ``<name>_<tag>_roidb.{npz,json}`` per imdb, ``ta
 imdb's own description (so two datasets of one name do not share a file). Keyed through the imdb
 protocol only: ``imdb.cache_inputs()`` gives ``(description, files)``, a JSON-able description of
 everything the roidb depends on besides files (name, classes, options, where the data is) and
-the files whose (mtime, size) matter; the key hashes both with a format version. A stale or
-unreadable cache is ignored.
+the files whose (mtime, size) matter; the key hashes both with a format version. A stale cache
+is ignored; an unreadable or malformed one too, with a warning naming the file (it is rebuilt).
+Nothing in it can run code: ``np.load(allow_pickle=False)`` and ``json`` only. Written atomically.
 
 The npz holds the entries concatenated: ``boxes`` (R, 4) float64, ``gt_classes`` (R,) int32 and
 the stacked ``gt_overlaps`` as csr arrays (``overlaps_data``, ``overlaps_indices``,
@@ -18,10 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse
+
+from readonly_ohem.atomic import atomic_write
 
 VERSION = 2
 
@@ -61,6 +66,27 @@ def _paths(imdb, description: dict):
     return d / f"{stem}.npz", d / f"{stem}.json"
 
 
+def _read(imdb, inputs, npz_path: Path, json_path: Path):
+    """(meta, arrays) of a cache whose key matches, None when stale; ``ValueError`` naming what
+    is wrong when it cannot be used."""
+    try:
+        meta = json.loads(json_path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{json_path}: {e}") from None
+    if not isinstance(meta, dict) or meta.get("key") != cache_key(inputs):
+        return None
+    with np.load(npz_path, allow_pickle=False) as z:  # never unpickles: an object array raises
+        arrays = {k: z[k] for k in ("boxes", "gt_classes", "overlaps_data", "overlaps_indices",
+                                    "overlaps_indptr")}
+    counts = np.asarray(meta["counts"], dtype=np.int64)
+    n = imdb.num_images
+    rows = arrays["boxes"].shape[0]
+    if (counts.shape != (n,) or len(meta["sizes"]) != n or int(counts.sum()) != rows
+            or arrays["boxes"].shape != (rows, 4) or arrays["overlaps_indptr"].shape != (rows + 1,)):
+        raise ValueError(f"{npz_path}: rows, counts and image sizes do not agree")
+    return meta, arrays
+
+
 def load(imdb):
     """The cached roidb of ``imdb`` if the key matches, else None."""
     if imdb.cache_dir is False:
@@ -70,15 +96,17 @@ def load(imdb):
     if not npz_path.is_file() or not json_path.is_file():
         return None
     try:
-        meta = json.loads(json_path.read_text())
-        if meta.get("key") != cache_key(inputs):
-            return None
-        with np.load(npz_path, allow_pickle=False) as z:
-            boxes, gt_classes = z["boxes"], z["gt_classes"]
-            data, indices, indptr = z["overlaps_data"], z["overlaps_indices"], z["overlaps_indptr"]
-        counts = np.asarray(meta["counts"], dtype=np.int64)
-    except (OSError, ValueError, KeyError):
+        found = _read(imdb, inputs, npz_path, json_path)
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
+        warnings.warn(f"{npz_path}: ignoring the roidb cache, it cannot be used ({e}); rebuilding it",
+                      stacklevel=2)
         return None
+    if found is None:
+        return None
+    meta, z = found
+    boxes, gt_classes = z["boxes"], z["gt_classes"]
+    data, indices, indptr = z["overlaps_data"], z["overlaps_indices"], z["overlaps_indptr"]
+    counts = np.asarray(meta["counts"], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(counts)])
     roidb = []
     for i in range(imdb.num_images):
@@ -102,14 +130,14 @@ def save(imdb, roidb) -> None:
     overlaps = scipy.sparse.vstack([e["gt_overlaps"] for e in roidb], format="csr", dtype=np.float32)
     try:
         npz_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = npz_path.with_suffix(".tmp.npz")
-        np.savez(tmp, boxes=np.concatenate([e["boxes"] for e in roidb]).reshape(-1, 4),
-                 gt_classes=np.concatenate([e["gt_classes"] for e in roidb]).astype(np.int32),
-                 overlaps_data=overlaps.data, overlaps_indices=overlaps.indices,
-                 overlaps_indptr=overlaps.indptr)
-        os.replace(tmp, npz_path)
-        json_path.write_text(json.dumps(dict(key=cache_key(inputs), name=imdb.name,
-                                             counts=[int(e["boxes"].shape[0]) for e in roidb],
-                                             sizes=[[e["width"], e["height"]] for e in roidb])))
+        with atomic_write(npz_path) as f:
+            np.savez(f, boxes=np.concatenate([e["boxes"] for e in roidb]).reshape(-1, 4),
+                     gt_classes=np.concatenate([e["gt_classes"] for e in roidb]).astype(np.int32),
+                     overlaps_data=overlaps.data, overlaps_indices=overlaps.indices,
+                     overlaps_indptr=overlaps.indptr)
+        with atomic_write(json_path, "w") as f:
+            f.write(json.dumps(dict(key=cache_key(inputs), name=imdb.name,
+                                    counts=[int(e["boxes"].shape[0]) for e in roidb],
+                                    sizes=[[e["width"], e["height"]] for e in roidb])))
     except OSError:
         return

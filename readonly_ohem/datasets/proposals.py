@@ -9,12 +9,17 @@ original's clean-up (``clean_proposals``): exact duplicates removed (first occur
 order otherwise), then the small-box filter ``w = x2 - x1 >= 2 and h = y2 - y1 > 2`` (really
 asymmetric and without +1, as ``ds_utils.filter_small_boxes`` with ``min_size`` 2).
 Rows with NaN/inf or inverted corners are dropped with one warning per file that counts them.
+
+Nothing in a proposals file can run code: ``.mat`` through ``scipy.io.loadmat`` (data only),
+``.npz`` with ``allow_pickle=False``, ``.json``; pickled proposals (``.pkl``, as some of the
+original's datasets used) are refused with a message.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +29,13 @@ import scipy.io
 from readonly_ohem.errors import DataError
 
 MIN_SIZE = 2  # the original pascal_voc config['min_size']
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".p")
+
+
+def _refuse_pickle(path: Path) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise DataError(f"{path}: pickled proposals are refused (loading a pickle can run any code "
+                        "it names); convert them to .npz keyed by image id or the .mat layout")
 
 
 def unique_boxes(boxes: np.ndarray) -> np.ndarray:
@@ -97,6 +109,7 @@ def load_proposals(path: str | Path, image_ids: Sequence[str], min_size: int = M
     """
     path = Path(path)
     suffix = path.suffix.lower()
+    _refuse_pickle(path)
     if suffix == ".mat":
         raw = read_mat_boxes(path)
         if len(raw) != len(image_ids):
@@ -130,14 +143,15 @@ def load_proposals(path: str | Path, image_ids: Sequence[str], min_size: int = M
 
 def read_keyed(path: Path) -> dict:
     """A ``.npz`` or ``.json`` proposals file as a dict: image id (or ``boxes``) -> rows."""
+    _refuse_pickle(path)
     try:
         if path.suffix.lower() == ".npz":
-            with np.load(path, allow_pickle=False) as z:
+            with np.load(path, allow_pickle=False) as z:  # an object (pickled) array raises
                 return {k: z[k] for k in z.files}
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise DataError(f"{path}: proposals file not found") from None
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"{path}: cannot read proposals ({e})") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: a .json proposals file must map image id -> [[x1, y1, x2, y2], ...]")

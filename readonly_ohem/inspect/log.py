@@ -19,6 +19,7 @@ import io
 import json
 import os
 import time
+import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,8 +283,12 @@ class ImageSelection:
         if len(data) != n or zlib.crc32(data) != int(self.meta["crc32"]):
             raise DataError(f"{self.blobs}: the blob of iteration {self.meta['iter']} image "
                             f"{self.meta['image_id']} (bytes {off}..{off + n}) is damaged (CRC mismatch)")
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:  # never unpickles
+                return {k: z[k] for k in z.files}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise DataError(f"{self.blobs}: the blob of iteration {self.meta['iter']} image "
+                            f"{self.meta['image_id']} is not an .npz of plain arrays ({e})") from None
 
     @property
     def arrays(self) -> dict:

@@ -7,10 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from malicious import torch_save_file
 from readonly_ohem.caffe.weights import blob_to_array, read_caffemodel
+from readonly_ohem.cli import main
 from readonly_ohem.commands.train import train_command
 from readonly_ohem.errors import ConfigError
 from readonly_ohem.inspect import read_log
+from readonly_ohem.train_state import read_state
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,10 +49,10 @@ def test_train_command_ohem_resume_equals_uninterrupted(tmp_path, voc_data):
                          **common) == 0
     assert read_log(log).iterations == [0, 1]  # the hook is attached: both iterations logged
     # the straight run's own snapshot at 1 stands for an interrupted run
-    state = tmp_path / "a" / "small_fast_rcnn_ohem_iter_1.state.pt"
+    state = tmp_path / "a" / "small_fast_rcnn_ohem_iter_1.state.safetensors"
     assert train_command(iters=2, output=str(tmp_path / "b"), resume=str(state), **common) == 0
-    a = torch.load(tmp_path / "a" / "small_fast_rcnn_ohem_iter_2.state.pt", weights_only=False)
-    b = torch.load(tmp_path / "b" / "small_fast_rcnn_ohem_iter_2.state.pt", weights_only=False)
+    a = read_state(tmp_path / "a" / "small_fast_rcnn_ohem_iter_2.state.safetensors")
+    b = read_state(tmp_path / "b" / "small_fast_rcnn_ohem_iter_2.state.safetensors")
     assert a["data"] == b["data"] and a["data"]  # the data layer's order and cursor
     for k in a["weights"]:
         assert torch.equal(a["weights"][k], b["weights"][k]), k
@@ -83,3 +86,43 @@ def test_train_command_user_errors_before_training(tmp_path, voc_data):
         train_command(iters=1, output=str(tmp_path / "o"), log_kept_rois=str(blocker / "k.jsonl"),
                       **common)
     assert not list((tmp_path / "o").glob("*"))
+
+
+def test_train_cli_refuses_a_crafted_state_and_resume_auto_skips_a_truncated_one(tmp_path, voc_data,
+                                                                                 capsys):
+    """``readonly-ohem train --resume``: an old pickle state is one line, exit 2, none of its code
+    run; ``--resume auto`` passes over a cut-short newest state (warning) to the one before."""
+    data, proposals = voc_data
+    out = tmp_path / "out"
+    argv = ["train", "--solver", str(_small_solver("fast_rcnn_ohem")), "--data", str(data),
+            "--cfg", str(REPO / "prototxt" / "cfgs" / "fast_rcnn_ohem.yml"),
+            "--set", "TRAIN.SCALES", "(96,)", "--set", "TRAIN.MAX_SIZE", "160",
+            "--set", "TRAIN.SNAPSHOT_ITERS", "1", "--output", str(out)]
+    if proposals is not None:
+        argv += ["--proposals", str(proposals)]
+    assert main(argv + ["--iters", "2"]) == 0
+    stem = "small_fast_rcnn_ohem_iter_"
+    marker = tmp_path / "MARKER"
+    evil = torch_save_file(tmp_path / f"{stem}2.state.pt", marker)
+    capsys.readouterr()
+    assert main(argv + ["--iters", "3", "--resume", str(evil)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"readonly-ohem train: error: {evil}: not a readonly-ohem training state "
+                          "but a pickle") and "refused" in err and "\n" not in err
+    assert not marker.exists()
+    newest = out / f"{stem}2.state.safetensors"
+    whole = newest.read_bytes()
+    (tmp_path / "whole.state.safetensors").write_bytes(whole)
+    newest.write_bytes(whole[:-1])
+    with pytest.warns(UserWarning, match=f"--resume auto: skipped {newest} .*; resuming from "
+                                         f"{out / (stem + '1.state.safetensors')}"):
+        assert main(argv + ["--iters", "2", "--resume", "auto"]) == 0
+    text = capsys.readouterr().out
+    assert f"Resumed from {out / (stem + '1.state.safetensors')} at iteration 1" in text
+    # iteration 1 again from the state before it: the same state as the straight run's, to the bit
+    a, b = read_state(tmp_path / "whole.state.safetensors"), read_state(newest)
+    assert a["iter"] == b["iter"] == 2 and a["data"] == b["data"] and a["rng"]["numpy"] == b["rng"]["numpy"]
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    for k in a["weights"]:
+        assert torch.equal(a["weights"][k], b["weights"][k]), k
+        assert torch.equal(a["solver"]["history"][k], b["solver"]["history"][k]), k
