@@ -3,8 +3,9 @@
 Layout: ``VOCdevkit/VOC<year>/{Annotations/<id>.xml, ImageSets/Main/<set>.txt, JPEGImages/<id>.jpg}``.
 XML boxes are 1-based; the roidb holds them 0-based (``- 1``, truncated to integers as the
 original's uint16 array); a box reaching outside its image is clipped to it with a warning
-(``TRAIN.GT_OUTSIDE_IMAGE``; the original trained on it as written, see ``gt_boxes``). Difficult objects are left out of training (``use_diff`` False) and kept,
-flagged, by ``annotations_at`` for evaluation. The class list belongs to the dataset.
+(``TRAIN.GT_OUTSIDE_IMAGE``; the original trained on it as written, see ``gt_boxes``).
+Difficult objects are left out of training (``use_diff`` False) and kept, flagged, by
+``annotations_at`` for evaluation. The class list belongs to the dataset.
 
 Registers the family ``voc_<year>_<image_set>`` with the factory: ``get_imdb("voc_2007_trainval",
 data_dir)``; ``"voc_2007_trainval+voc_2012_trainval"`` gives a ``CombinedImdb`` whose parts are

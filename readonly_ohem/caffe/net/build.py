@@ -320,10 +320,8 @@ class NetBuilder:
         """A data layer that is not built: its type must be known (registered, Python, or one
         of Caffe's own data layers); a registered type is built once to check its parameters
         (and dropped). A Python layer's module is not resolved: it is not run."""
-        if lp.type == "Python" or lp.type in CAFFE_DATA_TYPES:
-            return
-        layer_class(lp, self.source)
-        self._make_module(lp)
+        if lp.type != "Python" and lp.type not in CAFFE_DATA_TYPES:
+            self._make_module(lp)  # an unknown type: layer_class's error
 
     def _make_module(self, lp) -> Layer:
         """The layer's module: a registered Python layer, or the class of its Caffe type."""
