@@ -171,6 +171,11 @@ def default_config() -> Config:
         USE_OHEM=False,  # the data layer hands over every RoI; OHEMDataLayer picks the hard ones
         OHEM_USE_NMS=True,  # de-duplicate by NMS (per image and label, loss as score) before top-k
         OHEM_NMS_THRESH=0.7,  # suppress IoU > this (+1 pixel areas), as the GPU NMS kernel does
+        # -- bad annotations (issue 16) --
+        # a gt box reaching outside its image: "clip" it to the image with a warning naming the
+        # XML file and object; "error": refuse the dataset; "keep": train on it as written (the
+        # original). A box with no pixel inside the image is an error unless "keep".
+        GT_OUTSIDE_IMAGE="clip",
     )
     TEST = Config(
         SCALES=(600,),  # shorter image side(s) at test time

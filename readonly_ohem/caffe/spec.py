@@ -3,12 +3,15 @@
 The one entry point the net uses is ``load_net_spec(path_or_param, phase)`` = read (text, or
 binary when the file is binary) + ``upgrade_net`` (Caffe's ``UpgradeNetAsNeeded``) +
 ``filter_net`` (Caffe's ``Net::FilterNet`` / ``StateMeetsRule``). Every failure is a
-``SpecError`` naming the file, and for syntax errors ``FILE:LINE:COL``.
+``SpecError`` naming the file, and for syntax errors ``FILE:LINE:COL``, as for a byte that
+cannot be in a text file (a corrupted byte) when the file is text (``looks_binary``).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -87,17 +90,45 @@ def _parse_text(text: str, message, source: str):
     return message
 
 
-def looks_binary(data: bytes) -> bool:
-    """True when ``data`` cannot be a text prototxt (not UTF-8, or control bytes besides spaces).
+# A text prototxt is UTF-8 without control characters besides whitespace (\t \n \v \f \r).
+# Decoded with "surrogateescape", each byte that is not UTF-8 becomes one U+DC80..U+DCFF.
+_NON_TEXT = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f\udc80-\udcff]")
+TEXT_SAMPLE = 1 << 16  # bytes of a file looked at to tell text from binary
 
-    A binary NetParameter's layer tag (field 100) is the byte pair a2 06, never valid UTF-8, and
-    blob data is full of control bytes; text prototxt has neither.
+
+def _decode(data: bytes) -> str:
+    return data.decode("utf-8", "surrogateescape")
+
+
+def looks_binary(data: bytes) -> bool:
+    """True when ``data`` is not a text prototxt: in its first 64 KiB, more than one byte in a
+    hundred (and more than one byte) is not text (not UTF-8, or a control character other than
+    whitespace).
+
+    A binary NetParameter has a tag or length byte every few bytes (its layer tag, field 100, is
+    the pair a2 06: neither UTF-8 nor printable), and blob data is mostly non-text; a text
+    prototxt with a corrupted byte or two stays text, so its error keeps ``FILE:LINE:COL``.
     """
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return True
-    return any(ord(c) < 32 and c not in "\t\n\r\f\v" for c in text)
+    sample = data[:TEXT_SAMPLE]
+    return len(_NON_TEXT.findall(_decode(sample))) > max(1, len(sample) // 100)
+
+
+def decode_text(data: bytes, source: str) -> str:
+    """``data`` as text; the first character that cannot be in a text prototxt (a byte that is
+    not UTF-8, a control character other than whitespace) is a ``SpecError`` at its
+    ``FILE:LINE:COL`` (1-based, columns in characters, as the text parser's errors)."""
+    text = _decode(data)
+    m = _NON_TEXT.search(text)
+    if m is None:
+        return text
+    i = m.start()
+    line = text.count("\n", 0, i) + 1
+    col = i - text.rfind("\n", 0, i)
+    c = ord(text[i])
+    what = (f"byte 0x{c - 0xDC00:02x} is not UTF-8" if c >= 0xDC80
+            else f"control character U+{c:04X}")
+    raise SpecError(f"{source}:{line}:{col}: {what} (a text prototxt holds printable UTF-8 "
+                    "text only; is the file corrupted?)")
 
 
 def parse_net_text(text: str, source: str = "<string>") -> caffe_pb2.NetParameter:
@@ -108,12 +139,10 @@ def parse_net_text(text: str, source: str = "<string>") -> caffe_pb2.NetParamete
 def read_net(path) -> caffe_pb2.NetParameter:
     """Parse a text prototxt file as written (no upgrade, no filtering)."""
     data = _read_bytes(path, "net prototxt")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise SpecError(f"{path}: not a text prototxt (not UTF-8); "
-                        "for a binary net use read_net_binary") from None
-    return parse_net_text(text, str(path))
+    if looks_binary(data):
+        raise SpecError(f"{path}: not a text prototxt (binary data); "
+                        "for a binary net use read_net_binary")
+    return parse_net_text(decode_text(data, str(path)), str(path))
 
 
 def read_net_binary(path) -> caffe_pb2.NetParameter:
@@ -130,11 +159,9 @@ def read_net_binary(path) -> caffe_pb2.NetParameter:
 def read_solver(path) -> caffe_pb2.SolverParameter:
     """Parse a text solver prototxt and apply Caffe's solver upgrade (solver_type -> type)."""
     data = _read_bytes(path, "solver prototxt")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise SpecError(f"{path}: not a text solver prototxt (not UTF-8)") from None
-    solver = _parse_text(text, caffe_pb2.SolverParameter(), str(path))
+    if looks_binary(data):
+        raise SpecError(f"{path}: not a text solver prototxt (binary data)")
+    solver = _parse_text(decode_text(data, str(path)), caffe_pb2.SolverParameter(), str(path))
     return upgrade_solver(solver, str(path))
 
 
@@ -171,6 +198,25 @@ def solver_net_path(solver, solver_path) -> Path:
         raise SpecError(f"{solver_path}: train net {ref!r} not found (looked relative to the "
                         f"current directory and to {Path(solver_path).resolve().parent})")
     return path
+
+
+def non_finite_fields(message, prefix: str = "") -> list[tuple[str, float]]:
+    """``[(field path, value)]`` of every NaN or infinite float in ``message`` and the messages
+    it holds (``"lrn_param.beta"``, ``"loss_weight[1]"``), in field order; ``blobs`` (weights
+    carried in a binary spec) are not looked at."""
+    out = []
+    for fd, value in message.ListFields():
+        if fd.name == "blobs":
+            continue
+        repeated = fd.is_repeated
+        values = list(value) if repeated else [value]
+        for i, v in enumerate(values):
+            path = f"{prefix}{fd.name}" + (f"[{i}]" if repeated else "")
+            if fd.cpp_type == fd.CPPTYPE_MESSAGE:
+                out += non_finite_fields(v, path + ".")
+            elif fd.cpp_type in (fd.CPPTYPE_FLOAT, fd.CPPTYPE_DOUBLE) and not math.isfinite(v):
+                out.append((path, v))
+    return out
 
 
 # -- upgrade (Caffe's upgrade_proto.cpp) -----------------------------------------------------
@@ -343,7 +389,8 @@ def filter_net(net_param, phase, level: int = 0, stages: Iterable[str] = (),
 # -- the entry point ----------------------------------------------------------------------------
 
 def read_net_any(path) -> caffe_pb2.NetParameter:
-    """Read a net file as text, or as a binary NetParameter when the bytes are not text."""
+    """Read a net file as text, or as a binary NetParameter when the bytes are not text
+    (``looks_binary``); a text file's errors name ``FILE:LINE:COL``."""
     data = _read_bytes(path, "net prototxt")
     if looks_binary(data):
         net = caffe_pb2.NetParameter()
@@ -353,7 +400,7 @@ def read_net_any(path) -> caffe_pb2.NetParameter:
             raise SpecError(f"{path}: neither a text prototxt nor a valid binary NetParameter "
                             f"({e})") from None
         return net
-    return parse_net_text(data.decode("utf-8"), str(path))
+    return parse_net_text(decode_text(data, str(path)), str(path))
 
 
 def load_net_spec(path_or_param, phase, level: int = 0, stages: Iterable[str] = (),

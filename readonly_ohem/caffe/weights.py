@@ -6,11 +6,14 @@ its filled values (reported), and a blob count or shape mismatch is an error (``
 naming the file, layer, blob index and both shapes). Shapes are compared as Caffe's
 ``Blob::ShapeEquals``: a blob with legacy num/channels/height/width matches a target whose shape,
 left-padded with 1s to 4 axes, equals them (V1 biases are 1x1x1xN, fc weights 1x1xNxK).
+A blob holding NaN or infinite values is loaded as it is (Caffe's behaviour) with one warning
+naming the file, each such layer and blob, so a diverged snapshot is not blamed on the loss.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -126,12 +129,14 @@ class LoadReport:
     """What ``load_into`` did. ``loaded``: layers whose blobs were copied; ``missing``: net layers
     with params that the file lacks and no sharer supplied (they keep their filled values);
     ``unknown``: file layers carrying blobs that the net does not have (ignored, as Caffe does;
-    file layers without blobs carry nothing and are not listed)."""
+    file layers without blobs carry nothing and are not listed); ``non_finite``: the loaded blobs
+    holding NaN or inf, ``"layer 'fc6' blob 0 (3 NaN, 1 inf of 100)"``."""
 
     path: str
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unknown: list[str] = field(default_factory=list)
+    non_finite: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"{self.path}: loaded {len(self.loaded)} layer(s)"]
@@ -139,7 +144,17 @@ class LoadReport:
             lines.append(f"  not in the file (kept as initialized): {', '.join(self.missing)}")
         if self.unknown:
             lines.append(f"  in the file but not in the net (ignored): {', '.join(self.unknown)}")
+        if self.non_finite:
+            lines.append(f"  NaN/inf values (loaded as they are): {'; '.join(self.non_finite)}")
         return "\n".join(lines)
+
+
+def non_finite_summary(arr: np.ndarray) -> str | None:
+    """``"3 NaN, 1 inf of 100"`` when ``arr`` holds NaN or infinite values, else None."""
+    if np.isfinite(arr).all():
+        return None
+    n_nan = int(np.isnan(arr).sum())
+    return f"{n_nan} NaN, {int(np.isinf(arr).sum())} inf of {arr.size}"
 
 
 def load_into(targets: Mapping[str, Sequence[torch.Tensor]], path) -> LoadReport:
@@ -168,6 +183,9 @@ def load_into(targets: Mapping[str, Sequence[torch.Tensor]], path) -> LoadReport
                     f"the file's blob is {_shape_str(blob_shape(blob))}, the net's is "
                     f"{_shape_str(tuple(t.shape))}")
             arr = blob_to_array(blob, where=f"{path}: layer {name!r} blob {j}")
+            bad = non_finite_summary(arr)
+            if bad:
+                report.non_finite.append(f"layer {name!r} blob {j} ({bad})")
             plan.append((t, arr))
         if blobs:
             report.loaded.append(name)
@@ -179,6 +197,9 @@ def load_into(targets: Mapping[str, Sequence[torch.Tensor]], path) -> LoadReport
     loaded = {key(t) for t, _ in plan}
     report.missing = [n for n, ts in targets.items()
                       if n not in seen and any(key(t) not in loaded for t in ts)]
+    if report.non_finite:
+        warnings.warn(f"{path}: non-finite weights, loaded as they are (a diverged snapshot?): "
+                      + "; ".join(report.non_finite), stacklevel=2)
     with torch.no_grad():
         for t, arr in plan:
             src = torch.from_numpy(arr).reshape(t.shape)
@@ -232,21 +253,50 @@ def bilinear_kernel(shape: tuple[int, ...]) -> torch.Tensor:
     return kernel.expand(shape).clone()
 
 
+FILLER_TYPES = ("constant", "gaussian", "uniform", "xavier", "msra", "bilinear",
+                "positive_unitball")  # Caffe's GetFiller
+
+
+def check_filler(filler, shape, where: str = "") -> None:
+    """What Caffe's ``GetFiller`` and the filler itself refuse, for a blob of ``shape``, without
+    filling (so ``readonly-ohem net``, whose params are not materialized, refuses it too): an
+    unknown type, an empty blob, sparsity outside the gaussian filler or above the blob's
+    outputs, a bilinear blob that is not (N, C, K, K)."""
+    if filler is None:
+        filler = caffe_pb2.FillerParameter()
+    kind = filler.type
+    shape = tuple(int(d) for d in shape)
+    at = f"{where}: " if where else ""
+    if kind not in FILLER_TYPES:
+        raise SpecError(f"{at}unknown filler type {kind!r} (known: {', '.join(FILLER_TYPES)})")
+    if math.prod(shape) == 0:
+        raise SpecError(f"{at}cannot fill an empty blob of shape {list(shape)}")
+    if kind != "gaussian" and filler.sparse != -1:
+        raise SpecError(f"{at}{kind} filler: sparsity is supported only by the gaussian filler")
+    if kind == "gaussian" and filler.sparse < -1:
+        raise SpecError(f"{at}gaussian filler: sparse must be >= -1, got {filler.sparse}")
+    if kind == "gaussian" and filler.sparse / shape[0] > 1:
+        raise SpecError(f"{at}gaussian filler: sparse {filler.sparse} exceeds the "
+                        f"{shape[0]} outputs")
+    if kind == "bilinear":
+        if len(shape) != 4:
+            raise SpecError(f"{at}bilinear filler needs a 4-D blob, got shape {list(shape)}")
+        if shape[2] != shape[3]:
+            raise SpecError(f"{at}bilinear filler needs a square kernel, got "
+                            f"{shape[2]}x{shape[3]}")
+
+
 def fill_(tensor: torch.Tensor, filler=None, generator: torch.Generator | None = None,
           where: str = "") -> torch.Tensor:
     """Fill ``tensor`` in place as Caffe's filler ``filler`` (a FillerParameter; None = Caffe's
-    default, constant 0). ``generator`` (CPU or the tensor's device) makes it reproducible;
-    values are drawn on the generator's device and copied. ``where`` names the blob in errors."""
+    default, constant 0), after ``check_filler``. ``generator`` (CPU or the tensor's device)
+    makes it reproducible; values are drawn on the generator's device and copied. ``where``
+    names the blob in errors."""
     if filler is None:
         filler = caffe_pb2.FillerParameter()
     kind = filler.type
     shape = tuple(int(d) for d in tensor.shape)
-    count = math.prod(shape)
-    at = f"{where}: " if where else ""
-    if count == 0:
-        raise SpecError(f"{at}cannot fill an empty blob of shape {list(shape)}")
-    if kind != "gaussian" and filler.sparse != -1:
-        raise SpecError(f"{at}{kind} filler: sparsity is supported only by the gaussian filler")
+    check_filler(filler, shape, where)
     device = generator.device if generator is not None else tensor.device
     out = torch.empty(shape, dtype=torch.float32, device=device)
     g = {"generator": generator} if generator is not None else {}
@@ -256,13 +306,8 @@ def fill_(tensor: torch.Tensor, filler=None, generator: torch.Generator | None =
         out.uniform_(filler.min, filler.max, **g)
     elif kind == "gaussian":
         out.normal_(filler.mean, filler.std, **g)
-        if filler.sparse < -1:
-            raise SpecError(f"{at}gaussian filler: sparse must be >= -1, got {filler.sparse}")
         if filler.sparse >= 0:
             p = filler.sparse / shape[0]  # mean number of non-zero inputs per output
-            if p > 1:
-                raise SpecError(f"{at}gaussian filler: sparse {filler.sparse} exceeds the "
-                                f"{shape[0]} outputs")
             mask = torch.bernoulli(torch.full(shape, p, dtype=torch.float32, device=device), **g)
             out.mul_(mask)
     elif kind == "positive_unitball":
@@ -275,14 +320,8 @@ def fill_(tensor: torch.Tensor, filler=None, generator: torch.Generator | None =
     elif kind == "msra":
         std = math.sqrt(2.0 / _fan_n(shape, filler))
         out.normal_(0.0, std, **g)
-    elif kind == "bilinear":
-        try:
-            out.copy_(bilinear_kernel(shape))
-        except SpecError as e:
-            raise SpecError(f"{at}{e}") from None
-    else:
-        raise SpecError(f"{at}unknown filler type {kind!r} (known: constant, gaussian, uniform, "
-                        "xavier, msra, bilinear, positive_unitball)")
+    else:  # bilinear
+        out.copy_(bilinear_kernel(shape))
     with torch.no_grad():
         tensor.copy_(out.to(device=tensor.device, dtype=tensor.dtype))
     return tensor

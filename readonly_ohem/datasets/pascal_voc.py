@@ -2,8 +2,10 @@
 
 Layout: ``VOCdevkit/VOC<year>/{Annotations/<id>.xml, ImageSets/Main/<set>.txt, JPEGImages/<id>.jpg}``.
 XML boxes are 1-based; the roidb holds them 0-based (``- 1``, truncated to integers as the
-original's uint16 array). Difficult objects are left out of training (``use_diff`` False) and kept,
-flagged, by ``annotations_at`` for evaluation. The class list belongs to the dataset.
+original's uint16 array); a box reaching outside its image is clipped to it with a warning
+(``TRAIN.GT_OUTSIDE_IMAGE``; the original trained on it as written, see ``gt_boxes``).
+Difficult objects are left out of training (``use_diff`` False) and kept, flagged, by
+``annotations_at`` for evaluation. The class list belongs to the dataset.
 
 Registers the family ``voc_<year>_<image_set>`` with the factory: ``get_imdb("voc_2007_trainval",
 data_dir)``; ``"voc_2007_trainval+voc_2012_trainval"`` gives a ``CombinedImdb`` whose parts are
@@ -26,7 +28,7 @@ from readonly_ohem.datasets.factory import register_dataset
 from readonly_ohem.datasets.imdb import Imdb, overlaps_matrix
 from readonly_ohem.datasets.proposals import MIN_SIZE, load_proposals
 from readonly_ohem.datasets.voc_eval import parse_voc_xml
-from readonly_ohem.errors import DataError
+from readonly_ohem.errors import ConfigError, DataError
 
 VOC_CLASSES = ("__background__", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",
                "cat", "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person",
@@ -72,13 +74,59 @@ def find_proposals(name: str, data_dir: Path, devkit: Path, proposals=None) -> P
     return None
 
 
-def gt_boxes(objs: list[dict]) -> tuple[np.ndarray, bool]:
-    """(G, 4) float64 0-based boxes of parsed XML objects as the original's roidb holds them
-    (``- 1``, floored as its uint16 array), and whether one started at 0 in the 1-based file
-    (clamped to 0: the original's uint16 would wrap around)."""
+GT_OUTSIDE_IMAGE = ("clip", "error", "keep")  # the choices of TRAIN.GT_OUTSIDE_IMAGE
+
+
+def gt_outside_policy(cfg) -> str:
+    """``TRAIN.GT_OUTSIDE_IMAGE``, checked."""
+    policy = cfg.TRAIN.GT_OUTSIDE_IMAGE
+    if policy not in GT_OUTSIDE_IMAGE:
+        raise ConfigError(f"TRAIN.GT_OUTSIDE_IMAGE must be one of {', '.join(GT_OUTSIDE_IMAGE)}, "
+                          f"got {policy!r}")
+    return policy
+
+
+def gt_boxes(objs: list[dict], xml, size: tuple[int, int] | None = None,
+             outside: str = "keep") -> np.ndarray:
+    """(G, 4) float64 0-based training boxes of the parsed XML objects ``objs`` (those kept for
+    training) of the file ``xml``: ``- 1`` and floored, as the original's uint16 array.
+
+    A box starting at 0 in the 1-based file is clamped to 0 with a warning (the original's uint16
+    would wrap around). A box reaching past the image of ``size`` (width, height), 0-based
+    ``x2 > W - 1`` or ``y2 > H - 1``, is handled by ``outside`` (``TRAIN.GT_OUTSIDE_IMAGE``):
+    ``"clip"`` to the image, with one warning naming ``xml`` and each object (class and box as
+    in the XML); ``"error"``: a ``DataError``; ``"keep"``: trained on as written (the original,
+    and what ``size=None`` does). A box with no pixel in the image cannot be clipped: an error
+    unless kept.
+    """
     boxes = np.array([o["bbox"] for o in objs], dtype=np.float64).reshape(-1, 4) - 1
-    clamped = bool((boxes < 0).any())
-    return np.floor(np.maximum(boxes, 0)), clamped
+    if (boxes < 0).any():
+        warnings.warn(f"{xml}: a box starts at 0 in 1-based coordinates; clamped to 0", stacklevel=3)
+    boxes = np.floor(np.maximum(boxes, 0))
+    if size is None or outside == "keep":
+        return boxes
+    width, height = size
+    past = (boxes[:, 2] > width - 1) | (boxes[:, 3] > height - 1)
+    if not past.any():
+        return boxes
+    beyond = (boxes[:, 0] > width - 1) | (boxes[:, 1] > height - 1)
+    named = [f"object {o['name']!r} {tuple(o['bbox'])}" for o in objs]
+    refused = beyond if outside == "clip" else past
+    if refused.any():
+        k = int(np.nonzero(refused)[0][0])
+        if beyond[k]:
+            raise DataError(f"{xml}: {named[k]} lies entirely outside its {width}x{height} image; "
+                            "fix the annotation (TRAIN.GT_OUTSIDE_IMAGE 'keep' trains on it as "
+                            "written, as the original)")
+        raise DataError(f"{xml}: {named[k]} reaches outside its {width}x{height} image "
+                        "(TRAIN.GT_OUTSIDE_IMAGE 'error'; 'clip' clips it to the image)")
+    boxes[:, 2] = np.minimum(boxes[:, 2], width - 1)
+    boxes[:, 3] = np.minimum(boxes[:, 3], height - 1)
+    clipped = "; ".join(f"{named[k]} -> {tuple(int(v) for v in boxes[k] + 1)}"
+                        for k in np.nonzero(past)[0])
+    warnings.warn(f"{xml}: box(es) reaching outside the {width}x{height} image clipped to it "
+                  f"(1-based, as the XML): {clipped}", stacklevel=3)
+    return boxes
 
 
 # -- the imdb ---------------------------------------------------------------------------------------
@@ -130,9 +178,9 @@ class PascalVOC(Imdb):
         for o in objs:
             if o["name"] not in self.class_to_ind or o["name"] == self.classes[0]:
                 raise DataError(f"{path}: class {o['name']!r} is not in the class list of {self.name}")
-        boxes, clamped = gt_boxes(objs)
-        if clamped:
-            warnings.warn(f"{path}: a box starts at 0 in 1-based coordinates; clamped to 0", stacklevel=3)
+        policy = gt_outside_policy(self.cfg)
+        size = None if policy == "keep" else tuple(self.image_sizes[i])
+        boxes = gt_boxes(objs, path, size, policy)
         gt_classes = np.array([self.class_to_ind[o["name"]] for o in objs], dtype=np.int32)
         return dict(boxes=boxes, gt_classes=gt_classes)
 
@@ -172,12 +220,13 @@ class PascalVOC(Imdb):
 
     # the roidb cache and evaluation ----------------------------------------------------------------
     def cache_inputs(self) -> tuple[dict, list]:
-        """The description (name, classes, ``use_diff``, the proposals' min size, the devkit and
-        proposals paths) and the files: image set, proposals, every annotation and image."""
+        """The description (name, classes, ``use_diff``, the proposals' min size,
+        ``TRAIN.GT_OUTSIDE_IMAGE``, the devkit and proposals paths) and the files: image set, proposals, every annotation and image."""
         proposals = self.proposals_path
         description = dict(name=self.name, classes=list(self.classes), use_diff=self.use_diff,
                            min_size=MIN_SIZE, devkit=str(Path(self.devkit_path).resolve()),
-                           proposals=str(proposals) if proposals else None)
+                           proposals=str(proposals) if proposals else None,
+                           gt_outside_image=gt_outside_policy(self.cfg))
         files = [self.image_set_file, *([proposals] if proposals else [])]
         for i in range(self.num_images):
             files += [self.annotation_path_at(i), self.image_path_at(i)]

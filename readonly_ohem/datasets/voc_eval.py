@@ -22,6 +22,7 @@ an empty array) and a class with no non-difficult ground truth gives it NaN (are
 
 from __future__ import annotations
 
+import math
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -70,6 +71,9 @@ def parse_voc_xml(path: str | Path) -> list[dict]:
             raise DataError(f"{path}: object {k + 1} lacks <name> or <bndbox>")
         bbox = tuple(_num(box.findtext(t), path, f"object {k + 1} <{t}>")
                      for t in ("xmin", "ymin", "xmax", "ymax"))
+        if not all(math.isfinite(v) for v in bbox):
+            raise DataError(f"{path}: object {k + 1} ({name.strip()}) has a non-finite "
+                            f"coordinate {bbox}")
         if bbox[2] < bbox[0] or bbox[3] < bbox[1]:
             raise DataError(f"{path}: object {k + 1} ({name.strip()}) has an inverted box {bbox}")
         objs.append(dict(

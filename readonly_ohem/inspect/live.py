@@ -29,7 +29,7 @@ from readonly_ohem.config import load_config
 from readonly_ohem.datasets.voc_eval import parse_voc_xml
 from readonly_ohem.datasets.image import image_size
 from readonly_ohem.datasets.imdb import merge_gt_and_proposals
-from readonly_ohem.datasets.pascal_voc import gt_boxes
+from readonly_ohem.datasets.pascal_voc import gt_boxes, gt_outside_policy
 from readonly_ohem.datasets.proposals import load_image_proposals
 from readonly_ohem.errors import ConfigError, DataError
 from readonly_ohem.inspect.draw import render_selection
@@ -57,13 +57,14 @@ def find_annotation(image: Path) -> Path | None:
     return None
 
 
-def read_gt(xml: Path, classes) -> dict:
-    """Non-difficult objects of a VOC XML as the training roidb has them (0-based, floored)."""
+def read_gt(xml: Path, classes, size: tuple[int, int], outside: str) -> dict:
+    """Non-difficult objects of a VOC XML as the training roidb has them (0-based, floored; a box
+    outside the (width, height) image as ``TRAIN.GT_OUTSIDE_IMAGE`` = ``outside`` says)."""
     objs = [o for o in parse_voc_xml(xml) if not o["difficult"]]
     unknown = sorted({o["name"] for o in objs} - set(classes[1:]))
     if unknown:
         raise DataError(f"{xml}: class(es) {unknown} are not among the net's {len(classes)} classes")
-    boxes, _ = gt_boxes(objs)
+    boxes = gt_boxes(objs, xml, size, outside)
     return dict(boxes=boxes, gt_classes=np.array([list(classes).index(o["name"]) for o in objs], np.int32))
 
 
@@ -143,7 +144,7 @@ def inspect_image(def_path, net_path, image, proposals=None, cfg_files=(), set_p
 
     width, height = image_size(image)
     xml = find_annotation(image)
-    gt = read_gt(xml, classes) if xml else None
+    gt = read_gt(xml, classes, (width, height), gt_outside_policy(cfg)) if xml else None
     if gt is None:
         notes.append("no annotation found: every RoI labelled background")
     if proposals:

@@ -66,6 +66,57 @@ def test_read_solver_and_error(tmp_path):
         spec.read_solver(p)
 
 
+def test_text_or_binary_rule():
+    """Binary when more than max(1, n // 100) of the first 64 KiB are not text (not UTF-8, or a
+    control character other than whitespace)."""
+    text = b'name: "n"\t\v\f\r\n' + b"# " + "é ü".encode() + b"\n" * 179  # 200 bytes
+    assert len(text) == 200 and not spec.looks_binary(text)
+    assert not spec.looks_binary(text[:100] + b"\x01\xff" + text[102:])  # 2 of 200: text
+    assert spec.looks_binary(text[:100] + b"\x01\xff\x7f" + text[103:])  # 3 of 200: binary
+    assert not spec.looks_binary(b"ab\x00")  # one bad byte in a tiny file: text
+    assert spec.looks_binary("a\u0085\u0090".encode())  # C1 controls count, as UTF-8 pairs
+    binary = caffe_pb2.NetParameter(name="n")
+    binary.layer.add(name="conv1", type="Convolution", bottom=["data"], top=["conv1"])
+    binary.layer.add(name="relu1", type="ReLU", bottom=["conv1"], top=["conv1"])
+    assert spec.looks_binary(binary.SerializeToString())
+    late = b"# x\n" * (spec.TEXT_SAMPLE // 4) + b"\x00" * 1000  # defects past the sample
+    assert not spec.looks_binary(late)
+
+
+def test_corrupted_byte_named_at_file_line_col(tmp_path):
+    p = tmp_path / "n.prototxt"
+    for bad, what in ((b"\xff", "byte 0xff is not UTF-8"), (b"\x02", "control character U+0002"),
+                      ("\u009b".encode(), "control character U+009B")):
+        p.write_bytes("name: \"n\"\nlayer {\n  name: \"é".encode() + bad + b'" }\n')
+        for read in (spec.read_net, lambda f: spec.load_net_spec(f, "TEST")):
+            with pytest.raises(SpecError) as e:
+                read(p)
+            assert str(e.value).startswith(f"{p}:3:11: {what} ")  # columns count characters
+    s = tmp_path / "solver.prototxt"
+    s.write_bytes(b"base_lr: 0.1\nmomentum:\x000.9\n")
+    with pytest.raises(SpecError, match=rf"^{s}:2:10: control character U\+0000 "):
+        spec.read_solver(s)
+    binary = tmp_path / "b.prototxt"
+    binary.write_bytes(caffe_pb2.NetParameter(name="n", layer=[caffe_pb2.LayerParameter(
+        name="a", type="ReLU")]).SerializeToString())
+    with pytest.raises(SpecError, match="b.prototxt: not a text prototxt .*read_net_binary"):
+        spec.read_net(binary)
+    assert spec.load_net_spec(binary, "TEST").layer[0].name == "a"
+
+
+def test_non_finite_fields_paths():
+    lp = caffe_pb2.LayerParameter(name="x", loss_weight=[1, float("inf")])
+    lp.param.add(lr_mult=1)
+    lp.param.add(lr_mult=float("nan"), decay_mult=-float("inf"))
+    lp.lrn_param.beta = float("nan")
+    lp.convolution_param.weight_filler.std = 0.01
+    lp.blobs.add(data=[float("nan")])  # weights in a binary spec: not a parameter
+    got = [(k, str(v)) for k, v in spec.non_finite_fields(lp)]
+    assert got == [("loss_weight[1]", "inf"), ("param[1].lr_mult", "nan"),
+                   ("param[1].decay_mult", "-inf"), ("lrn_param.beta", "nan")]
+    assert spec.non_finite_fields(caffe_pb2.LayerParameter(name="ok", loss_weight=[2])) == []
+
+
 def test_solver_net_path_resolves_cwd_then_solver_dir(tmp_path, monkeypatch):
     d = tmp_path / "models" / "x"
     d.mkdir(parents=True)

@@ -1,6 +1,8 @@
 """weights.py: caffemodel read/write (new and V1), Caffe's shape check, fillers."""
 
 import math
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -150,6 +152,38 @@ def test_load_into_shared_params_not_reported_missing(tmp_path):
     assert (w == 7).all() and (b == 1).all()
 
 
+def test_non_finite_blobs_warn_naming_layer_and_blob(tmp_path):
+    """Loaded as they are (Caffe does), with one warning naming the file, layer and blob."""
+    p = tmp_path / "diverged.caffemodel"
+    w = np.ones((2, 3), np.float32)
+    w[0, 1], w[1, 2] = np.nan, -np.inf
+    b = np.array([np.nan, np.nan], np.float32)
+    weights.write_caffemodel(p, "n", [("conv1", "Convolution", [np.ones((4,)), np.zeros(1)]),
+                                      ("fc6", "InnerProduct", [w, b])])
+    t = {"conv1": [torch.zeros(4), torch.zeros(1)], "fc6": [torch.zeros(2, 3), torch.zeros(2)]}
+    with pytest.warns(UserWarning) as record:
+        report = weights.load_into(t, p)
+    assert len(record) == 1
+    assert str(record[0].message) == (
+        f"{p}: non-finite weights, loaded as they are (a diverged snapshot?): "
+        "layer 'fc6' blob 0 (1 NaN, 1 inf of 6); layer 'fc6' blob 1 (2 NaN, 0 inf of 2)")
+    assert report.non_finite == ["layer 'fc6' blob 0 (1 NaN, 1 inf of 6)",
+                                 "layer 'fc6' blob 1 (2 NaN, 0 inf of 2)"]
+    assert "NaN/inf values (loaded as they are): layer 'fc6' blob 0" in str(report)
+    np.testing.assert_array_equal(t["fc6"][0].numpy(), w)  # NaN and -inf where they were
+    assert torch.isnan(t["fc6"][1]).all() and (t["conv1"][0] == 1).all()
+
+
+def test_finite_blobs_load_without_warning(tmp_path):
+    p = tmp_path / "ok.caffemodel"
+    big = np.full((3,), np.finfo(np.float32).max)  # large but finite
+    weights.write_caffemodel(p, "n", [("fc", "InnerProduct", [big])])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = weights.load_into({"fc": [torch.zeros(3)]}, p)
+    assert report.non_finite == [] and "NaN" not in str(report)
+
+
 def test_load_into_shape_mismatch_names_everything(tmp_path):
     p = tmp_path / "w.caffemodel"
     weights.write_caffemodel(p, "n", [("ok", "InnerProduct", [np.ones((2, 3)), np.ones(2)]),
@@ -264,6 +298,22 @@ def test_positive_unitball_rows_sum_to_one():
     weights.fill_(t, filler('type: "positive_unitball"'), gen())
     assert (t >= 0).all()
     torch.testing.assert_close(t.reshape(7, -1).sum(1), torch.ones(7))
+
+
+def test_check_filler_without_filling():
+    """What ``net`` checks on params it never materializes: the refusals of ``fill_``."""
+    weights.check_filler(filler('type: "msra"'), (4, 3, 3, 3))  # fine: returns, fills nothing
+    weights.check_filler(None, (4,))  # Caffe's default constant filler
+    for text, shape, msg in [('type: ""', (4,), "unknown filler type ''"),
+                             ('type: "Eltwise"', (4,), "unknown filler type 'Eltwise'"),
+                             ('type: "xavier"', (0, 3), "empty blob"),
+                             ('type: "uniform" sparse: 1', (4,), "sparsity"),
+                             ('type: "gaussian" sparse: -2', (4,), "sparse must be >= -1"),
+                             ('type: "gaussian" sparse: 5', (4, 2), "exceeds the 4 outputs"),
+                             ('type: "bilinear"', (4, 3, 3), "4-D blob"),
+                             ('type: "bilinear"', (4, 1, 3, 2), "square kernel")]:
+        with pytest.raises(SpecError, match=rf"^fc7 param 0: .*{re.escape(msg)}"):
+            weights.check_filler(filler(text), shape, where="fc7 param 0")
 
 
 def test_unknown_filler_and_reproducibility():

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from readonly_ohem.cli import main
 
@@ -143,3 +144,65 @@ def test_unknown_shape_name_is_an_error(capsys):
     assert main(["net", str(case / "net.prototxt"), "--shape", "conv1=1,2"]) == 2
     err = capsys.readouterr().err
     assert "'conv1'" in err and "net input or data-layer top" in err
+
+
+# -- `net` refuses what a build refuses (issue 16): one code path, the same one-line message ------
+
+INPUT = 'layer { name: "in" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }\n'
+FED_SOURCE = 'layer { name: "src" type: "{type}" top: "data" }\n'
+CONV = ('layer {{ name: "conv" type: "Convolution" bottom: "data" top: "conv" {param} '
+        'convolution_param {{ num_output: 4 kernel_size: 3 {fillers} }} }}\n')
+
+
+@pytest.mark.parametrize("text, expected", [
+    (INPUT + CONV.format(param="", fillers='weight_filler { type: "" }'),
+     ["layer 'conv' (Convolution): param 0: unknown filler type ''"]),
+    (INPUT + CONV.format(param="", fillers='weight_filler { type: "gaussian" } '
+                                          'bias_filler { type: "Eltwise" }'),
+     ["layer 'conv' (Convolution): param 1: unknown filler type 'Eltwise'"]),
+    # a sharer's filler is made (and refused) by Caffe too, though the owner's tensor is used
+    (INPUT + CONV.format(param='param { name: "w" }', fillers="")
+     + CONV.format(param='param { name: "w" }', fillers='weight_filler { type: "xavierr" }')
+     .replace('"conv"', '"conv2"'),
+     ["layer 'conv2' (Convolution): param 0: unknown filler type 'xavierr'"]),
+    (INPUT + CONV.format(param="", fillers='weight_filler { type: "gaussian" sparse: 5 }'),
+     ["param 0: gaussian filler: sparse 5 exceeds the 4 outputs"]),
+    (FED_SOURCE.replace("{type}", "Bogus"), ["layer 'src': unknown layer type 'Bogus'"]),
+    (FED_SOURCE.replace("{type}", "ReLU"), ["layer 'src' (ReLU): takes exactly 1 bottom blob(s)"]),
+    (INPUT + 'layer { name: "norm" type: "LRN" bottom: "data" top: "norm" '
+             'lrn_param { local_size: 5 beta: nan } }\n',
+     ["layer 'norm' (LRN): lrn_param.beta is nan; layer parameters must be finite"]),
+    (INPUT + 'layer { name: "norm" type: "LRN" bottom: "data" top: "norm" '
+             'lrn_param { local_size: 4 } }\n',
+     ["layer 'norm' (LRN): LRN only supports odd values for local_size"]),  # Caffe's CHECK
+    (INPUT + 'layer { name: "r" type: "ReLU" bottom: "data" top: "r" loss_weight: inf }\n',
+     ["layer 'r' (ReLU): loss_weight[0] is inf"]),
+])
+def test_net_refuses_what_run_refuses(text, expected, tmp_path, capsys):
+    path = tmp_path / "bad.prototxt"
+    path.write_text(text)
+    np.savez(tmp_path / "in.npz", data=np.zeros((1, 3, 8, 8), np.float32))
+    messages = {}
+    for argv in (["net", str(path), "--shape", "data=1,3,8,8"],
+                 ["run", str(path), "--inputs", str(tmp_path / "in.npz"),
+                  "--out", str(tmp_path / "out.npz")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        messages[argv[0]] = err.removeprefix(f"readonly-ohem {argv[0]}: error: ")
+    assert messages["net"] == messages["run"]
+    assert messages["net"].startswith(f"{path}: ")
+    for part in expected:
+        assert part in messages["net"], (part, messages["net"])
+
+
+@pytest.mark.parametrize("source", [
+    FED_SOURCE.replace("{type}", "Data"),  # Caffe's own data layer: never run here, tops fed
+    'layer { name: "src" type: "Python" top: "data" python_param { module: "my.data" '
+    'layer: "Mine" } }\n',  # a fed Python data layer is not built, its module never looked up
+])
+def test_fed_data_layers_that_are_not_built(source, tmp_path, capsys):
+    path = tmp_path / "ok.prototxt"
+    path.write_text(source + 'layer { name: "r" type: "ReLU" bottom: "data" top: "r" }\n')
+    assert main(["net", str(path), "--shape", "data=1,3,8,8"]) == 0
+    assert "top r: 1 3 8 8 (192)" in capsys.readouterr().out

@@ -2,15 +2,17 @@
 
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
 import scipy.io
 
+from readonly_ohem.config import default_config
 from readonly_ohem.datasets import get_imdb
 from readonly_ohem.datasets.voc_eval import parse_voc_xml
 from readonly_ohem.datasets.proposals import clean_proposals, load_proposals, save_proposals_mat
-from readonly_ohem.errors import DataError
+from readonly_ohem.errors import ConfigError, DataError
 
 
 @pytest.fixture
@@ -127,3 +129,84 @@ def test_npz_and_json_equal_mat(voc, tmp_path):
         other = get_imdb("voc_2007_trainval", voc, proposals=tmp_path / f, cache_dir=False)
         for i in range(6):
             np.testing.assert_array_equal(other.proposal_boxes(i), props[i])
+
+
+# -- gt boxes outside their image (issue 16): TRAIN.GT_OUTSIDE_IMAGE -------------------------------
+
+def push_outside(voc):
+    """000101 (420x315): the dog's xmax 183 -> 5000, the person's ymax 277 -> 400."""
+    p = ann(voc, "000101")
+    text = p.read_text().replace("<xmax>183</xmax>", "<xmax>5000</xmax>")
+    p.write_text(text.replace("<ymax>277</ymax>", "<ymax>400</ymax>"))
+    return p
+
+
+def imdb_with(voc, policy):
+    cfg = default_config()
+    cfg.set_key("TRAIN.GT_OUTSIDE_IMAGE", policy)
+    return get_imdb("voc_2007_trainval", voc, cfg=cfg, cache_dir=False)
+
+
+def test_gt_outside_image_clipped_with_a_warning(voc):
+    xml = push_outside(voc)
+    imdb = get_imdb("voc_2007_trainval", voc, cache_dir=False)  # the default: clip
+    assert tuple(imdb.image_sizes[0]) == (420, 315)
+    with pytest.warns(UserWarning) as record:
+        gt = imdb.gt_roidb()
+    assert [str(r.message) for r in record] == [
+        f"{xml}: box(es) reaching outside the 420x315 image clipped to it (1-based, as the XML): "
+        "object 'dog' (44, 81, 5000, 235) -> (44, 81, 420, 235); "
+        "object 'person' (122, 140, 266, 400) -> (122, 140, 266, 315)"]
+    # 0-based: x2 <= W - 1 = 419, y2 <= H - 1 = 314; the untouched corners are the XML's - 1
+    np.testing.assert_array_equal(gt[0]["boxes"], [[43, 80, 419, 234], [121, 139, 265, 314]])
+    flipped_x1 = 420 - gt[0]["boxes"][:, 2] - 1  # the flipped copy stays inside too
+    assert (flipped_x1 >= 0).all()
+
+
+def test_gt_outside_image_kept_as_the_original(voc):
+    push_outside(voc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gt = imdb_with(voc, "keep").gt_roidb()
+    np.testing.assert_array_equal(gt[0]["boxes"], [[43, 80, 4999, 234], [121, 139, 265, 399]])
+
+
+def test_gt_outside_image_refused(voc):
+    xml = push_outside(voc)
+    with pytest.raises(DataError) as e:
+        imdb_with(voc, "error").gt_roidb()
+    assert str(e.value) == (f"{xml}: object 'dog' (44, 81, 5000, 235) reaches outside its 420x315 "
+                            "image (TRAIN.GT_OUTSIDE_IMAGE 'error'; 'clip' clips it to the image)")
+
+
+def test_gt_entirely_outside_cannot_be_clipped(voc):
+    p = ann(voc, "000101")
+    p.write_text(p.read_text().replace("<xmin>44</xmin>", "<xmin>421</xmin>")
+                 .replace("<xmax>183</xmax>", "<xmax>500</xmax>"))
+    with pytest.raises(DataError, match=r"000101.xml: object 'dog' \(421, 81, 500, 235\) lies "
+                                        r"entirely outside its 420x315 image"):
+        get_imdb("voc_2007_trainval", voc, cache_dir=False).gt_roidb()
+    gt = imdb_with(voc, "keep").gt_roidb()
+    np.testing.assert_array_equal(gt[0]["boxes"][0], [420, 80, 499, 234])
+
+
+def test_gt_inside_the_image_untouched_and_policy_checked(voc):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clipped = get_imdb("voc_2007_trainval", voc, cache_dir=False).gt_roidb()
+    kept = imdb_with(voc, "keep").gt_roidb()
+    for a, b in zip(clipped, kept):
+        np.testing.assert_array_equal(a["boxes"], b["boxes"])
+    with pytest.raises(ConfigError, match="TRAIN.GT_OUTSIDE_IMAGE must be one of clip, error, "
+                                          "keep, got 'clamp'"):
+        imdb_with(voc, "clamp").gt_roidb()
+    # the roidb cache is keyed by the policy: a cached roidb of one is never read by another
+    assert imdb_with(voc, "keep").cache_inputs()[0] != imdb_with(voc, "clip").cache_inputs()[0]
+
+
+def test_non_finite_coordinate_in_xml(voc):
+    p = ann(voc, "000102")
+    text = p.read_text()
+    p.write_text(text[:text.index("<xmax>") + 6] + "nan" + text[text.index("</xmax>"):])
+    with pytest.raises(DataError, match=r"000102.xml: object 1 \(\w+\) has a non-finite coordinate"):
+        parse_voc_xml(p)

@@ -8,14 +8,24 @@ unique learnable tensors and the blob shapes. What it copies from Caffe:
   (top j named as bottom j), which rebinds the name to the layer's output;
 - sources: Input layers declare their tops' shapes (once, or once per top); a data layer (no
   bottoms) is built and asked for its top shapes, unless its tops are all given shapes
-  (``input_shapes``) or ``build_data_layers`` is off; a given shape replaces a declared one;
+  (``input_shapes``) or ``build_data_layers`` is off; a given shape replaces a declared one.
+  A data layer not built is still checked as far as can be without running it: its type must
+  be registered, a Python layer, or one of Caffe's data layers (``CAFFE_DATA_TYPES``, which we
+  never run), and a registered type's parameters are checked by building it;
 - top shapes: the layer's own ``top_shapes``, else a forward on meta tensors;
 - loss weights: ``loss_weight`` per top, else 1 on top 0 of classes with ``loss_by_default``;
 - ``param { name }`` sharing: the first layer naming a param owns the tensor; a later sharer's
   ``lr_mult``/``decay_mult`` are adopted when the owner set none, a conflict or a shape clash
   (Caffe's STRICT ``share_mode``; PERMISSIVE only needs equal counts) is a ``SpecError`` naming
   the param and both layers; a new param is filled from its filler (``weights.fill_``), from one
-  generator seeded with the net's ``seed``, or made on the meta device (``materialize=False``).
+  generator seeded with the net's ``seed``, or made on the meta device (``materialize=False``),
+  every blob's filler is checked (``weights.check_filler``), a sharer's and an unfilled one's
+  too, as Caffe makes every layer's filler;
+- numbers: a NaN or infinite float anywhere in a layer's parameters is a ``SpecError`` naming
+  the field (Caffe would run with it and fill the net with NaN; a deliberate difference).
+
+So every check of a build runs whether or not the net is run: ``readonly-ohem net`` (data
+layers not built, params not materialized) refuses what ``run`` refuses.
 """
 
 from __future__ import annotations
@@ -31,7 +41,8 @@ from torch import nn
 # the package, not ``layers.base``: importing it registers every layer family in LAYERS
 from readonly_ohem.caffe.layers import LAYERS, Layer, LayerContext, ParamBlob
 from readonly_ohem.caffe.layers.python import build_python_layer
-from readonly_ohem.caffe.weights import fill_
+from readonly_ohem.caffe.spec import non_finite_fields
+from readonly_ohem.caffe.weights import check_filler, fill_
 from readonly_ohem.errors import OhemError, SpecError
 
 
@@ -99,6 +110,10 @@ class BuiltNet:
     params: list[nn.Parameter]
     param_info: list[ParamInfo]
     blob_shapes: dict[str, tuple]
+
+
+# Caffe's own data layers: their tops can be fed (``input_shapes``), they are never built here.
+CAFFE_DATA_TYPES = ("Data", "ImageData", "HDF5Data", "MemoryData", "WindowData", "DummyData")
 
 
 def layer_where(source: str, lp) -> str:
@@ -203,6 +218,10 @@ class NetBuilder:
 
     def _build_layer(self, index: int, lp) -> None:
         where = layer_where(self.source, lp)
+        bad = non_finite_fields(lp)
+        if bad:
+            raise SpecError(f"{where}: {bad[0][0]} is {bad[0][1]}; layer parameters must be "
+                            "finite numbers")
         inplace = self._check_blobs(lp, where)
         bottoms, tops = list(lp.bottom), list(lp.top)
         rec = LayerRecord(name=lp.name, type=lp.type, bottoms=bottoms, tops=tops, module=None,
@@ -266,6 +285,7 @@ class NetBuilder:
                 raise SpecError(
                     f"{where}: data layer is not run here, so its tops need shapes; "
                     "pass " + " ".join(f"--shape {t}=d0,d1,..." for t in missing))
+            self._check_unbuilt(lp)
             return [tuple(given[t]) for t in tops], []
         module = self._make_module(lp)
         rec.module = module
@@ -296,6 +316,13 @@ class NetBuilder:
                           for j, s in enumerate(top_shapes)]
         return top_shapes
 
+    def _check_unbuilt(self, lp) -> None:
+        """A data layer that is not built: its type must be known (registered, Python, or one
+        of Caffe's own data layers); a registered type is built once to check its parameters
+        (and dropped). A Python layer's module is not resolved: it is not run."""
+        if lp.type != "Python" and lp.type not in CAFFE_DATA_TYPES:
+            self._make_module(lp)  # an unknown type: layer_class's error
+
     def _make_module(self, lp) -> Layer:
         """The layer's module: a registered Python layer, or the class of its Caffe type."""
         if lp.type == "Python":
@@ -323,6 +350,8 @@ class NetBuilder:
             ps = lp.param[j] if j < len(lp.param) else None
             name = ps.name if ps is not None else ""
             shape = tuple(int(d) for d in pb.shape)
+            # Caffe makes every layer's filler (GetFiller), a sharer's and an unfilled one's too
+            check_filler(pb.filler, shape, where=f"{where}: param {j}")
             if name and name in self.owners:
                 pid = self.owners[name]
                 self._share(self.param_info[pid], rec, ps, shape, where)
