@@ -128,7 +128,8 @@ class FocalLoss(nn.Module):
     def forward(self, cls_prob, rois_label):
         proposal_num = cls_prob.shape[0]
         num_class = cls_prob.shape[1]
-        class_mask = cls_prob.data.new(proposal_num, num_class).zero_()  # port: new() is uninitialized
+        # port: .zero_(), the reference's new() is uninitialized memory
+        class_mask = cls_prob.data.new(proposal_num, num_class).zero_()
         ids = rois_label.view(-1, 1)
         class_mask.scatter_(1, ids.data, 1.)
         frequency = torch.zeros(num_class, 1)

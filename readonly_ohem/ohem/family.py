@@ -6,14 +6,12 @@ that stops it from running, we follow its evident intent and say so. They are he
 compare against; the detector trains with the general rankings in ``ohem.policies``, whose
 docstrings say which of these each one generalizes and how it differs.
 
-| function                    | reference                                   |
-|-----------------------------|---------------------------------------------|
-| ``mtcnn_cls_ohem``          | 000 MTCNN ``cls_ohem`` (TensorFlow)          |
-| ``rpn_topk_class_loss``     | 001 Keras Mask R-CNN ``rpn_class_loss_graph`` |
-| ``topk_cross_entropy``      | 001 PyTorch ``topk_crossEntrophy``           |
-| ``batch_weighted_focal_loss`` | 003 ``FocalLoss`` with batch class weights |
-| ``ssd_loss_torchcv``        | 003 torchcv ``SSDLoss.forward``              |
-| ``ssd_losses_tf``           | 004 SSD-TensorFlow ``ssd_losses``            |
+- ``mtcnn_cls_ohem``             000: MTCNN's ``cls_ohem`` (TensorFlow)
+- ``rpn_topk_class_loss``        001: Keras Mask R-CNN's ``rpn_class_loss_graph`` with top-k
+- ``topk_cross_entropy``         001: the PyTorch ``topk_crossEntrophy``
+- ``batch_weighted_focal_loss``  003: the ``FocalLoss`` with batch-frequency class weights
+- ``ssd_loss_torchcv``           003: torchcv's ``SSDLoss.forward``
+- ``ssd_losses_tf``              004: SSD-TensorFlow's ``ssd_losses``
 
 Shared rules: everything is computed in the input's dtype (the references ran float32), except
 where a reference fixes float32 itself (MTCNN's keep count, the focal class weights). A mean
@@ -42,8 +40,8 @@ def _check_labels(labels: torch.Tensor, name: str, low: int, high: int) -> None:
     """Every value of ``labels`` in [low, high) (an empty tensor passes)."""
     if labels.numel():
         lo, hi = int(labels.min()), int(labels.max())
-        _require(low <= lo and hi < high, f"{name} values must lie in [{low}, {high}), "
-                                          f"got [{lo}, {hi}]")
+        _require(low <= lo and hi < high, f"{name} must lie in [{low}, {high}), "
+                                          f"got values in [{lo}, {hi}]")
 
 
 def mtcnn_cls_ohem(cls_prob: torch.Tensor, label: torch.Tensor,
@@ -59,7 +57,8 @@ def mtcnn_cls_ohem(cls_prob: torch.Tensor, label: torch.Tensor,
     ignored samples take part in the ranking, as in the reference). Ties at the cut: lower index
     first (``tf.nn.top_k``). A probability of exactly 1 gives loss 0 (-log(1 + 1e-10) in
     float32), whose gradient -1 still flows when it is kept; a probability of 0 gives
-    -log(1e-10) = 23.03. The reference's float32-only arithmetic is followed in cls_prob's dtype.
+    -log(1e-10) = 23.03. The reference runs in float32 only; a float64 cls_prob takes the same
+    steps in float64 (the keep count stays float32).
 
     Corner cases: k = 0 (fewer than two valid samples at 0.7) gives NaN, the reference's mean of
     nothing; k > N (keep_ratio > 1) makes the reference's top_k raise, ours keeps all N; a
@@ -80,7 +79,8 @@ def mtcnn_cls_ohem(cls_prob: torch.Tensor, label: torch.Tensor,
     n_valid = valid.to(torch.float32).sum()
     k = int(n_valid * torch.tensor(keep_ratio, dtype=torch.float32, device=n_valid.device))
     k = min(k, loss.shape[0])
-    order = torch.sort(loss.detach(), descending=True, stable=True).indices[:k]
+    key = loss.detach() + 0.0  # -0.0 (p = 1, or an ignored p = 1) ties with 0.0 on every device
+    order = torch.sort(key, descending=True, stable=True).indices[:k]
     return loss[order].mean()
 
 
@@ -104,7 +104,8 @@ def rpn_topk_class_loss(rpn_match: torch.Tensor, rpn_class_logits: torch.Tensor,
     _require(rpn_class_logits.shape == (*rpn_match.shape[:2], 2),
              f"rpn_class_logits must be {(*rpn_match.shape[:2], 2)}, "
              f"got {tuple(rpn_class_logits.shape)}")
-    _require(int(anchors_per_image) >= 1, f"anchors_per_image must be >= 1, got {anchors_per_image}")
+    _require(int(anchors_per_image) >= 1,
+             f"anchors_per_image must be >= 1, got {anchors_per_image}")
     match = rpn_match[..., 0]
     candidate = match != 0
     ce = F.cross_entropy(rpn_class_logits[candidate], (match[candidate] == 1).long(),
@@ -205,7 +206,8 @@ def ssd_loss_torchcv(loc_preds: torch.Tensor, loc_targets: torch.Tensor,
     _require(loc_preds.shape == (n, a, 4) and loc_targets.shape == (n, a, 4),
              f"loc_preds and loc_targets must be {(n, a, 4)}, "
              f"got {tuple(loc_preds.shape)} and {tuple(loc_targets.shape)}")
-    _require(cls_targets.shape == (n, a), f"cls_targets must be {(n, a)}, got {tuple(cls_targets.shape)}")
+    _require(cls_targets.shape == (n, a),
+             f"cls_targets must be {(n, a)}, got {tuple(cls_targets.shape)}")
     if cls_targets.numel():
         _require(int(cls_targets.max()) < c, f"cls_targets values must be < {c}, "
                                               f"got {int(cls_targets.max())}")
@@ -235,7 +237,8 @@ def ssd_losses_tf(logits: torch.Tensor, localisations: torch.Tensor, gclasses: t
                   alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SSD-TensorFlow's ``ssd_losses`` (004) on its already flattened tensors.
 
-    logits: (M, C); localisations, glocalisations: (M, 4); gclasses: (M,) long in [0, C);
+    logits: (M, C); localisations, glocalisations: (M, 4); gclasses: (M,) long, in [0, C) for
+    the positives (the others' class is multiplied by 0; ours reads none of them);
     gscores: (M,) matching scores; batch_size: the images the M anchors came from. Returns the
     three scalars it adds to the loss collection: (cross_entropy_pos, cross_entropy_neg,
     localization), each a sum divided by batch_size.
@@ -246,7 +249,8 @@ def ssd_losses_tf(logits: torch.Tensor, localisations: torch.Tensor, gclasses: t
     are the candidates whose background probability is strictly < the n_neg-th smallest: the
     n_neg-th itself and every tie with it are left out, so at most n_neg - 1 are kept.
     cross_entropy_pos: CE(gclasses) over positives; cross_entropy_neg: CE(class 0) over
-    negatives; localization: SSD-TensorFlow's ``abs_smooth`` over the positives' coordinates, times alpha.
+    negatives; localization: SSD-TensorFlow's ``abs_smooth`` over the positives' coordinates,
+    times alpha.
 
     Corner case: no negative candidate (n_neg = 0) makes the reference's ``val[-1]`` raise; ours
     keeps no negative (cross_entropy_neg = 0). ``label_smoothing``, ``device`` and ``scope`` of
@@ -259,9 +263,9 @@ def ssd_losses_tf(logits: torch.Tensor, localisations: torch.Tensor, gclasses: t
                            ("gclasses", gclasses, (m,)), ("gscores", gscores, (m,))):
         _require(t.shape == shape, f"{name} must be {shape}, got {tuple(t.shape)}")
     _require(int(batch_size) >= 1, f"batch_size must be >= 1, got {batch_size}")
-    _check_labels(gclasses, "gclasses", 0, c)
-    dtype = logits.dtype
     pmask = gscores > match_threshold
+    _check_labels(gclasses[pmask], "gclasses of the positives", 0, c)
+    dtype = logits.dtype
     fpmask = pmask.to(dtype)
     n_positives = fpmask.sum()
     no_classes = pmask.long()
@@ -278,8 +282,10 @@ def ssd_losses_tf(logits: torch.Tensor, localisations: torch.Tensor, gclasses: t
     else:
         nmask = torch.zeros_like(nmask)
     fnmask = nmask.to(dtype)
-    cls_pos = (F.cross_entropy(logits, gclasses.long(), reduction="none") * fpmask).sum() / batch_size
-    cls_neg = (F.cross_entropy(logits, no_classes, reduction="none") * fnmask).sum() / batch_size
+    ce_pos = F.cross_entropy(logits, torch.where(pmask, gclasses, 0).long(), reduction="none")
+    cls_pos = (ce_pos * fpmask).sum() / batch_size
+    ce_neg = F.cross_entropy(logits, no_classes, reduction="none")
+    cls_neg = (ce_neg * fnmask).sum() / batch_size
     weights = (alpha * fpmask)[:, None]
     loc = (_abs_smooth(localisations - glocalisations) * weights).sum() / batch_size
     return cls_pos, cls_neg, loc
