@@ -13,7 +13,8 @@ The detection application on top, in pipeline order:
 - ``config``       the original config tree and defaults, yml merge, ``--set``
 - ``datasets``     imdbs (``pascal_voc``, the built-in ``minivoc``), proposals, VOC AP (``voc_eval``)
 - ``roi_data``     the training roidb, minibatches, image blobs, ``RoIDataLayer``
-- ``ohem``         ``OHEMDataLayer``, per-RoI loss, selection, mining policies, selection records
+- ``ohem``         ``OHEMDataLayer``, per-RoI loss, selection, mining policies, selection records,
+                   the reference family
 - ``python_layers`` importing it registers the application's Python layers with the engine
 - ``train``        the training sequence and loop (snapshots, resume, DDP via ``distributed``)
 - ``detection``    ``im_detect`` / ``test_net`` (the original ``fast_rcnn/test.py``), drawing

@@ -8,6 +8,8 @@
 - ``selection`` the original's rule (NMS per image and label, then the hardest BATCH_SIZE)
 - ``policies``  pure rankings of per-sample losses (topk, ratio, neg_pos, topk_threshold, ``mine``)
                 and focal_loss
+- ``family``    the reference write-ups' losses, exact (mtcnn_cls_ohem, rpn_topk_class_loss,
+                topk_cross_entropy, batch_weighted_focal_loss, ssd_loss_torchcv, ssd_losses_tf)
 - ``record``    SelectionRecord, what one forward decided (for logs and pictures)
 
 Importing this package registers ``OHEMDataLayer`` as the Python layer

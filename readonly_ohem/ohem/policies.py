@@ -17,6 +17,9 @@ loss, equal losses higher index first (the original's ``argsort()[::-1]``, see
 - ``topk_threshold``: every sample whose loss is >= the k-th largest (ties at the cut all kept).
 - ``focal_loss``: not a selection but a re-weighting of every sample, for comparison.
 
+Each generalizes a loss of the reference write-ups, kept exact in ``ohem.family``; their
+docstrings say which and how they differ (tests/ohem/test_family.py pins the references).
+
 A ``MiningResult`` holds the kept indices (hardest first), a weight per kept sample and the
 normalizer: ``result.reduce(loss)`` is the policy's scalar loss. A layer policy also fills
 ``survived``, each RoI's NMS outcome, for the selection records.
@@ -73,7 +76,15 @@ def _hardest(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def topk(loss: torch.Tensor, labels: torch.Tensor | None = None, *, k: int) -> MiningResult:
-    """The hardest min(k, n_valid) valid samples, averaged (Fast R-CNN's mean over the batch)."""
+    """The hardest min(k, n_valid) valid samples, averaged (Fast R-CNN's mean over the batch).
+
+    Generalizes the original OHEMDataLayer's hardest BATCH_SIZE (002; the layer runs NMS first)
+    and ``family.topk_cross_entropy`` (001, the mean of the int(top_k * N) largest row NLLs).
+    Unlike the latter: k is a count, not a share; labels < 0 are never kept; k > n_valid keeps
+    every valid sample (its torch.topk raises); zero kept gives 0 (its mean gives NaN); ties
+    go to the higher index (the original's ``argsort()[::-1]``), not torch.topk's order; any
+    per-sample loss, not only the cross-entropy.
+    """
     keep = _hardest(loss, _valid(loss, labels))[:max(int(k), 0)]
     return MiningResult.uniform(keep, loss, keep.shape[0])
 
@@ -81,7 +92,14 @@ def topk(loss: torch.Tensor, labels: torch.Tensor | None = None, *, k: int) -> M
 def ratio(loss: torch.Tensor, labels: torch.Tensor | None = None, *,
           keep_ratio: float = 0.7) -> MiningResult:
     """MTCNN: among valid samples keep the hardest ``int(n_valid * keep_ratio)``, averaged.
-    (MTCNN's mean of zero kept samples is NaN; here it is 0.)"""
+
+    Generalizes ``family.mtcnn_cls_ohem`` (000), which differs in: its count is a float32
+    product (n_valid = 90 at 0.7 keeps 63 there, 62 here, in float64); it ranks all N samples,
+    the ignored ones as zeros (the same loss for losses >= 0, but a zero-loss valid sample may
+    lose its gradient to an ignored one); zero kept gives NaN there, 0 here; ties go to the
+    lower index there (tf.nn.top_k), the higher here; its loss is -log(p + 1e-10) of two
+    classes, here any per-sample loss.
+    """
     order = _hardest(loss, _valid(loss, labels))
     n_keep = int(order.shape[0] * keep_ratio)
     keep = order[:n_keep]
@@ -91,7 +109,18 @@ def ratio(loss: torch.Tensor, labels: torch.Tensor | None = None, *,
 def neg_pos(loss: torch.Tensor, labels: torch.Tensor, *, neg_pos_ratio: float = 3.0,
             image_ids: torch.Tensor | None = None) -> MiningResult:
     """SSD: all positives (label > 0) plus, per image, the hardest negatives (label == 0), at most
-    ``int(n_pos * neg_pos_ratio)`` of them; normalized by the total number of positives."""
+    ``int(n_pos * neg_pos_ratio)`` of them; normalized by the total number of positives.
+
+    Generalizes ``family.ssd_loss_torchcv`` (003: per image, 3 x its positives, / all
+    positives), which differs in: it ranks every anchor, positives and ignored ones as zeros,
+    so once its negatives of loss > 0 run out those take the places (same loss, zero-loss
+    anchors aside); here only negatives count. No positive gives NaN there (0 / 0), 0 here;
+    ties go to the lower index there, the higher here; it ranks the cross-entropy alone (our
+    negatives have no bbox loss, so the same order). And ``family.ssd_losses_tf`` (004),
+    further away: over the whole batch, int(3 * n_pos) + batch_size negatives ranked by
+    background probability with a strict cut (at most that number - 1), each loss divided by
+    batch_size.
+    """
     if labels is None:
         raise ValueError("neg_pos mining needs labels")
     _valid(loss, labels)
@@ -117,7 +146,14 @@ def neg_pos(loss: torch.Tensor, labels: torch.Tensor, *, neg_pos_ratio: float = 
 def topk_threshold(loss: torch.Tensor, labels: torch.Tensor | None = None, *,
                    k: int) -> MiningResult:
     """Every valid sample with loss >= the k-th largest valid loss (all of them when fewer than
-    k are valid), averaged."""
+    k are valid), averaged.
+
+    Generalizes ``family.rpn_topk_class_loss`` (001, Keras: the same rule over the non-neutral
+    anchors of the whole batch, k = RPN_TRAIN_ANCHORS_PER_IMAGE), which differs in: k > the
+    candidates raises there (tf.nn.top_k), keeps all here; k <= 0 raises there, keeps none
+    here; its loss is the anchors' 2-class cross-entropy, here any per-sample loss of the
+    samples with label >= 0.
+    """
     order = _hardest(loss, _valid(loss, labels))
     if order.shape[0] == 0 or k <= 0:
         return MiningResult.uniform(order[:0], loss, 0)
@@ -151,6 +187,12 @@ def focal_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 0.25,
     logits (N, C), labels (N,) in [0, C) with 0 = background; a_t = alpha for foreground,
     1 - alpha for background; labels < 0 are ignored (loss 0). ``reduction``: "none" (N,),
     "sum", "mean" (over valid samples) or "pos" (sum / max(1, #foreground), RetinaNet's).
+
+    The reference write-up's focal loss is ``family.batch_weighted_focal_loss`` (003), which
+    differs in: a weight per class, 1 / log(1.10 + its share of the batch's labels), instead
+    of a fixed alpha for foreground and 1 - alpha for background; it takes probabilities and
+    their plain log (p = 0 gives inf), here logits and log_softmax (finite); labels < 0 raise
+    there; it is the "mean" over all N samples.
     """
     valid = labels >= 0
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
