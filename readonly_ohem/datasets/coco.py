@@ -6,7 +6,7 @@ Two forms in the factory:
 
 - ``coco_<year>_<split>`` (``coco_2014_train``, ``coco_2014_minival``, ``coco_2017_val``,
   ``coco_2015_test-dev``): in ``DIR/coco`` or ``DIR`` (``--data DIR``, default ``cfg.DATA_DIR``),
-  ``annotations/instances_<split><year>.json`` (``image_info_`` for test splits) and the images in
+  ``annotations/instances_<split><year>.json`` (or ``image_info_`` for a test split) and the images in
   ``images/<split><year>/`` or ``<split><year>/`` (minival and valminusminival 2014 read
   val2014's, test-dev test's, as the original's view map);
 - ``coco:PATH/instances.json``: any COCO-format json, its images under ``--images DIR`` (an
@@ -254,20 +254,22 @@ class COCODataset(Imdb):
 # -- the factory's two forms -------------------------------------------------------------------------
 def resolve_coco(data_dir: Path, year: str, split: str) -> tuple[Path, Path, Path]:
     """``(root, annotation json, image folder)`` of ``coco_<year>_<split>`` under ``data_dir``
-    (``data_dir/coco`` or ``data_dir`` itself)."""
-    prefix = "image_info" if "test" in split else "instances"
+    (``data_dir/coco`` or ``data_dir`` itself); a test split without ``instances_`` annotations
+    reads its ``image_info_`` file."""
     image_set = f"{split}{year}"
     folder = VIEWS.get(image_set, image_set)
-    roots = [data_dir / "coco", data_dir]
-    for root in roots:
-        ann = root / "annotations" / f"{prefix}_{image_set}.json"
+    prefixes = ("instances", "image_info") if "test" in split else ("instances",)
+    candidates = [root / "annotations" / f"{prefix}_{image_set}.json"
+                  for root in (data_dir / "coco", data_dir) for prefix in prefixes]
+    for ann in candidates:
         if ann.is_file():
+            root = ann.parent.parent
             for d in (root / "images" / folder, root / folder):
                 if d.is_dir():
                     return root, ann, d
             raise DataError(f"{ann}: no image folder {root / 'images' / folder} or {root / folder}")
     raise DataError(f"{data_dir}: no COCO annotations for coco_{year}_{split} (looked for "
-                    + ", ".join(str(r / "annotations" / f"{prefix}_{image_set}.json") for r in roots) + ")")
+                    + ", ".join(str(c) for c in candidates) + ")")
 
 
 def _from_name(match, data_dir, proposals, cfg, cache_dir) -> COCODataset:

@@ -1,6 +1,6 @@
 """The dataset protocol: an image database (imdb), as the original ``datasets/imdb.py``.
 
-A dataset family (``pascal_voc.PascalVOC``; COCO lands beside it) subclasses ``Imdb`` and is
+A dataset family (``pascal_voc.PascalVOC``, ``coco.COCODataset``) subclasses ``Imdb`` and is
 registered with ``factory.register_dataset``; ``detection/``, ``roi_data/`` and ``train.py`` see
 only this protocol. ``CombinedImdb`` (``a+b``) is one over several.
 
@@ -134,8 +134,9 @@ class Imdb:
     - ``evaluate_detections(all_boxes, output_dir)`` -> dict: write the dataset's result files for
       ``all_boxes[class][image]`` ((D, 5) float32 ``[x1, y1, x2, y2, score]``, 0-based) into
       ``output_dir`` and evaluate them: ``{"eval": {"mAP", "per_class", "metric"} or None (not
-      evaluated), "result_files": {class: path}, "results_at": str (where, for the log),
-      "report": str (the text to print: the AP table, or why there is none)}``.
+      evaluated; COCO adds "AP50", "AP75", "stats"), "result_files": {class: path} (COCO: one
+      file for all), "results_at": str (where, for the log), "report": str (the text to print:
+      the AP table, or why there is none)}``.
     - ``parts``: the image sets flipped and prepared separately for training (``[self]``).
 
     A dataset evaluated against per-image object lists also gives ``annotations_at(i)`` (all

@@ -68,6 +68,25 @@ def voc_to_coco(voc_dir, split: str) -> dict:
             "categories": [{"id": cat_id[n], "name": n, "supercategory": "none"} for n in names]}
 
 
+def voc_results_to_coco(dets_by_class: dict, coco: dict) -> list[dict]:
+    """Devkit result rows ``{class: [(voc_id, score, x1, y1, x2, y2)]}`` (1-based, as
+    ``voc_eval.read_results_dir`` gives them) as COCO results against ``voc_to_coco``'s json
+    ``coco`` of the same image set: ``bbox`` ``[x1 - 1, y1 - 1, x2 - x1 + 1, y2 - y1 + 1]``, so
+    both evaluators see the same boxes (``scripts/voc_vs_coco_ap.py`` compares them)."""
+    image_id = {Path(im["file_name"]).stem: im["id"] for im in coco["images"]}
+    cat_id = {c["name"]: c["id"] for c in coco["categories"]}
+    results = []
+    for cls, rows in dets_by_class.items():
+        if cls not in cat_id:
+            raise DataError(f"detections of class {cls!r}, which the COCO json does not have")
+        for voc_id, score, x1, y1, x2, y2 in rows:
+            if voc_id not in image_id:
+                raise DataError(f"detections of image {voc_id!r}, which the COCO json does not have")
+            results.append({"image_id": image_id[voc_id], "category_id": cat_id[cls],
+                            "bbox": [x1 - 1, y1 - 1, x2 - x1 + 1, y2 - y1 + 1], "score": score})
+    return results
+
+
 def write_coco_json(data: dict, path) -> Path:
     """Write a COCO json atomically (parent folders made)."""
     path = Path(path)
