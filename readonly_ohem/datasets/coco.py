@@ -124,7 +124,7 @@ class COCODataset(Imdb):
             raise DataError(f"{self.ann_file}: two images share an id")
         self._has_gt = "annotations" in data
         self._annotations = {i: [] for i in self.image_index}
-        for k, ann in enumerate(data.get("annotations", [])):
+        for ann in data.get("annotations", []):
             key = str(ann["image_id"])
             if key not in self._annotations:
                 raise DataError(f"{self.ann_file}: annotation {ann['id']}: image_id {ann['image_id']!r} "
@@ -162,7 +162,11 @@ class COCODataset(Imdb):
             if ann["category_id"] not in cat_to_class:
                 raise DataError(f"{where}: category_id {ann['category_id']!r} is not among the categories")
             box = clean_box(ann["bbox"], w, h, where)
-            if box is None or not ann["area"] > 0:
+            try:
+                area = float(ann["area"])
+            except (TypeError, ValueError):
+                raise DataError(f"{where}: area {ann['area']!r} is not a number") from None
+            if box is None or not area > 0:
                 continue  # the original's sanitizing: degenerate boxes are dropped
             boxes.append(box)
             classes.append(cat_to_class[ann["category_id"]])
@@ -190,7 +194,8 @@ class COCODataset(Imdb):
     def _proposal_list(self) -> list[np.ndarray]:
         path = self.proposals_path
         if path is None:
-            where = " and ".join(str(d) for d in self._search)
+            data_dir, root = self._search
+            where = ", ".join(str(d) for d in (data_dir, root, root.parent))
             raise DataError(f"no proposals for {self.name}: looked for selective_search_data/"
                             f"{self.name}.mat|.npz|.json in {where}; pass the file with --proposals")
         return [b[:self.top_k] for b in load_proposals(path, self.image_index)]
@@ -234,6 +239,8 @@ class COCODataset(Imdb):
         pycocotools (``coco_eval.evaluate_coco``): ``eval`` holds ``mAP`` (AP@[.50:.95]), ``AP50``,
         ``AP75``, the 12 ``stats`` and per-class APs; None for a set without annotations or
         without pycocotools (the report says which)."""
+        if not isinstance(self, COCODataset):  # a CombinedImdb of COCO sets: one json per set
+            raise DataError(f"{self.name}: COCO sets are evaluated one at a time (test each set)")
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         path = output_dir / f"detections_{self.results_tag}_results.json"

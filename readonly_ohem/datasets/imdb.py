@@ -24,7 +24,7 @@ from readonly_ohem.datasets.image import image_size
 from readonly_ohem.errors import DataError
 from readonly_ohem.ops.boxes import bbox_overlaps, crowd_overlaps
 
-CROWD_THRESH = 0.7  # the original COCO imdb's ``crowd_thresh``: proposals more inside a crowd are excluded
+CROWD_THRESH = 0.7  # the original COCO imdb's crowd_thresh: proposals more inside a crowd are excluded
 
 
 # -- roidb entries ----------------------------------------------------------------------------------
@@ -80,7 +80,8 @@ def merge_gt_and_proposals(gt: dict, proposals: np.ndarray | None, num_classes: 
         crowd = np.asarray(gt["is_crowd"], bool).reshape(-1)
     inside = np.zeros(props.shape[0], bool)
     if crowd.any() and props.shape[0]:
-        inside = crowd_overlaps(props.astype(np.float64), gt_boxes[crowd].astype(np.float64)).max(axis=1) > crowd_thresh
+        inside = crowd_overlaps(props.astype(np.float64), gt_boxes[crowd].astype(np.float64))
+        inside = inside.max(axis=1) > crowd_thresh
     boxes = np.vstack([gt_boxes, props]).astype(np.float64)
     ov = np.concatenate([np.ones(gt_boxes.shape[0], np.float32), p_ov])
     cls = np.concatenate([gt_classes.astype(np.int64), p_cls])

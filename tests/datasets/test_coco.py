@@ -247,6 +247,7 @@ def test_without_pycocotools_the_results_are_written_and_the_extra_named(coco_se
     (lambda d: d["images"][1].pop("width"), r"images\[1\] lacks 'width'"),
     (lambda d: d["categories"].append({"id": 5, "name": "dog"}), "two categories share a name or an id"),
     (lambda d: d["annotations"][0].update(bbox=[1, 2]), r"annotation 1 \(image 42\): bbox \[1, 2\] is not"),
+    (lambda d: d["annotations"][1].update(area="big"), r"annotation 2 \(image 42\): area 'big' is not a number"),
     (lambda d: d.pop("categories"), "not a COCO json"),
 ])
 def test_bad_json_names_file_and_item(tmp_path, edit, message):
@@ -273,3 +274,17 @@ def test_missing_files_are_one_line_errors(coco_set, tmp_path):
         get_imdb(f"coco:{bad}", tmp_path / "img")
     with pytest.raises(DataError, match=r"no proposals for coco_instances: .*pass the file with --proposals"):
         _ = get_imdb(f"coco:{ann}", tmp_path / "img", cache_dir=False).roidb
+
+
+def test_combined_coco_sets_train_together_and_are_evaluated_one_at_a_time(coco_set, tmp_path):
+    ann, props = coco_set
+    other = tmp_path / "ann" / "other.json"
+    shutil.copy(ann, other)
+    (tmp_path / "props").mkdir()  # one proposals file cannot serve two sets: a directory, by name
+    shutil.copy(props, tmp_path / "props" / "coco_instances.npz")
+    shutil.copy(props, tmp_path / "props" / "coco_other.npz")
+    both = get_imdb(f"coco:{ann}+coco:{other}", tmp_path / "img", tmp_path / "props", cache_dir=False)
+    assert [p.name for p in both.parts] == ["coco_instances", "coco_other"] and len(both.roidb) == 6
+    all_boxes = [[np.zeros((0, 5), np.float32) for _ in range(6)] for _ in range(4)]
+    with pytest.raises(DataError, match="COCO sets are evaluated one at a time"):
+        both.evaluate_detections(all_boxes, tmp_path / "out")
