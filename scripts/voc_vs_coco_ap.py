@@ -7,8 +7,9 @@ set is converted with ``voc2coco`` (difficult objects become crowds) and the det
 (the same boxes and rounded scores), then evaluated by the devkit (VOC07 11-point and area) and
 by pycocotools (AP50, 101 recall points). The ``VOC->101`` column samples the devkit's own
 precision/recall curve at COCO's 101 recall points: COCO AP50 minus it is what the matching
-rules alone change (crowd vs difficult, and COCO letting a detection take the next unmatched gt
-box where the devkit counts a false positive); it minus the area AP is the interpolation alone.
+rules change (crowd vs difficult, COCO letting a detection take the next unmatched gt box where
+the devkit counts a false positive, and COCO keeping at most 100 detections per image and
+class); it minus the area AP is the interpolation alone.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
     worst = max(rows, key=lambda r: abs(r["coco50"] - r["area"]))
     print(f"largest per-class |COCO AP50 - area AP|: {abs(worst['coco50'] - worst['area']):.4f} ({worst['cls']}); "
           f"interpolation alone (VOC->101 - area) at most "
-          f"{max(abs(r['voc101'] - r['area']) for r in rows):.4f}, matching rules alone (COCO50 - VOC->101) "
+          f"{max(abs(r['voc101'] - r['area']) for r in rows):.4f}, matching rules (COCO50 - VOC->101) "
           f"at most {max(abs(r['coco50'] - r['voc101']) for r in rows):.4f}")
     return 0
 

@@ -188,3 +188,46 @@ def test_eval_command_names_the_extra_without_pycocotools(files, capsys, monkeyp
     ann, res = files
     assert main(["eval", "--coco", str(ann), "--dets", str(res)]) == 2
     assert "pip install 'readonly-ohem[coco]'" in capsys.readouterr().err
+
+
+def test_same_devkit_detections_through_both_evaluators(fixtures_dir, tmp_path):
+    """The original test fixture's devkit result files, converted with ``voc_results_to_coco``
+    against ``voc_to_coco``'s json: every class has one or two objects, so interpolation cannot
+    tell the evaluators apart, and each class's COCO AP50 equals the devkit's area AP (the box
+    conversions keep every IoU the devkit computes)."""
+    from readonly_ohem.datasets.voc2coco import voc_results_to_coco, voc_to_coco, write_coco_json
+    from readonly_ohem.datasets.voc_eval import load_voc_annotations, read_results_dir, voc_eval
+
+    voc = fixtures_dir / "original_test" / "VOCdevkit" / "VOC2007"
+    dets = read_results_dir(fixtures_dir / "original_test" / "expected_results", "test")
+    coco = voc_to_coco(voc, "test")
+    ann = write_coco_json(coco, tmp_path / "gt.json")
+    res = tmp_path / "res.json"
+    res.write_text(json.dumps(voc_results_to_coco(dets, coco)))
+    r = evaluate_coco(ann, res)
+    annotations = load_voc_annotations(voc, "test")
+    compared = 0
+    for cls, ap50 in r["per_class_ap50"].items():
+        if ap50 is None:
+            continue
+        area = voc_eval(dets.get(cls, []), annotations, cls, 0.5, False)[2]
+        assert ap50 == pytest.approx(area, abs=1e-12), cls
+        compared += 1
+    assert compared == 12 and 0 < r["AP50"] < 1
+    # the conversions keep the devkit's IoU (+1 widths) as COCO's (continuous): every pair
+    from pycocotools import mask
+
+    from readonly_ohem.datasets.voc_eval import _overlaps
+
+    results = voc_results_to_coco(dets, coco)
+    rows = [row for rows in dets.values() for row in rows]  # the same order as results
+    by_image = {}
+    for a in coco["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a["bbox"])
+    voc_ids = {im["id"]: im["file_name"][:-4] for im in coco["images"]}
+    for res_row, row in zip(results, rows):
+        assert voc_ids[res_row["image_id"]] == row[0]
+        gt_xywh = np.array(by_image[res_row["image_id"]], float)
+        gt_voc = np.hstack([gt_xywh[:, :2] + 1, gt_xywh[:, :2] + gt_xywh[:, 2:]])  # back to 1-based
+        theirs = mask.iou(np.array([res_row["bbox"]], float), gt_xywh, [0] * len(gt_xywh))
+        np.testing.assert_allclose(theirs, _overlaps(np.array([row[2:]], float), gt_voc), rtol=0, atol=1e-12)
