@@ -1,6 +1,8 @@
 """Transcriptions of the original py-faster-rcnn / OHEM code that several tests (and
 ``scripts/bench_mining.py``) compare against: ``py_cpu_nms``, and the OHEMDataLayer's
-``ohem_loss``, ``select_hard_examples``, ``get_ohem_minibatch``.
+``ohem_loss``, ``select_hard_examples``, ``get_ohem_minibatch``; the devkit's ``voc_eval``; the
+COCO imdb's roidb (``load_coco_annotation``, ``create_roidb_from_box_list``, ``merge_roidbs``,
+``filter_crowd_proposals``) and results (``coco_results_one_category``).
 
 Kept line for line (only made parametrizable where tests need a deterministic variant, e.g.
 ``argsort_desc``), so a test's reference is the original algorithm, not a second implementation
