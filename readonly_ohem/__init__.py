@@ -11,7 +11,8 @@ Two floors. The Caffe engine, which knows nothing of detection:
 The detection application on top, in pipeline order:
 
 - ``config``       the original config tree and defaults, yml merge, ``--set``
-- ``datasets``     imdbs (``pascal_voc``, the built-in ``minivoc``), proposals, VOC AP (``voc_eval``)
+- ``datasets``     imdbs (``pascal_voc``, ``coco``, the built-in ``minivoc``), proposals, VOC AP
+                   (``voc_eval``), COCO AP via pycocotools (``coco_eval``), ``voc2coco``
 - ``roi_data``     the training roidb, minibatches, image blobs, ``RoIDataLayer``
 - ``ohem``         ``OHEMDataLayer``, per-RoI loss, selection, mining policies, selection records,
                    the reference family

@@ -24,6 +24,7 @@ COMMANDS = {
     "test": "readonly_ohem.commands.test:test_command",
     "eval": "readonly_ohem.commands.eval:eval_command",
     "make-minivoc": "readonly_ohem.commands.make_minivoc:make_minivoc_command",
+    "voc2coco": "readonly_ohem.commands.voc2coco:voc2coco_command",
     "proposals": "readonly_ohem.commands.proposals:proposals_command",
     "inspect": "readonly_ohem.commands.inspect:inspect_command",
     "demo": "readonly_ohem.commands.demo:demo_command",
@@ -86,8 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train from a solver.prototxt (the original train_net.py)")
     p.add_argument("--solver", required=True)
     p.add_argument("--weights", help="initial weights: .caffemodel or a torchvision VGG16 state dict")
-    p.add_argument("--imdb", default="voc_2007_trainval")
-    p.add_argument("--data", metavar="DIR", help="dataset root holding VOCdevkit (or a VOCdevkit dir)")
+    p.add_argument("--imdb", default="voc_2007_trainval",
+                   help="voc_<year>_<set>, coco_<year>_<split> or coco:INSTANCES.json ('+' joins)")
+    p.add_argument("--data", "--images", dest="data", metavar="DIR",
+                   help="dataset root holding VOCdevkit or coco/ (for coco:FILE: the image folder)")
     p.add_argument("--proposals", metavar="FILE", help="proposals file (.mat, .npz or .json)")
     p.add_argument("--iters", type=int, help="iterations (default: the solver's max_iter)")
     _add_cfg(p)
@@ -103,8 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("test", help="detect on an image set and evaluate (the original test_net.py)")
     p.add_argument("--def", dest="def_path", required=True, metavar="TEST_PROTOTXT")
     p.add_argument("--net", dest="net_path", required=True, metavar="MODEL.caffemodel")
-    p.add_argument("--imdb", default="voc_2007_test")
-    p.add_argument("--data", metavar="DIR")
+    p.add_argument("--imdb", default="voc_2007_test",
+                   help="voc_<year>_<set>, coco_<year>_<split> or coco:INSTANCES.json")
+    p.add_argument("--data", "--images", dest="data", metavar="DIR",
+                   help="dataset root holding VOCdevkit or coco/ (for coco:FILE: the image folder)")
     p.add_argument("--proposals", metavar="FILE")
     _add_cfg(p)
     p.add_argument("--output", default="output", metavar="DIR")
@@ -113,10 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vis", type=int, default=0, metavar="N", help="draw detections on N images")
     p.add_argument("--device", default="cpu")
 
-    p = sub.add_parser("eval", help="VOC AP of devkit result files")
-    p.add_argument("voc_dir", metavar="VOC_YEAR_DIR")
+    p = sub.add_parser("eval", help="VOC AP of devkit result files, or COCO AP of a results json")
+    p.add_argument("voc_dir", metavar="VOC_YEAR_DIR", nargs="?")
     p.add_argument("--imageset", default="test")
-    p.add_argument("--dets", required=True, metavar="DIR")
+    p.add_argument("--dets", required=True, metavar="DIR|RESULTS.json")
+    p.add_argument("--coco", metavar="INSTANCES.json",
+                   help="evaluate the --dets results json against this COCO json (pycocotools)")
     p.add_argument("--metric", choices=["voc07", "area"], default="voc07")
     p.add_argument("--json", dest="json_path", metavar="FILE")
 
@@ -124,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=None, help="number of images (default: built-in size)")
+    p.add_argument("--format", choices=["voc", "coco"], default="voc",
+                   help="coco: also its COCO layout (coco/annotations/instances_<split>2007.json)")
+
+    p = sub.add_parser("voc2coco", help="a VOC image set as a COCO-format json")
+    p.add_argument("voc_dir", metavar="VOC_YEAR_DIR")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", required=True, metavar="INSTANCES.json")
 
     p = sub.add_parser("proposals", help="selective-search proposals for a VOC-format dataset (OpenCV)")
     p.add_argument("voc_dir", metavar="VOC_YEAR_DIR")

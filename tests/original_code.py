@@ -1,6 +1,8 @@
 """Transcriptions of the original py-faster-rcnn / OHEM code that several tests (and
 ``scripts/bench_mining.py``) compare against: ``py_cpu_nms``, and the OHEMDataLayer's
-``ohem_loss``, ``select_hard_examples``, ``get_ohem_minibatch``.
+``ohem_loss``, ``select_hard_examples``, ``get_ohem_minibatch``; the devkit's ``voc_eval``; the
+COCO imdb's roidb (``load_coco_annotation``, ``create_roidb_from_box_list``, ``merge_roidbs``,
+``filter_crowd_proposals``) and results (``coco_results_one_category``).
 
 Kept line for line (only made parametrizable where tests need a deterministic variant, e.g.
 ``argsort_desc``), so a test's reference is the original algorithm, not a second implementation
@@ -10,6 +12,7 @@ of ours. There is one copy of each: tests and benchmarks import it.
 import xml.etree.ElementTree as ET
 
 import numpy as np
+import scipy.sparse
 
 
 def argsort_desc_numpy(scores):
@@ -204,3 +207,126 @@ def parse_rec(filename):
         objects.append({"name": obj.find("name").text, "difficult": int(obj.find("difficult").text),
                         "bbox": [int(bbox.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax")]})
     return objects
+
+
+# -- datasets/coco.py, imdb.py, ds_utils.py (py-faster-rcnn's, shipped with the OHEM code) --------
+# Python 3 syntax only; the COCO API calls (loadImgs, getAnnIds, loadAnns) become the json's
+# lists, and the Cython ``bbox_overlaps`` its loop.
+
+def bbox_overlaps_loop(boxes, query_boxes):
+    """The original Cython ``utils/bbox.pyx`` ``bbox_overlaps``, as its loop."""
+    N, K = boxes.shape[0], query_boxes.shape[0]
+    overlaps = np.zeros((N, K), dtype=np.float64)
+    for k in range(K):
+        box_area = ((query_boxes[k, 2] - query_boxes[k, 0] + 1) * (query_boxes[k, 3] - query_boxes[k, 1] + 1))
+        for n in range(N):
+            iw = min(boxes[n, 2], query_boxes[k, 2]) - max(boxes[n, 0], query_boxes[k, 0]) + 1
+            if iw > 0:
+                ih = min(boxes[n, 3], query_boxes[k, 3]) - max(boxes[n, 1], query_boxes[k, 1]) + 1
+                if ih > 0:
+                    ua = float((boxes[n, 2] - boxes[n, 0] + 1) * (boxes[n, 3] - boxes[n, 1] + 1)
+                               + box_area - iw * ih)
+                    overlaps[n, k] = iw * ih / ua
+    return overlaps
+
+
+def xyxy_to_xywh(boxes):
+    return np.hstack((boxes[:, 0:2], boxes[:, 2:4] - boxes[:, 0:2] + 1))
+
+
+def load_coco_annotation(im_ann, objs, num_classes, coco_cat_id_to_class_ind):
+    """``coco._load_coco_annotation`` for one image: ``im_ann`` its json image, ``objs`` its
+    annotations (``getAnnIds(imgIds=index, iscrowd=None)``, file order)."""
+    width = im_ann['width']
+    height = im_ann['height']
+    valid_objs = []
+    for obj in objs:
+        x1 = np.max((0, obj['bbox'][0]))
+        y1 = np.max((0, obj['bbox'][1]))
+        x2 = np.min((width - 1, x1 + np.max((0, obj['bbox'][2] - 1))))
+        y2 = np.min((height - 1, y1 + np.max((0, obj['bbox'][3] - 1))))
+        if obj['area'] > 0 and x2 >= x1 and y2 >= y1:
+            obj['clean_bbox'] = [x1, y1, x2, y2]
+            valid_objs.append(obj)
+    objs = valid_objs
+    num_objs = len(objs)
+    boxes = np.zeros((num_objs, 4), dtype=np.uint16)
+    gt_classes = np.zeros((num_objs), dtype=np.int32)
+    overlaps = np.zeros((num_objs, num_classes), dtype=np.float32)
+    for ix, obj in enumerate(objs):
+        cls = coco_cat_id_to_class_ind[obj['category_id']]
+        boxes[ix, :] = obj['clean_bbox']
+        gt_classes[ix] = cls
+        if obj['iscrowd']:
+            overlaps[ix, :] = -1.0
+        else:
+            overlaps[ix, cls] = 1.0
+    return {'boxes': boxes, 'gt_classes': gt_classes,
+            'gt_overlaps': scipy.sparse.csr_matrix(overlaps), 'flipped': False}
+
+
+def create_roidb_from_box_list(box_list, gt_roidb, num_classes):
+    """``imdb.create_roidb_from_box_list``."""
+    roidb = []
+    for i in range(len(box_list)):
+        boxes = box_list[i]
+        num_boxes = boxes.shape[0]
+        overlaps = np.zeros((num_boxes, num_classes), dtype=np.float32)
+        if gt_roidb is not None and gt_roidb[i]['boxes'].size > 0:
+            gt_boxes = gt_roidb[i]['boxes']
+            gt_classes = gt_roidb[i]['gt_classes']
+            gt_overlaps = bbox_overlaps_loop(boxes.astype(float), gt_boxes.astype(float))
+            argmaxes = gt_overlaps.argmax(axis=1)
+            maxes = gt_overlaps.max(axis=1)
+            I = np.where(maxes > 0)[0]
+            overlaps[I, gt_classes[argmaxes[I]]] = maxes[I]
+        roidb.append({'boxes': boxes, 'gt_classes': np.zeros((num_boxes,), dtype=np.int32),
+                      'gt_overlaps': scipy.sparse.csr_matrix(overlaps), 'flipped': False})
+    return roidb
+
+
+def merge_roidbs(a, b):
+    """``imdb.merge_roidbs``."""
+    for i in range(len(a)):
+        a[i]['boxes'] = np.vstack((a[i]['boxes'], b[i]['boxes']))
+        a[i]['gt_classes'] = np.hstack((a[i]['gt_classes'], b[i]['gt_classes']))
+        a[i]['gt_overlaps'] = scipy.sparse.vstack([a[i]['gt_overlaps'], b[i]['gt_overlaps']])
+    return a
+
+
+def filter_crowd_proposals(roidb, crowd_thresh):
+    """``coco._filter_crowd_proposals`` (with pycocotools' ``mask.iou``, as the original)."""
+    from pycocotools import mask as COCOmask
+
+    for ix, entry in enumerate(roidb):
+        overlaps = entry['gt_overlaps'].toarray()
+        crowd_inds = np.where(overlaps.max(axis=1) == -1)[0]
+        non_gt_inds = np.where(entry['gt_classes'] == 0)[0]
+        if len(crowd_inds) == 0 or len(non_gt_inds) == 0:
+            continue
+        iscrowd = [int(True) for _ in range(len(crowd_inds))]
+        crowd_boxes = xyxy_to_xywh(entry['boxes'][crowd_inds, :])
+        non_gt_boxes = xyxy_to_xywh(entry['boxes'][non_gt_inds, :])
+        ious = COCOmask.iou(non_gt_boxes, crowd_boxes, iscrowd)
+        bad_inds = np.where(ious.max(axis=1) > crowd_thresh)[0]
+        overlaps[non_gt_inds[bad_inds], :] = -1
+        roidb[ix]['gt_overlaps'] = scipy.sparse.csr_matrix(overlaps)
+    return roidb
+
+
+def coco_results_one_category(boxes, cat_id, image_index):
+    """``coco._coco_results_one_category`` (``dets == []`` read as an empty array)."""
+    results = []
+    for im_ind, index in enumerate(image_index):
+        dets = boxes[im_ind].astype(float)
+        if len(dets) == 0:
+            continue
+        scores = dets[:, -1]
+        xs = dets[:, 0]
+        ys = dets[:, 1]
+        ws = dets[:, 2] - xs + 1
+        hs = dets[:, 3] - ys + 1
+        results.extend([{'image_id': index, 'category_id': cat_id,
+                         'bbox': [xs[k], ys[k], ws[k], hs[k]], 'score': scores[k]}
+                        for k in range(dets.shape[0])])
+    return results

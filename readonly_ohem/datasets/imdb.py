@@ -1,13 +1,14 @@
 """The dataset protocol: an image database (imdb), as the original ``datasets/imdb.py``.
 
-A dataset family (``pascal_voc.PascalVOC``; COCO lands beside it) subclasses ``Imdb`` and is
+A dataset family (``pascal_voc.PascalVOC``, ``coco.COCODataset``) subclasses ``Imdb`` and is
 registered with ``factory.register_dataset``; ``detection/``, ``roi_data/`` and ``train.py`` see
 only this protocol. ``CombinedImdb`` (``a+b``) is one over several.
 
 roidb entry (dict), built here from the protocol: ``boxes`` (N, 4) float64 0-based, gt rows first
 then proposals; ``gt_classes`` (N,) int32 (0 for proposals); ``gt_overlaps`` (N, K) scipy csr
-float32 (the IoU with the best gt at that gt's class, one non-zero per row at most); ``flipped``
-False; ``image`` (path); ``image_id``; ``width``; ``height``.
+float32 (the IoU with the best gt at that gt's class, one non-zero per row at most; or -1 in
+every column: a row excluded from training, a COCO crowd box or a proposal inside one);
+``flipped`` False; ``image`` (path); ``image_id``; ``width``; ``height``.
 """
 
 from __future__ import annotations
@@ -21,17 +22,26 @@ import scipy.sparse
 from readonly_ohem.datasets import cache
 from readonly_ohem.datasets.image import image_size
 from readonly_ohem.errors import DataError
-from readonly_ohem.ops.boxes import bbox_overlaps
+from readonly_ohem.ops.boxes import bbox_overlaps, crowd_overlaps
+
+CROWD_THRESH = 0.7  # the original COCO imdb's crowd_thresh: proposals more inside a crowd are excluded
 
 
 # -- roidb entries ----------------------------------------------------------------------------------
-def overlaps_matrix(classes: np.ndarray, overlaps: np.ndarray, num_classes: int):
-    """(N, K) csr float32 with ``overlaps[i]`` at column ``classes[i]`` (rows with 0 stay empty)."""
+def overlaps_matrix(classes: np.ndarray, overlaps: np.ndarray, num_classes: int, excluded=None):
+    """(N, K) csr float32 with ``overlaps[i]`` at column ``classes[i]`` (rows with 0 stay empty);
+    the rows flagged in ``excluded`` ((N,) bool) hold -1 in every column instead (the original
+    COCO imdb's mark for a row excluded from training: its max overlap -1 is neither fg nor bg)."""
     classes = np.asarray(classes, dtype=np.int64)
     overlaps = np.asarray(overlaps, dtype=np.float32)
-    rows = np.nonzero(overlaps > 0)[0]
-    return scipy.sparse.csr_matrix((overlaps[rows], (rows, classes[rows])),
-                                   shape=(classes.shape[0], num_classes), dtype=np.float32)
+    n = classes.shape[0]
+    excluded = np.zeros(n, bool) if excluded is None else np.asarray(excluded, bool)
+    rows = np.nonzero((overlaps > 0) & ~excluded)[0]
+    ex = np.nonzero(excluded)[0]
+    data = np.concatenate([overlaps[rows], np.full(ex.size * num_classes, -1, np.float32)])
+    r = np.concatenate([rows, np.repeat(ex, num_classes)])
+    c = np.concatenate([classes[rows], np.tile(np.arange(num_classes), ex.size)])
+    return scipy.sparse.csr_matrix((data, (r, c)), shape=(n, num_classes), dtype=np.float32)
 
 
 def proposal_overlaps(boxes: np.ndarray, gt_boxes: np.ndarray, gt_classes: np.ndarray):
@@ -50,20 +60,34 @@ def proposal_overlaps(boxes: np.ndarray, gt_boxes: np.ndarray, gt_classes: np.nd
     return maxes, cls
 
 
-def merge_gt_and_proposals(gt: dict, proposals: np.ndarray | None, num_classes: int) -> dict:
-    """One imdb roidb entry: gt rows first, then proposals (gt may be None: proposals only)."""
+def merge_gt_and_proposals(gt: dict, proposals: np.ndarray | None, num_classes: int,
+                           crowd_thresh: float = CROWD_THRESH) -> dict:
+    """One imdb roidb entry: gt rows first, then proposals (gt may be None: proposals only).
+
+    Crowd gt rows (``gt["is_crowd"]`` (G,) bool, COCO's ``iscrowd``) are excluded from training
+    (-1 in every column), and so are the proposals whose ``crowd_overlaps`` with a crowd box is
+    > ``crowd_thresh``; as the original COCO imdb (and Detectron), proposals are matched against
+    every gt row, crowds included, so one overlapping a crowd less than that takes its class.
+    """
     if gt is None:
         gt_boxes, gt_classes = np.zeros((0, 4)), np.zeros(0, np.int32)
     else:
         gt_boxes, gt_classes = gt["boxes"], gt["gt_classes"]
     props = np.zeros((0, 4)) if proposals is None else proposals
     p_ov, p_cls = proposal_overlaps(props, gt_boxes, gt_classes)
+    crowd = np.zeros(gt_boxes.shape[0], bool)
+    if gt is not None and "is_crowd" in gt:
+        crowd = np.asarray(gt["is_crowd"], bool).reshape(-1)
+    inside = np.zeros(props.shape[0], bool)
+    if crowd.any() and props.shape[0]:
+        inside = crowd_overlaps(props.astype(np.float64), gt_boxes[crowd].astype(np.float64))
+        inside = inside.max(axis=1) > crowd_thresh
     boxes = np.vstack([gt_boxes, props]).astype(np.float64)
     ov = np.concatenate([np.ones(gt_boxes.shape[0], np.float32), p_ov])
     cls = np.concatenate([gt_classes.astype(np.int64), p_cls])
     return dict(boxes=boxes,
                 gt_classes=np.concatenate([gt_classes, np.zeros(props.shape[0], np.int32)]).astype(np.int32),
-                gt_overlaps=overlaps_matrix(cls, ov, num_classes),
+                gt_overlaps=overlaps_matrix(cls, ov, num_classes, np.concatenate([crowd, inside])),
                 flipped=False)
 
 
@@ -77,7 +101,7 @@ def build_imdb_roidb(imdb) -> list[dict]:
     sizes = imdb.image_sizes
     roidb = []
     for i in range(imdb.num_images):
-        e = merge_gt_and_proposals(gt[i], imdb.proposal_boxes(i), imdb.num_classes)
+        e = merge_gt_and_proposals(gt[i], imdb.proposal_boxes(i), imdb.num_classes, imdb.crowd_thresh)
         e.update(image=imdb.image_path_at(i), image_id=imdb.image_index[i],
                  width=int(sizes[i, 0]), height=int(sizes[i, 1]))
         roidb.append(e)
@@ -95,7 +119,9 @@ class Imdb:
     - ``image_index``: list of image ids (str), in the image set's order; ``num_images``.
     - ``image_path_at(i)`` -> str: the image file of image i.
     - ``gt_roidb()`` -> list of ``{boxes (G, 4) float64 0-based, gt_classes (G,) int32,
-      gt_overlaps (G, K) csr (1 at the class), flipped False}``, one per image (the training gt).
+      gt_overlaps (G, K) csr (1 at the class), flipped False}``, one per image (the training gt);
+      an entry may add ``is_crowd`` (G,) bool: crowd regions, excluded from training with the
+      proposals more than ``crowd_thresh`` inside them (``merge_gt_and_proposals``).
     - ``has_gt()`` -> bool: whether ``gt_roidb`` exists (False for a set without public
       annotations: its roidb is proposals only).
     - ``proposal_boxes(i)`` -> (P, 4) float64 0-based proposals of image i.
@@ -109,8 +135,9 @@ class Imdb:
     - ``evaluate_detections(all_boxes, output_dir)`` -> dict: write the dataset's result files for
       ``all_boxes[class][image]`` ((D, 5) float32 ``[x1, y1, x2, y2, score]``, 0-based) into
       ``output_dir`` and evaluate them: ``{"eval": {"mAP", "per_class", "metric"} or None (not
-      evaluated), "result_files": {class: path}, "results_at": str (where, for the log),
-      "report": str (the text to print: the AP table, or why there is none)}``.
+      evaluated; COCO adds "AP50", "AP75", "stats"), "result_files": {class: path} (COCO: one
+      file for all), "results_at": str (where, for the log), "report": str (the text to print:
+      the AP table, or why there is none)}``.
     - ``parts``: the image sets flipped and prepared separately for training (``[self]``).
 
     A dataset evaluated against per-image object lists also gives ``annotations_at(i)`` (all
@@ -121,6 +148,7 @@ class Imdb:
     classes: tuple
     image_index: list
     cache_dir = None
+    crowd_thresh = CROWD_THRESH
 
     @property
     def num_classes(self) -> int:

@@ -26,16 +26,13 @@ from readonly_ohem.config import default_config
 from readonly_ohem.datasets import voc_eval
 from readonly_ohem.datasets.factory import register_dataset
 from readonly_ohem.datasets.imdb import Imdb, overlaps_matrix
-from readonly_ohem.datasets.proposals import MIN_SIZE, load_proposals
+from readonly_ohem.datasets.proposals import MIN_SIZE, find_proposals, load_proposals
 from readonly_ohem.datasets.voc_eval import parse_voc_xml
 from readonly_ohem.errors import ConfigError, DataError
 
 VOC_CLASSES = ("__background__", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",
                "cat", "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person",
                "pottedplant", "sheep", "sofa", "train", "tvmonitor")
-
-PROPOSAL_EXTS = (".mat", ".npz", ".json")
-
 
 # -- locating files --------------------------------------------------------------------------------
 def resolve_devkit(data_dir: str | Path, year: str) -> Path:
@@ -50,28 +47,6 @@ def resolve_devkit(data_dir: str | Path, year: str) -> Path:
             return c
     raise DataError(f"{data_dir}: no VOC{year} found (looked for "
                     + ", ".join(str(c / f"VOC{year}") for c in candidates) + ")")
-
-
-def find_proposals(name: str, data_dir: Path, devkit: Path, proposals=None) -> Path | None:
-    """Where the proposals of imdb ``name`` are: an explicit file, a directory holding
-    ``<name>.mat|.npz|.json``, a dict ``{name: path}``, or (None) the original layout
-    ``<data_dir>/selective_search_data/<name>.mat`` (also beside or inside the devkit)."""
-    if isinstance(proposals, dict):
-        proposals = proposals.get(name)
-    if proposals is not None:
-        p = Path(proposals)
-        if p.is_dir():
-            for ext in PROPOSAL_EXTS:
-                if (p / f"{name}{ext}").is_file():
-                    return p / f"{name}{ext}"
-            raise DataError(f"{p}: no {name}.mat/.npz/.json proposals in this directory")
-        return p
-    for d in (data_dir, devkit, devkit.parent):
-        for ext in PROPOSAL_EXTS:
-            f = d / "selective_search_data" / f"{name}{ext}"
-            if f.is_file():
-                return f
-    return None
 
 
 GT_OUTSIDE_IMAGE = ("clip", "error", "keep")  # the choices of TRAIN.GT_OUTSIDE_IMAGE

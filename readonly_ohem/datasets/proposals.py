@@ -36,6 +36,7 @@ def _refuse_pickle(path: Path) -> None:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise DataError(f"{path}: pickled proposals are refused (loading a pickle can run any code "
                         "it names); convert them to .npz keyed by image id or the .mat layout")
+PROPOSAL_EXTS = (".mat", ".npz", ".json")
 
 
 def unique_boxes(boxes: np.ndarray) -> np.ndarray:
@@ -194,3 +195,26 @@ def save_proposals_npz(path: str | Path, image_ids: Sequence[str], boxes_per_ima
     """Write our keyed form: image id -> (K, 4) float64 [x1 y1 x2 y2] 0-based."""
     np.savez_compressed(path, **{i: np.asarray(b, dtype=np.float64).reshape(-1, 4)
                                  for i, b in zip(image_ids, boxes_per_image)})
+
+
+def find_proposals(name: str, data_dir: Path, devkit: Path, proposals=None) -> Path | None:
+    """Where the proposals of imdb ``name`` are: an explicit file, a directory holding
+    ``<name>.mat|.npz|.json``, a dict ``{name: path}``, or (None) the original layout
+    ``<data_dir>/selective_search_data/<name>.mat`` (also beside or inside ``devkit``, the
+    dataset's own folder: VOCdevkit, or coco/)."""
+    if isinstance(proposals, dict):
+        proposals = proposals.get(name)
+    if proposals is not None:
+        p = Path(proposals)
+        if p.is_dir():
+            for ext in PROPOSAL_EXTS:
+                if (p / f"{name}{ext}").is_file():
+                    return p / f"{name}{ext}"
+            raise DataError(f"{p}: no {name}.mat/.npz/.json proposals in this directory")
+        return p
+    for d in (data_dir, devkit, devkit.parent):
+        for ext in PROPOSAL_EXTS:
+            f = d / "selective_search_data" / f"{name}{ext}"
+            if f.is_file():
+                return f
+    return None

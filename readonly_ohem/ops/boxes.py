@@ -51,6 +51,24 @@ def bbox_overlaps(boxes, query_boxes):
     return _back(iou, np_in)
 
 
+def crowd_overlaps(boxes, crowd_boxes):
+    """COCO's overlap of a box with a crowd region, +1 convention: (N, 4), (K, 4) -> (N, K).
+
+    Intersection over the box's own area (not the union): pycocotools' ``iou`` with
+    ``iscrowd`` set, on boxes ``[x1, y1, x2 - x1 + 1, y2 - y1 + 1]`` as the original's COCO imdb
+    hands them over; 0 where the boxes do not intersect.
+    """
+    b, np_in = _to_torch(boxes)
+    q, _ = _to_torch(crowd_boxes)
+    q = q.to(b.dtype)
+    iw = torch.minimum(b[:, None, 2], q[None, :, 2]) - torch.maximum(b[:, None, 0], q[None, :, 0]) + 1
+    ih = torch.minimum(b[:, None, 3], q[None, :, 3]) - torch.maximum(b[:, None, 1], q[None, :, 1]) + 1
+    inter = iw.clamp(min=0) * ih.clamp(min=0)
+    area_b = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
+    out = torch.where(inter > 0, inter / area_b[:, None], torch.zeros((), dtype=inter.dtype))
+    return _back(out, np_in)
+
+
 def paired_intersections(boxes, first, second):
     """Intersection (P,) and summed areas (P,) of each pair, in ``bbox_overlaps``' arithmetic:
     iw = (min(x2) - max(x1)) + 1, clamped at 0 (here min(x2) + min(-x1): negation is exact)."""

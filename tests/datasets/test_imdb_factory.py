@@ -60,10 +60,13 @@ def toy_family(tmp_path):
 
 
 def test_unknown_name_lists_the_registered_families(toy_family):
-    assert registered_datasets() == ["voc_<year>_<image_set>", "toy_<n>"]
-    with pytest.raises(DataError, match=r"unknown imdb 'coco_2014_train' \(expected voc_<year>_<image_set>, "
-                                        r"e.g. voc_2007_trainval; or toy_<n>, e.g. toy_3\)"):
-        get_imdb("coco_2014_train")
+    assert registered_datasets() == ["voc_<year>_<image_set>", "coco_<year>_<split>",
+                                     "coco:<instances.json>", "toy_<n>"]
+    with pytest.raises(DataError, match=r"unknown imdb 'kitti_2012_train' \(expected voc_<year>_<image_set>, "
+                                        r"e.g. voc_2007_trainval; or coco_<year>_<split>, e.g. coco_2014_train; "
+                                        r"or coco:<instances.json>, e.g. coco:annotations/instances_val2017.json; "
+                                        r"or toy_<n>, e.g. toy_3\)"):
+        get_imdb("kitti_2012_train")
     with pytest.raises(ValueError, match="already registered"):
         register_dataset(r"toy_(\d+)", lambda *a: None, form="toy_<n>", example="toy_3")
 

@@ -75,6 +75,8 @@ def test_missing_devkit_and_image_set(tmp_path, voc):
     with pytest.raises(DataError, match="test.txt"):
         get_imdb("voc_2007_test", voc)
     with pytest.raises(DataError, match="unknown imdb"):
+        get_imdb("kitti_2012_train", voc)
+    with pytest.raises(DataError, match="no COCO annotations for coco_2014_train"):
         get_imdb("coco_2014_train", voc)
 
 
