@@ -1,0 +1,140 @@
+"""The windowed greedy NMS pass for many boxes on the CPU (``ops.nms.greedy_nms`` uses it).
+
+Same result as the plain greedy pass (visit in order, keep a box unless a kept one overlaps it
+by IoU > t, or >= t), far fewer comparisons when the boxes spread over an image, as RPN
+proposals do. The chunk's kept boxes suppress the later boxes at once (as ``py_cpu_nms`` does box
+by box), but each kept box is compared only with the boxes it could suppress. With +1 widths,
+IoU(a, b) > t implies (iw <= min(wa, wb), IoU <= iw / max(wa, wb), iw <= w_first - |x1a - x1b|):
+
+- min(wa, wb) > t max(wa, wb), and the heights alike: log w and log h of b within log(1/t) of a's;
+- |x1a - x1b| < (1 - t) max(wa, wb) < (1 - t) / t wa, and |y1a - y1b| < (1 - t) / t ha.
+
+So the boxes are sorted once by (size class: log w and log h in bins of log(1/t); x cell, as
+wide as the class's reach; y1), and a kept box looks up, in the 3 x 3 classes around its own,
+the x cells its window covers, each a range of y1 (``WindowIndex.pairs``). Bins and windows
+carry a 0.1% margin, so float32 rounding of the IoU cannot push a pair out of them; every
+candidate pair then gets the exact IoU test (``bbox_overlaps_paired``, the arithmetic of
+``bbox_overlaps``). Boxes already decided leave the index when it is rebuilt (when half of it
+is decided).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from readonly_ohem.ops.boxes import bbox_overlaps, bbox_overlaps_paired
+
+CHUNK = 256  # boxes resolved together (their IoU matrix), then applied to the rest at once
+_MARGIN = 1e-3  # relative slack of the bins and windows
+
+
+def _ranges(starts: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For ranges [starts[i], starts[i] + counts[i]): (owner i, value) of every element."""
+    total = int(counts.sum())
+    owner = torch.repeat_interleave(torch.arange(counts.numel()), counts, output_size=total)
+    shift = starts - (torch.cumsum(counts, 0) - counts)
+    return owner, torch.arange(total).add_(shift.index_select(0, owner))
+
+
+class WindowIndex:
+    """The boxes at ``positions`` (of ``boxes`` (N, 4) float32/64), sorted for window look-ups."""
+
+    def __init__(self, boxes: torch.Tensor, positions: torch.Tensor, thresh: float):
+        self.reach = (1.0 - thresh) / thresh * (1 + _MARGIN)
+        self.bin = -math.log(thresh) * (1 + _MARGIN)
+        b = boxes.index_select(0, positions).double()
+        x1, y1 = b[:, 0], b[:, 1]
+        w, h = b[:, 2] - x1 + 1, b[:, 3] - y1 + 1
+        cw, ch = self._classes(w), self._classes(h)
+        self.cw0, self.ch0 = int(cw.min()), int(ch.min())
+        self.n_cw, self.n_ch = int(cw.max()) - self.cw0 + 1, int(ch.max()) - self.ch0 + 1
+        self.x0, self.y0 = float(x1.min()), float(y1.min())
+        cx = torch.floor((x1 - self.x0) / self._cell_width(cw))
+        self.n_cx = int(cx.max()) + 1
+        self.margin = float(h.max()) * self.reach + 2
+        self.stride = float(y1.max()) - self.y0 + 2 * self.margin + 1
+        cls = (cw - self.cw0) * self.n_ch + (ch - self.ch0)
+        key = self._key(cls, cx, y1)
+        self.keys, perm = torch.sort(key)
+        self.positions = positions.index_select(0, perm)
+
+    def _classes(self, size: torch.Tensor) -> torch.Tensor:
+        return torch.floor(torch.log(size) / self.bin).long()
+
+    def _cell_width(self, cw: torch.Tensor) -> torch.Tensor:
+        """A class's x cell: the largest window of its boxes (widths below exp(bin (cw + 1)))."""
+        return torch.exp((cw + 1).double() * self.bin) * self.reach + 1
+
+    def _key(self, cls, cx, y1) -> torch.Tensor:
+        return (cls.double() * self.n_cx + cx).mul_(self.stride).add_(y1 - self.y0 + self.margin)
+
+    def pairs(self, boxes: torch.Tensor, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidate pairs (src position, indexed position): every indexed box that box
+        ``src[i]`` could overlap by IoU > t (and more)."""
+        b = boxes.index_select(0, src).double()
+        x1, y1 = b[:, 0], b[:, 1]
+        w, h = b[:, 2] - x1 + 1, b[:, 3] - y1 + 1
+        rx, ry = w * self.reach + 1, h * self.reach + 1
+        # the 3 x 3 size classes around each box's own
+        near = torch.tensor([(i, j) for i in (-1, 0, 1) for j in (-1, 0, 1)])
+        cw = (self._classes(w) - self.cw0)[:, None] + near[:, 0]
+        ch = (self._classes(h) - self.ch0)[:, None] + near[:, 1]
+        ok = (cw >= 0) & (cw < self.n_cw) & (ch >= 0) & (ch < self.n_ch)
+        who, which = torch.nonzero(ok, as_tuple=True)
+        cw, ch = cw[who, which], ch[who, which]
+        # the x cells of that class that the window [x1 - rx, x1 + rx] covers
+        cell = self._cell_width(cw + self.cw0)
+        lo = torch.floor((x1[who] - rx[who] - self.x0) / cell).clamp_(min=0)
+        hi = torch.floor((x1[who] + rx[who] - self.x0) / cell).clamp_(max=self.n_cx - 1)
+        n_cells = (hi - lo + 1).clamp_(min=0).long()
+        row, cx = _ranges(lo.long(), n_cells)
+        who = who.index_select(0, row)
+        base = self._key(cw.index_select(0, row) * self.n_ch + ch.index_select(0, row), cx,
+                         y1.index_select(0, who))
+        r = ry.index_select(0, who)
+        first = torch.searchsorted(self.keys, base - r, side="left")
+        last = torch.searchsorted(self.keys, base + r, side="right")
+        owner, slot = _ranges(first, last - first)
+        return src.index_select(0, who.index_select(0, owner)), self.positions.index_select(0, slot)
+
+
+def window_nms(boxes: torch.Tensor, order: torch.Tensor, thresh: float, suppress_equal: bool,
+               max_keep: int | None, resolve_chunk: Callable[[torch.Tensor, int], torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy NMS of ``boxes`` (N, 4) in ``order`` (M,), 0 < thresh < 1, finite boxes of
+    positive size, CPU. ``resolve_chunk(over, 0)``: the greedy pass over a chunk's (k, k)
+    "would suppress" matrix. Returns ``(keep, visited)`` as ``greedy_nms``."""
+    b = boxes.index_select(0, order)  # position i: the i-th box visited
+    n = b.shape[0]
+    thr = torch.tensor(thresh, dtype=b.dtype)
+    undecided = torch.ones(n, dtype=torch.bool)
+    pending = torch.arange(n)
+    index = WindowIndex(b, pending, thresh)
+    kept, n_kept, visited = [], 0, n
+    while pending.numel():
+        chunk, pending = pending[:CHUNK], pending[CHUNK:]
+        undecided[chunk] = False
+        cb = b.index_select(0, chunk)
+        cb = cb.t().contiguous().t()  # column-major: bbox_overlaps' broadcasts run contiguous
+        iou = bbox_overlaps(cb, cb)
+        new = chunk[resolve_chunk(iou >= thr if suppress_equal else iou > thr, 0)]
+        kept.append(new)
+        n_kept += int(new.numel())
+        if max_keep is not None and n_kept >= max_keep:
+            visited = int(chunk[-1]) + 1
+            break
+        if not pending.numel():
+            break
+        if 2 * pending.numel() < index.positions.numel():
+            index = WindowIndex(b, pending, thresh)
+        src, dst = index.pairs(b, new)
+        live = torch.nonzero(undecided.index_select(0, dst)).squeeze(1)
+        src, dst = src.index_select(0, live), dst.index_select(0, live)
+        iou = bbox_overlaps_paired(b, src, dst)
+        undecided[dst[iou >= thr if suppress_equal else iou > thr]] = False
+        pending = pending[undecided.index_select(0, pending)]
+    keep = torch.cat(kept) if kept else order.new_zeros(0)
+    return order.index_select(0, keep), order[:visited]
