@@ -25,10 +25,11 @@ from typing import Callable
 
 import torch
 
-from readonly_ohem.ops.boxes import bbox_overlaps, bbox_overlaps_paired
+from readonly_ohem.ops.boxes import bbox_overlaps
 
 CHUNK = 256  # boxes resolved together (their IoU matrix), then applied to the rest at once
 _MARGIN = 1e-3  # relative slack of the bins and windows
+_NEAR = torch.tensor([(i, j) for i in (-1, 0, 1) for j in (-1, 0, 1)])  # neighbouring classes
 
 
 def _ranges(starts: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +61,10 @@ class WindowIndex:
         key = self._key(cls, cx, y1)
         self.keys, perm = torch.sort(key)
         self.positions = positions.index_select(0, perm)
+        self.columns = boxes.index_select(0, self.positions).t().contiguous()  # x1, y1, x2, y2 by slot
+        x1, y1, x2, y2 = self.columns
+        self.areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+        self.live = torch.ones(perm.numel(), dtype=torch.bool)  # by slot: not yet decided
 
     def _classes(self, size: torch.Tensor) -> torch.Tensor:
         return torch.floor(torch.log(size) / self.bin).long()
@@ -71,17 +76,16 @@ class WindowIndex:
     def _key(self, cls, cx, y1) -> torch.Tensor:
         return (cls.double() * self.n_cx + cx).mul_(self.stride).add_(y1 - self.y0 + self.margin)
 
-    def pairs(self, boxes: torch.Tensor, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Candidate pairs (src position, indexed position): every indexed box that box
-        ``src[i]`` could overlap by IoU > t (and more)."""
-        b = boxes.index_select(0, src).double()
+    def candidates(self, src_boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidate pairs (row of ``src_boxes`` (K, 4), slot of the index): every indexed box
+        that a box of ``src_boxes`` could overlap by IoU > t (and more)."""
+        b = src_boxes.double()
         x1, y1 = b[:, 0], b[:, 1]
         w, h = b[:, 2] - x1 + 1, b[:, 3] - y1 + 1
         rx, ry = w * self.reach + 1, h * self.reach + 1
         # the 3 x 3 size classes around each box's own
-        near = torch.tensor([(i, j) for i in (-1, 0, 1) for j in (-1, 0, 1)])
-        cw = (self._classes(w) - self.cw0)[:, None] + near[:, 0]
-        ch = (self._classes(h) - self.ch0)[:, None] + near[:, 1]
+        cw = (self._classes(w) - self.cw0)[:, None] + _NEAR[:, 0]
+        ch = (self._classes(h) - self.ch0)[:, None] + _NEAR[:, 1]
         ok = (cw >= 0) & (cw < self.n_cw) & (ch >= 0) & (ch < self.n_ch)
         who, which = torch.nonzero(ok, as_tuple=True)
         cw, ch = cw[who, which], ch[who, which]
@@ -98,7 +102,21 @@ class WindowIndex:
         first = torch.searchsorted(self.keys, base - r, side="left")
         last = torch.searchsorted(self.keys, base + r, side="right")
         owner, slot = _ranges(first, last - first)
-        return src.index_select(0, who.index_select(0, owner)), self.positions.index_select(0, slot)
+        return who.index_select(0, owner), slot
+
+    def suppress(self, src_boxes: torch.Tensor, thr: torch.Tensor, suppress_equal: bool) -> None:
+        """Mark undecided (``self.live``) every indexed box that a box of ``src_boxes`` overlaps
+        by IoU > thr (>= with ``suppress_equal``), in ``bbox_overlaps``' arithmetic."""
+        src, slot = self.candidates(src_boxes)
+        a = [c.index_select(0, src) for c in src_boxes.t().contiguous()]
+        b = [c.index_select(0, slot) for c in self.columns]
+        iw = torch.minimum(a[2], b[2]).sub_(torch.maximum(a[0], b[0])).add_(1).clamp_(min=0)
+        ih = torch.minimum(a[3], b[3]).sub_(torch.maximum(a[1], b[1])).add_(1).clamp_(min=0)
+        inter = iw.mul_(ih)
+        area_a = (a[2] - a[0] + 1).mul_(a[3] - a[1] + 1)
+        union = area_a.add_(self.areas.index_select(0, slot)).sub_(inter)
+        iou = inter.div_(union)  # 0 where they do not intersect: areas are positive
+        self.live[slot[iou >= thr if suppress_equal else iou > thr]] = False
 
 
 def window_nms(boxes: torch.Tensor, order: torch.Tensor, thresh: float, suppress_equal: bool,
@@ -110,17 +128,19 @@ def window_nms(boxes: torch.Tensor, order: torch.Tensor, thresh: float, suppress
     b = boxes.index_select(0, order)  # position i: the i-th box visited
     n = b.shape[0]
     thr = torch.tensor(thresh, dtype=b.dtype)
-    undecided = torch.ones(n, dtype=torch.bool)
+    index = WindowIndex(b, torch.arange(n), thresh)
+    slot_of = torch.empty(n, dtype=torch.long)
+    slot_of[index.positions] = torch.arange(n)
     pending = torch.arange(n)
-    index = WindowIndex(b, pending, thresh)
     kept, n_kept, visited = [], 0, n
     while pending.numel():
         chunk, pending = pending[:CHUNK], pending[CHUNK:]
-        undecided[chunk] = False
+        index.live[slot_of.index_select(0, chunk)] = False
         cb = b.index_select(0, chunk)
-        cb = cb.t().contiguous().t()  # column-major: bbox_overlaps' broadcasts run contiguous
-        iou = bbox_overlaps(cb, cb)
-        new = chunk[resolve_chunk(iou >= thr if suppress_equal else iou > thr, 0)]
+        cm = cb.t().contiguous().t()  # column-major: bbox_overlaps' broadcasts run contiguous
+        iou = bbox_overlaps(cm, cm)
+        keep = resolve_chunk(iou >= thr if suppress_equal else iou > thr, 0)
+        new = chunk[keep]
         kept.append(new)
         n_kept += int(new.numel())
         if max_keep is not None and n_kept >= max_keep:
@@ -128,13 +148,10 @@ def window_nms(boxes: torch.Tensor, order: torch.Tensor, thresh: float, suppress
             break
         if not pending.numel():
             break
-        if 2 * pending.numel() < index.positions.numel():
+        index.suppress(cb[keep], thr, suppress_equal)
+        pending = pending[index.live.index_select(0, slot_of.index_select(0, pending))]
+        if 2 * pending.numel() < index.positions.numel():  # rebuild over the undecided boxes
             index = WindowIndex(b, pending, thresh)
-        src, dst = index.pairs(b, new)
-        live = torch.nonzero(undecided.index_select(0, dst)).squeeze(1)
-        src, dst = src.index_select(0, live), dst.index_select(0, live)
-        iou = bbox_overlaps_paired(b, src, dst)
-        undecided[dst[iou >= thr if suppress_equal else iou > thr]] = False
-        pending = pending[undecided.index_select(0, pending)]
+            slot_of[index.positions] = torch.arange(pending.numel())
     keep = torch.cat(kept) if kept else order.new_zeros(0)
     return order.index_select(0, keep), order[:visited]

@@ -2,6 +2,7 @@
 the original layers' (tests/original_code.py) with sampling off, in TRAIN and TEST."""
 
 import numpy as np
+import pytest
 
 from readonly_ohem.cli import main
 from readonly_ohem.config import default_config
@@ -9,6 +10,8 @@ from readonly_ohem.rpn.sampling import layer_rng
 
 from original_code import (anchor_target_layer_forward, argsort_desc_stable,
                            proposal_layer_forward, proposal_target_layer_forward)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops
 
 H, W = 16, 22
 NET = f"""

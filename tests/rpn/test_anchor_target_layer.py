@@ -11,6 +11,8 @@ from readonly_ohem.rpn.sampling import layer_rng
 from original_code import anchor_target_layer_forward
 from rpn_testing import config, make_layer, n, random_gt, t
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops
+
 # scale 1: 3 anchors per cell, 23x12 [-3.5, 2, 18.5, 13], 16x16 [0, 0, 15, 15], 11x22
 # [2.5, -3.5, 12.5, 18.5]; on a 2 x 2 map over a 32 x 32 image only the four 16x16 ones are inside
 SMALL = "'feat_stride': 16 \\n'scales': [1]"

@@ -10,6 +10,8 @@ from readonly_ohem.errors import SpecError
 from original_code import argsort_desc_stable, proposal_layer_forward
 from rpn_testing import config, make_layer, n, t
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops
+
 # scale 1: per cell a 23x12, a 16x16 and an 11x22 anchor; with zero deltas each box is its anchor
 # with x2 and y2 one pixel further (bbox_transform_inv has no -1): the 16x16 anchor of cell
 # (0, w) gives [16w, 0, 16w + 16, 16]

@@ -12,6 +12,8 @@ from readonly_ohem.errors import ConfigError, DataError, SpecError
 from original_code import proposal_target_layer_forward
 from rpn_testing import config, make_layer, n, random_gt, t
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops
+
 
 def sorted_rows(*arrays):
     """The rows of the tops side by side, sorted (the original permutes each group)."""
