@@ -40,7 +40,7 @@ def make_case(seed: int = 0):
     """(rpn_cls_prob_reshape (1, 18, H, W), rpn_bbox_pred (1, 36, H, W), im_info (1, 3)) float32."""
     rng = np.random.default_rng(seed)
     h, w = -(-HEIGHT // 16), -(-WIDTH // 16)
-    anchors = shifted_anchors(generate_anchors(), h, w, 16).numpy()  # (h * w * 9, 4), rows (h, w, a)
+    anchors = shifted_anchors(generate_anchors(), h, w, 16).numpy()  # (h * w * 9, 4)
     n_obj = 6
     ctr = rng.uniform([100, 100], [WIDTH - 100, HEIGHT - 100], size=(n_obj, 2))
     size = rng.uniform(60, 400, size=(n_obj, 2))

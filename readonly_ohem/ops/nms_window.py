@@ -11,10 +11,10 @@ IoU(a, b) > t implies (iw <= min(wa, wb), IoU <= iw / max(wa, wb), iw <= w_first
 
 So the boxes are sorted once by (size class: log w and log h in bins of log(1/t); x cell, as
 wide as the class's reach; y1), and a kept box looks up, in the 3 x 3 classes around its own,
-the x cells its window covers, each a range of y1 (``WindowIndex.pairs``). Bins and windows
-carry a 0.1% margin, so float32 rounding of the IoU cannot push a pair out of them; every
-candidate pair then gets the exact IoU test (``bbox_overlaps_paired``, the arithmetic of
-``bbox_overlaps``). Boxes already decided leave the index when it is rebuilt (when half of it
+the x cells its window covers, each a range of y1 (``WindowIndex.candidates``). Bins and
+windows carry a 0.1% margin, so float32 rounding of the IoU cannot push a pair out of them;
+every candidate pair then gets the exact IoU test, in ``bbox_overlaps``' arithmetic
+(``WindowIndex.suppress``). Decided boxes leave the index when it is rebuilt (once half of it
 is decided).
 """
 
@@ -61,7 +61,8 @@ class WindowIndex:
         key = self._key(cls, cx, y1)
         self.keys, perm = torch.sort(key)
         self.positions = positions.index_select(0, perm)
-        self.columns = boxes.index_select(0, self.positions).t().contiguous()  # x1, y1, x2, y2 by slot
+        # x1, y1, x2, y2 and the areas, by slot
+        self.columns = boxes.index_select(0, self.positions).t().contiguous()
         x1, y1, x2, y2 = self.columns
         self.areas = (x2 - x1 + 1) * (y2 - y1 + 1)
         self.live = torch.ones(perm.numel(), dtype=torch.bool)  # by slot: not yet decided

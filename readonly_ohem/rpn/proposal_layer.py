@@ -15,8 +15,8 @@ decode the deltas on the shifted anchors (``bbox_transform_inv``, float32) -> cl
 ``RPN_PRE_NMS_TOP_N`` (<= 0: all) -> NMS at ``RPN_NMS_THRESH`` (``ops.nms``: IoU > thresh, the
 GPU kernel's float32 arithmetic) -> keep the first ``RPN_POST_NMS_TOP_N`` (<= 0: all).
 Sorting as the original: once here and once more inside NMS (``argsort()[::-1]`` each time),
-deterministic with ``ops.nms.descending_order`` (ties: higher index first, per sort; so equal
-scores are visited in their first order, reversed twice). NMS stops as soon as
+deterministic with ``ops.nms.descending_order`` (ties: higher index first in each sort, so
+equal scores end up visited in ascending index order). NMS stops as soon as
 ``RPN_POST_NMS_TOP_N`` boxes are kept: the rest could not be output.
 """
 

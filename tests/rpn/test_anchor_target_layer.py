@@ -144,7 +144,8 @@ def test_sampling_draws_what_the_original_draws(seed):
     np.testing.assert_array_equal(ours[3], ref[3])
     # the next image continues the same stream
     ours = n(layer([t(score), t(gt), t(im_info)], [])[0])
-    ref2 = anchor_target_layer_forward(score, gt, im_info, cfg, _advanced(seed, score, gt, im_info, cfg))[0]
+    rng = _advanced(seed, score, gt, im_info, cfg)
+    ref2 = anchor_target_layer_forward(score, gt, im_info, cfg, rng)[0]
     np.testing.assert_array_equal(ours, ref2)
 
 
@@ -158,7 +159,8 @@ def test_seeded_generator_and_its_state():
     cfg = config(TRAIN__RPN_BATCHSIZE=16, TRAIN__RPN_POSITIVE_OVERLAP=0.5)
     a = make_layer("AnchorTargetLayer", "'feat_stride': 16", cfg, name="rpn-data")
     b = make_layer("AnchorTargetLayer", "'feat_stride': 16", cfg, name="rpn-data")
-    assert a.rng.get_state()[1].tolist() == layer_rng(cfg.RNG_SEED, "rpn-data").get_state()[1].tolist()
+    want = layer_rng(cfg.RNG_SEED, "rpn-data").get_state()[1]
+    assert a.rng.get_state()[1].tolist() == want.tolist()
     score, gt, im_info = _case(6, size=(300, 400), n_gt=6)
     feed = [t(score), t(gt), t(im_info)]
     first = n(a(feed, [])[0])
@@ -179,4 +181,5 @@ def test_shape_errors_name_the_layer_and_blob():
         layer([torch.zeros(1, 18, 3, 3), torch.zeros(2, 4), info], [])
     with pytest.raises(SpecError, match="'im_info' must be im_info"):
         layer([torch.zeros(1, 18, 3, 3), gt, torch.zeros(3)], [])
-    assert layer.top_shapes([(1, 18, 3, 5), (1, 5), (1, 3)]) == [(1, 1, 27, 5)] + [(1, 36, 3, 5)] * 3
+    shapes = layer.top_shapes([(1, 18, 3, 5), (1, 5), (1, 3)])
+    assert shapes == [(1, 1, 27, 5)] + [(1, 36, 3, 5)] * 3

@@ -42,7 +42,8 @@ def test_hand_worked_min_size_nms_and_order():
     # at image scale 0.5 the minimum is 8 pixels: the 23x12 boxes (0.99, x1 = -3.5 + 16w clipped
     # at 0) come first, then the 11x22 ones (0.98, x1 = 2.5 + 16w). Equal scores are sorted twice
     # (here, then in NMS), each time ties by higher index first: they end in ascending order
-    rois, _ = layer(list(small_inputs(fg, {(1, 1): -1.0})) + [torch.tensor([[20.0, 48.0, 0.5]])], [])
+    half_scale = torch.tensor([[20.0, 48.0, 0.5]])
+    rois, _ = layer(list(small_inputs(fg, {(1, 1): -1.0})) + [half_scale], [])
     assert rois[:6, 1].tolist() == [0, 12.5, 28.5, 2.5, 18.5, 34.5]
     # RPN_POST_NMS_TOP_N / RPN_PRE_NMS_TOP_N
     cfg.set_key("TRAIN.RPN_POST_NMS_TOP_N", 1)
@@ -111,7 +112,8 @@ def test_equals_the_original_on_the_cuda_device_too():
 def test_shape_errors_name_the_layer_and_blob():
     layer = make_layer("ProposalLayer", "'feat_stride': 16", name="proposal")
     info = torch.tensor([[100.0, 100, 1]])
-    with pytest.raises(SpecError, match=r"layer 'proposal'.*'rpn_cls_prob_reshape' must be \(1, 18"):
+    with pytest.raises(SpecError,
+                       match=r"layer 'proposal'.*'rpn_cls_prob_reshape' must be \(1, 18"):
         layer([torch.zeros(1, 2, 3, 3), torch.zeros(1, 36, 3, 3), info], [])
     with pytest.raises(SpecError, match=r"'rpn_bbox_pred' must be \(1, 36, 3, 3\)"):
         layer([torch.zeros(1, 18, 3, 3), torch.zeros(1, 36, 3, 4), info], [])

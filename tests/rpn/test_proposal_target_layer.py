@@ -24,7 +24,8 @@ def sorted_rows(*arrays):
 def test_hand_worked():
     """gt [0, 0, 9, 9] class 2; proposals: the gt itself (IoU 1), [0, 0, 9, 4] (50 / 100 = 0.5:
     fg), [20, 20, 29, 29] (IoU 0: bg only when BG_THRESH_LO is 0)."""
-    rois = torch.tensor([[0, 0, 0, 9, 9], [0, 0, 0, 9, 4], [0, 20, 20, 29, 29]], dtype=torch.float32)
+    rois = torch.tensor([[0, 0, 0, 9, 9], [0, 0, 0, 9, 4], [0, 20, 20, 29, 29]],
+                        dtype=torch.float32)
     gt = torch.tensor([[0, 0, 9, 9, 2]], dtype=torch.float32)
     layer = make_layer("ProposalTargetLayer", "'num_classes': 3")
     out_rois, labels, targets, inside, outside = (n(x) for x in layer([rois, gt], []))

@@ -7,7 +7,6 @@ Checked against plain loops over anchors."""
 import math
 
 import numpy as np
-import torch
 from google.protobuf import text_format
 
 from readonly_ohem.caffe.net import Net
