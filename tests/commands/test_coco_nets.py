@@ -5,6 +5,8 @@ by ``scripts/make_prototxt.py`` trains (Fast R-CNN and OHEM) and tests on an 80-
 COCO-format mini-VOC."""
 
 import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,7 +113,12 @@ def test_small_net_for_coco_trains_and_tests_on_80_categories(minivoc, tmp_path,
     for method, cfg in (("fast_rcnn", small), ("fast_rcnn_ohem", ohem)):
         assert main(["train", "--solver", str(nets / method / "solver.prototxt"), *sets["trainval"],
                      "--iters", "2", "--output", str(tmp_path / method), *cfg]) == 0
-    assert "Loaded dataset `coco_coco80_trainval` for training" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "Loaded dataset `coco_coco80_trainval` for training" in out
+        # cls_score starts near 0 (gaussian std 0.01): about a uniform softmax over 81 classes
+        # (ln 81 = 4.39; a 21-class net would start near ln 21 = 3.04)
+        loss_cls = float(re.search(r"Iteration 0, .*loss_cls = ([0-9.]+)", out).group(1))
+        assert loss_cls == pytest.approx(math.log(81), abs=0.1), method
     model = tmp_path / "fast_rcnn_ohem" / "small_fast_rcnn_ohem_iter_2.caffemodel"
     assert (tmp_path / "fast_rcnn" / "small_fast_rcnn_iter_2.caffemodel").is_file() and model.is_file()
 
