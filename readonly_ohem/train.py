@@ -56,7 +56,7 @@ from readonly_ohem.caffe import use_caffe_float32
 from readonly_ohem.caffe.layers.python import parse_param_str
 from readonly_ohem.caffe.solver import NonFiniteLossError, Solver, build_net, train_net_spec
 from readonly_ohem.caffe.spec import load_net_spec, read_solver
-from readonly_ohem.errors import ConfigError, OhemError
+from readonly_ohem.errors import ConfigError, OhemError, SpecError
 from readonly_ohem.progress import Progress, clock
 from readonly_ohem.roi_data.roidb import training_roidb
 
@@ -546,7 +546,12 @@ def check_num_classes(solver_path, imdb) -> None:
     at the first label beyond the net's outputs)."""
     spec, source = train_net_spec(read_solver(str(solver_path)), solver_path)
     for layer in load_net_spec(spec, "TRAIN", source=source).layer:
-        n = parse_param_str(layer).get("num_classes") if layer.type == "Python" else None
+        if layer.type != "Python":
+            continue
+        try:
+            n = parse_param_str(layer).get("num_classes")
+        except SpecError:  # not a YAML mapping: the layer's own parsing decides when it is built
+            continue
         if isinstance(n, int) and n != imdb.num_classes:
             k = imdb.num_classes
             raise ConfigError(f"{source}: layer {layer.name!r} ({layer.python_param.layer}) is "
