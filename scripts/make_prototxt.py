@@ -1,4 +1,4 @@
-"""Generate the OHEM train nets, the small net's test net and the COCO nets from the Fast R-CNN nets.
+"""Generate the OHEM train nets, the small net's test net and the COCO nets from the FRCN nets.
 
 The RoI head is described once, in ``prototxt/<model>/fast_rcnn/train.prototxt`` (the layers from
 the ROIPooling layer to the last layer before the losses). From that description:
@@ -51,7 +51,7 @@ SMALL_TEST_INPUTS = (("data", (1, 3, 240, 320)), ("rois", (1, 5)))
 
 @dataclass(frozen=True)
 class Dataset:
-    """What a dataset changes in a model's nets and solvers (py-faster-rcnn's ``models/<dataset>/``).
+    """What a dataset changes in a model's nets and solvers (py-faster-rcnn's models/<dataset>).
 
     ``num_classes``: with ``__background__`` (cls_score has K outputs, bbox_pred 4K);
     ``dropout``: whether the head keeps its Dropout layers; ``stepsize``: the solvers' lr step
@@ -68,7 +68,6 @@ DATASETS = {
     "coco": Dataset(81, dropout=False, stepsize=200000),
 }
 COCO_MODELS = ("VGG16", "VGG_CNN_M_1024")  # shipped as prototxt/coco/<model>/, as py-faster-rcnn
-METHODS = (("fast_rcnn", ("train", "test", "solver")), ("fast_rcnn_ohem", ("train", "solver")))
 
 
 def split_frcn(net) -> tuple:
@@ -266,15 +265,17 @@ def dataset_files(model: str, dataset: Dataset, out_dir: Path, name: str,
     ``out_dir/fast_rcnn_ohem/{train,solver}.prototxt``."""
     train_src = PROTOTXT / model / "fast_rcnn" / "train.prototxt"
     voc = spec.read_net(train_src)
-    outputs_ = head_outputs(voc)
-    frcn = retarget(voc, outputs_, dataset)
+    blobs = head_outputs(voc)
+    frcn = retarget(voc, blobs, dataset)
     if model == "small":  # the small test net is generated from its train net
         test_src, test = train_src, frcn_test(frcn)[0]
     else:
         test_src = PROTOTXT / model / "fast_rcnn" / "test.prototxt"
-        test = retarget(spec.read_net(test_src), outputs_, dataset)
+        test = retarget(spec.read_net(test_src), blobs, dataset)
     ohem, comments = ohem_train(frcn)
-    note = f"For {name}: {dataset.num_classes} classes" + ("" if dataset.dropout else ", no Dropout")
+    note = f"For {name}: {dataset.num_classes} classes"
+    if not dataset.dropout:
+        note += ", no Dropout"
     kw = dict(note=note, checked=checked)
     rel = {p: p.relative_to(ROOT).as_posix() for p in (train_src, test_src)}
     frcn_dir, ohem_dir = out_dir / "fast_rcnn", out_dir / "fast_rcnn_ohem"
@@ -324,13 +325,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.model or args.out or args.dataset or args.num_classes is not None:
         if not (args.model and args.out) or args.check:
-            ap.error("--model and --out go together (with --dataset/--num-classes), not with --check")
+            ap.error("--model and --out go together (and with --dataset, --num-classes), "
+                     "not with --check")
         if args.num_classes is not None and args.num_classes < 2:
             ap.error(f"--num-classes counts __background__ too: at least 2, got {args.num_classes}")
-        dataset = DATASETS[args.dataset or "pascal_voc"]
+        name = args.dataset or "pascal_voc"
+        dataset = DATASETS[name]
         if args.num_classes is not None:
-            dataset = replace(dataset, num_classes=args.num_classes)
-        return write_for(args.model, dataset, args.out, args.dataset or "--num-classes")
+            dataset, name = replace(dataset, num_classes=args.num_classes), f"{name} form"
+        return write_for(args.model, dataset, args.out, name)
     stale = 0
     for path, text in outputs().items():
         current = path.read_text() if path.exists() else None

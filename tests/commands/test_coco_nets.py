@@ -80,7 +80,8 @@ def minivoc(tmp_path, monkeypatch):
                                for i in range(60)]
         path = tmp_path / f"coco80_{split}.json"
         path.write_text(json.dumps(coco))
-        sets[split] = ["--imdb", f"coco:{path}", "--images", str(data / "coco" / "images" / f"{split}2007"),
+        sets[split] = ["--imdb", f"coco:{path}",
+                       "--images", str(data / "coco" / "images" / f"{split}2007"),
                        "--proposals", str(data / "selective_search_data" / f"coco_2007_{split}.mat")]
     return data, sets
 
@@ -88,16 +89,18 @@ def minivoc(tmp_path, monkeypatch):
 def test_class_count_mismatch_stops_training_before_the_roidb(minivoc, tmp_path, capsys):
     data, sets = minivoc
     out = tmp_path / "never"
-    err = one_line_error(capsys, ["train", "--solver", str(COCO / "VGG16" / "fast_rcnn_ohem" / "solver.prototxt"),
+    vgg16_ohem = COCO / "VGG16" / "fast_rcnn_ohem"
+    err = one_line_error(capsys, ["train", "--solver", str(vgg16_ohem / "solver.prototxt"),
                                   "--imdb", "coco_2007_trainval", "--data", str(data), "--output", str(out)])
-    assert str(COCO / "VGG16" / "fast_rcnn_ohem" / "train.prototxt") in err
+    assert str(vgg16_ohem / "train.prototxt") in err
     assert "layer 'data' (RoIDataLayer) is made for 81 classes" in err
     assert "the dataset coco_2007_trainval has 21 (20 categories + __background__)" in err
     assert "--num-classes 21" in err
     # the other way: the 21-class small net on the 80-category set
-    err = one_line_error(capsys, ["train", "--solver", str(REPO / "prototxt" / "small" / "fast_rcnn" / "solver.prototxt"),
+    small_frcn = REPO / "prototxt" / "small" / "fast_rcnn"
+    err = one_line_error(capsys, ["train", "--solver", str(small_frcn / "solver.prototxt"),
                                   *sets["trainval"], "--output", str(out)])
-    assert str(REPO / "prototxt" / "small" / "fast_rcnn" / "train.prototxt") in err
+    assert str(small_frcn / "train.prototxt") in err
     assert "made for 21 classes" in err and "the dataset coco_coco80_trainval has 81" in err
     assert not out.exists() and not (tmp_path / "cache").exists()  # no roidb, no output yet
 
