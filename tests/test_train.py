@@ -6,6 +6,7 @@ import os
 import signal
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -379,8 +380,6 @@ def test_check_num_classes_reads_every_python_layer_of_the_train_net(tmp_path):
     """Inline train_net_param: RoIDataLayer and a second layer giving num_classes are compared
     with the dataset's count; a foreign layer whose param_str is no YAML mapping is left to its
     own parsing, a layer of another phase is not read."""
-    from types import SimpleNamespace
-
     def layer(name, module, cls, param_str, extra=""):
         return (f'layer {{ name: "{name}" type: "Python" top: "{name}" {extra} '
                 f'python_param {{ module: "{module}" layer: "{cls}" param_str: "{param_str}" }} }}')
