@@ -53,9 +53,10 @@ from readonly_ohem import inspect  # the kept-RoI log (readonly_ohem.inspect, no
 from readonly_ohem import python_layers  # noqa: F401  (registers RoIDataLayer, OHEMDataLayer)
 from readonly_ohem import train_state
 from readonly_ohem.caffe import use_caffe_float32
-from readonly_ohem.caffe.solver import NonFiniteLossError, Solver, build_net
-from readonly_ohem.caffe.spec import read_solver
-from readonly_ohem.errors import ConfigError, OhemError
+from readonly_ohem.caffe.layers.python import parse_param_str
+from readonly_ohem.caffe.solver import NonFiniteLossError, Solver, build_net, train_net_spec
+from readonly_ohem.caffe.spec import load_net_spec, read_solver
+from readonly_ohem.errors import ConfigError, OhemError, SpecError
 from readonly_ohem.progress import Progress, clock
 from readonly_ohem.roi_data.roidb import training_roidb
 
@@ -537,6 +538,29 @@ def build_trainer(solver_path, cfg, roidb=None, bbox_means=None, bbox_stds=None,
                    stream=stream)
 
 
+def check_num_classes(solver_path, imdb) -> None:
+    """Before the roidb is built (minutes on COCO): every Python layer of the solver's train net
+    whose ``param_str`` gives ``num_classes`` (RoIDataLayer, OHEMDataLayer, ProposalTargetLayer)
+    must give the dataset's class count, ``__background__`` included. ``ConfigError`` naming the
+    net, the layer and the dataset otherwise (the original fails later: at the first snapshot, or
+    at the first label beyond the net's outputs)."""
+    spec, source = train_net_spec(read_solver(str(solver_path)), solver_path)
+    for layer in load_net_spec(spec, "TRAIN", source=source).layer:
+        if layer.type != "Python":
+            continue
+        try:
+            n = parse_param_str(layer).get("num_classes")
+        except SpecError:  # not a YAML mapping: the layer's own parsing decides when it is built
+            continue
+        if isinstance(n, int) and n != imdb.num_classes:
+            k = imdb.num_classes
+            raise ConfigError(f"{source}: layer {layer.name!r} ({layer.python_param.layer}) is "
+                              f"made for {n} classes (param_str num_classes), the dataset "
+                              f"{imdb.name} has {k} ({k - 1} categories + __background__); use a "
+                              f"net made for {k} classes (scripts/make_prototxt.py --model MODEL "
+                              f"--num-classes {k} --out DIR writes one)")
+
+
 def make_output_dir(output) -> Path:
     """``--output DIR``, created (with parents); ``ConfigError`` when it cannot be."""
     out_dir = Path(output)
@@ -552,16 +576,18 @@ def setup_training(solver, cfg, imdb, weights=None, output="output", device="cpu
                    resume=None, log_kept_rois=None, log_every: int = 1, verbose: bool = True,
                    stream=None) -> Trainer:
     """``train_net.py`` up to ``train_model``, in the original's order (after finding and checking
-    the ``resume`` state, a path or ``"auto"``: ``resolve_resume``): seeds (``RNG_SEED``); the
-    training roidb of ``imdb`` with the bbox-target means/stds (this process's shard under
-    torchrun); the output directory; the trainer (``build_trainer``: net, solver, ``weights``
-    unless resuming, the roidb); per-process seeds under torchrun; the state of ``resume``; the
-    kept-RoI log (``attach_kept_roi_log``, ``imdb.classes`` named in it).
+    the ``resume`` state, a path or ``"auto"``: ``resolve_resume``, and the net's class count
+    against the dataset's: ``check_num_classes``): seeds (``RNG_SEED``); the training roidb of
+    ``imdb`` with the bbox-target means/stds (this process's shard under torchrun); the output
+    directory; the trainer (``build_trainer``: net, solver, ``weights`` unless resuming, the
+    roidb); per-process seeds under torchrun; the state of ``resume``; the kept-RoI log
+    (``attach_kept_roi_log``, ``imdb.classes`` named in it).
 
     ``verbose``: print the roidb statistics (filtered entries, target means/stds).
     """
     asked = resume  # found (or checked) first: a bad state fails before the roidb is built
     resume = resolve_resume(resume, snapshot_stem(output, read_solver(str(solver)), cfg))
+    check_num_classes(solver, imdb)
     seed_rngs(cfg.RNG_SEED)
     roidb, means, stds = training_roidb(imdb, cfg, verbose=verbose)
     roidb = distributed.shard(roidb, ctx)

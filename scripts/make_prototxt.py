@@ -1,4 +1,4 @@
-"""Generate the OHEM train nets (and the small net's test net) from the Fast R-CNN train nets.
+"""Generate the OHEM train nets, the small net's test net and the COCO nets from the FRCN nets.
 
 The RoI head is described once, in ``prototxt/<model>/fast_rcnn/train.prototxt`` (the layers from
 the ROIPooling layer to the last layer before the losses). From that description:
@@ -12,15 +12,26 @@ the ROIPooling layer to the last layer before the losses). From that description
   Both copies come from the same layers, so they cannot drift apart.
 - ``small/fast_rcnn/test.prototxt`` = net inputs ``data``/``rois`` + trunk + head + ``cls_prob``.
   (The VGG test nets are the original files, whose param specs differ cosmetically.)
+- ``coco/<model>/{fast_rcnn,fast_rcnn_ohem}/*`` (VGG16, VGG_CNN_M_1024): the nets and solvers
+  above for another dataset (``DATASETS``): the data layers' ``num_classes``, ``cls_score``'s
+  K outputs and ``bbox_pred``'s 4K set to the dataset's class count, and, for COCO, the Dropout
+  layers after fc6/fc7 removed and the lr step at 200000 — py-faster-rcnn's
+  ``models/coco/<model>/fast_rcnn`` differ from its ``models/pascal_voc`` ones in exactly that.
+  The OHEM COCO nets (never released) are made from the COCO Fast R-CNN nets as above.
 
 Run from anywhere:  python scripts/make_prototxt.py        (rewrites the generated files)
                     python scripts/make_prototxt.py --check (exit 1 if one is out of date)
+                    python scripts/make_prototxt.py --model small --num-classes 11 --out DIR
+                        (any model for any class count: DIR/fast_rcnn/{train,test,solver}.prototxt,
+                        DIR/fast_rcnn_ohem/{train,solver}.prototxt; ``--dataset coco`` for the
+                        COCO form: 81 classes unless --num-classes, no Dropout, its lr step)
 """
-
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -29,12 +40,34 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from readonly_ohem.caffe import spec  # noqa: E402
+from readonly_ohem.caffe.layers.python import parse_param_str  # noqa: E402
 from readonly_ohem.caffe.proto import caffe_pb2  # noqa: E402
 
 PROTOTXT = ROOT / "prototxt"
 MODELS = ("VGG16", "VGG_CNN_M_1024", "small")
 LOSS_TYPES = ("SoftmaxWithLoss", "SmoothL1Loss")
 SMALL_TEST_INPUTS = (("data", (1, 3, 240, 320)), ("rois", (1, 5)))
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """What a dataset changes in a model's nets and solvers (py-faster-rcnn's models/<dataset>).
+
+    ``num_classes``: with ``__background__`` (cls_score has K outputs, bbox_pred 4K);
+    ``dropout``: whether the head keeps its Dropout layers; ``stepsize``: the solvers' lr step
+    (None: the model's own; the small net always keeps its mini-VOC schedule)."""
+    num_classes: int
+    dropout: bool = True
+    stepsize: int | None = None
+
+
+DATASETS = {
+    "pascal_voc": Dataset(21),  # the source nets: prototxt/<model>/
+    # py-faster-rcnn's models/coco/<model>/fast_rcnn: 80 categories + background, no Dropout
+    # after fc6/fc7, stepsize 200000 (its experiments/scripts/fast_rcnn.sh trains 280000 iterations)
+    "coco": Dataset(81, dropout=False, stepsize=200000),
+}
+COCO_MODELS = ("VGG16", "VGG_CNN_M_1024")  # shipped as prototxt/coco/<model>/, as py-faster-rcnn
 
 
 def split_frcn(net) -> tuple:
@@ -45,6 +78,14 @@ def split_frcn(net) -> tuple:
     roi = next(i for i, l in enumerate(layers) if l.type == "ROIPooling")
     first_loss = next(i for i, l in enumerate(layers) if l.type in LOSS_TYPES)
     return layers[0], layers[1:roi], layers[roi:first_loss], layers[first_loss:]
+
+
+def head_outputs(frcn) -> tuple[str, str]:
+    """(classifier, regressor) blob names of a Fast R-CNN train net: the bottoms of its losses."""
+    losses = split_frcn(frcn)[3]
+    cls_score = next(l for l in losses if l.type == "SoftmaxWithLoss").bottom[0]
+    bbox_pred = next(l for l in losses if l.type == "SmoothL1Loss").bottom[0]
+    return cls_score, bbox_pred
 
 
 def _copy(layer) -> caffe_pb2.LayerParameter:
@@ -96,8 +137,7 @@ def ohem_train(frcn) -> tuple:
     """(NetParameter, [(layer index, comment)]) of the OHEM train net made from a FRCN train net."""
     data, trunk, head, losses = split_frcn(frcn)
     data_tops = list(data.top)
-    cls_score = next(l for l in losses if l.type == "SoftmaxWithLoss").bottom[0]
-    bbox_pred = next(l for l in losses if l.type == "SmoothL1Loss").bottom[0]
+    cls_score, bbox_pred = head_outputs(frcn)
 
     net = caffe_pb2.NetParameter(name=frcn.name)
     net.layer.add().CopyFrom(data)
@@ -132,8 +172,8 @@ def ohem_train(frcn) -> tuple:
 
 def frcn_test(frcn, inputs=SMALL_TEST_INPUTS) -> tuple:
     """The test net of a FRCN train net: net inputs, trunk, head, cls_prob."""
-    _, trunk, head, losses = split_frcn(frcn)
-    cls_score = next(l for l in losses if l.type == "SoftmaxWithLoss").bottom[0]
+    _, trunk, head, _ = split_frcn(frcn)
+    cls_score = head_outputs(frcn)[0]
     net = caffe_pb2.NetParameter(name=frcn.name)
     for name, shape in inputs:
         net.input.append(name)
@@ -144,15 +184,59 @@ def frcn_test(frcn, inputs=SMALL_TEST_INPUTS) -> tuple:
     return net, []
 
 
-def to_text(net, source: str, comments=()) -> str:
+NUM_CLASSES = re.compile(r"""(['"]?num_classes['"]?\s*:\s*)\d+""")
+
+
+def with_num_classes(param_str: str, k: int) -> str:
+    """``"'num_classes': 21"`` -> ``"'num_classes': 81"``, the rest of the param_str as written."""
+    text, n = NUM_CLASSES.subn(lambda m: f"{m.group(1)}{k}", param_str)
+    if n != 1:
+        raise ValueError(f"param_str {param_str!r}: expected one integer num_classes")
+    return text
+
+
+def retarget(net, outputs: tuple[str, str], dataset: Dataset) -> caffe_pb2.NetParameter:
+    """``net`` for ``dataset``: every Python layer's param_str ``num_classes`` and the InnerProduct
+    layers making the ``outputs`` blobs (classifier: K outputs, regressor: 4K) set to its class
+    count; without ``dataset.dropout``, the (in-place) Dropout layers left out."""
+    k = dataset.num_classes
+    sizes = {outputs[0]: k, outputs[1]: 4 * k}
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(net)
+    out.ClearField("layer")
+    for layer in net.layer:
+        if layer.type == "Dropout" and not dataset.dropout:
+            if list(layer.top) != list(layer.bottom):
+                raise ValueError(f"{net.name}: layer {layer.name!r}: only an in-place Dropout "
+                                 "can be left out")
+            continue
+        new = out.layer.add()
+        new.CopyFrom(layer)
+        if layer.type == "Python" and "num_classes" in parse_param_str(layer):
+            new.python_param.param_str = with_num_classes(layer.python_param.param_str, k)
+        if layer.type == "InnerProduct" and layer.top[0] in sizes:
+            new.inner_product_param.num_output = sizes[layer.top[0]]
+    made = {l.top[0] for l in out.layer if l.type == "InnerProduct"}
+    if not set(sizes) <= made:
+        raise ValueError(f"{net.name}: no InnerProduct layer makes {sorted(set(sizes) - made)}")
+    return out
+
+
+def header(source: str, note: str = "", checked: bool = True) -> list[str]:
+    """The comment lines opening a generated file: its source, what was changed, who checks it."""
+    lines = [f"# GENERATED by scripts/make_prototxt.py from {source}: edit that file and the",
+             "# generator, not this one (tests/test_prototxt_shipped.py checks it is up to date)."
+             if checked else "# generator, not this one."]
+    return lines + ([f"# {note}"] if note else [])
+
+
+def to_text(net, source: str, comments=(), note: str = "", checked: bool = True) -> str:
     """Readable prototxt: a header, the net-level fields, one block per layer, section comments."""
     notes = dict(comments)
     head = caffe_pb2.NetParameter()
     head.CopyFrom(net)
     head.ClearField("layer")
-    lines = [f"# GENERATED by scripts/make_prototxt.py from {source}: edit that file and the",
-             "# generator, not this one (tests/test_prototxt_shipped.py checks it is up to date).",
-             text_format.MessageToString(head).rstrip("\n")]
+    lines = header(source, note, checked) + [text_format.MessageToString(head).rstrip("\n")]
     for i, layer in enumerate(net.layer):
         if i in notes:
             lines.append(f"\n## {notes[i]}")
@@ -160,6 +244,48 @@ def to_text(net, source: str, comments=()) -> str:
         body = text_format.MessageToString(layer, indent=2).rstrip("\n").replace("\\'", "'")
         lines.append("layer {\n" + body + "\n}")
     return "\n".join(l for l in lines if l) + "\n"
+
+
+def solver_text(model: str, method: str, dataset: Dataset, note: str = "",
+                checked: bool = True) -> str:
+    """The solver of ``prototxt/<model>/<method>`` with ``dataset``'s lr step (its train_net,
+    ``train.prototxt``, resolves beside the solver file)."""
+    src = PROTOTXT / model / method / "solver.prototxt"
+    param = spec.read_solver(src)
+    if dataset.stepsize is not None and model != "small":  # small: its own mini-VOC schedule
+        param.stepsize = dataset.stepsize
+    lines = header(src.relative_to(ROOT).as_posix(), note, checked)
+    return "\n".join(lines + [text_format.MessageToString(param).rstrip("\n")]) + "\n"
+
+
+def dataset_files(model: str, dataset: Dataset, out_dir: Path, name: str,
+                  checked: bool = True) -> dict[Path, str]:
+    """``model``'s Fast R-CNN and OHEM nets and solvers for ``dataset`` (called ``name`` in the
+    headers), as ``out_dir/fast_rcnn/{train,test,solver}.prototxt`` and
+    ``out_dir/fast_rcnn_ohem/{train,solver}.prototxt``."""
+    train_src = PROTOTXT / model / "fast_rcnn" / "train.prototxt"
+    voc = spec.read_net(train_src)
+    blobs = head_outputs(voc)
+    frcn = retarget(voc, blobs, dataset)
+    if model == "small":  # the small test net is generated from its train net
+        test_src, test = train_src, frcn_test(frcn)[0]
+    else:
+        test_src = PROTOTXT / model / "fast_rcnn" / "test.prototxt"
+        test = retarget(spec.read_net(test_src), blobs, dataset)
+    ohem, comments = ohem_train(frcn)
+    note = f"For {name}: {dataset.num_classes} classes"
+    if not dataset.dropout:
+        note += ", no Dropout"
+    kw = dict(note=note, checked=checked)
+    rel = {p: p.relative_to(ROOT).as_posix() for p in (train_src, test_src)}
+    frcn_dir, ohem_dir = out_dir / "fast_rcnn", out_dir / "fast_rcnn_ohem"
+    return {
+        frcn_dir / "train.prototxt": to_text(frcn, rel[train_src], **kw),
+        frcn_dir / "test.prototxt": to_text(test, rel[test_src], **kw),
+        frcn_dir / "solver.prototxt": solver_text(model, "fast_rcnn", dataset, **kw),
+        ohem_dir / "train.prototxt": to_text(ohem, rel[train_src], comments, **kw),
+        ohem_dir / "solver.prototxt": solver_text(model, "fast_rcnn_ohem", dataset, **kw),
+    }
 
 
 def outputs() -> dict[Path, str]:
@@ -173,13 +299,41 @@ def outputs() -> dict[Path, str]:
         out[PROTOTXT / model / "fast_rcnn_ohem" / "train.prototxt"] = to_text(net, rel, notes)
         if model == "small":
             out[PROTOTXT / model / "fast_rcnn" / "test.prototxt"] = to_text(frcn_test(frcn)[0], rel)
+    for model in COCO_MODELS:
+        out.update(dataset_files(model, DATASETS["coco"], PROTOTXT / "coco" / model, "coco"))
     return out
+
+
+def write_for(model: str, dataset: Dataset, out_dir: Path, name: str) -> int:
+    """``--model --out``: write ``dataset_files`` under ``out_dir`` (not checked in)."""
+    for path, text in dataset_files(model, dataset, out_dir, name, checked=False).items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {path}")
+    return 0
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="exit 1 if a generated file is stale")
+    ap.add_argument("--model", choices=MODELS, help="with --out: make this model's nets")
+    ap.add_argument("--dataset", choices=sorted(DATASETS), help="with --model: for this "
+                    "dataset's form (class count, Dropout, lr step); default pascal_voc")
+    ap.add_argument("--num-classes", type=int, help="with --model: this many classes, "
+                    "__background__ included (default: the dataset's)")
+    ap.add_argument("--out", type=Path, help="with --model: the folder to write into")
     args = ap.parse_args(argv)
+    if args.model or args.out or args.dataset or args.num_classes is not None:
+        if not (args.model and args.out) or args.check:
+            ap.error("--model and --out go together (and with --dataset, --num-classes), "
+                     "not with --check")
+        if args.num_classes is not None and args.num_classes < 2:
+            ap.error(f"--num-classes counts __background__ too: at least 2, got {args.num_classes}")
+        name = args.dataset or "pascal_voc"
+        dataset = DATASETS[name]
+        if args.num_classes is not None:
+            dataset, name = replace(dataset, num_classes=args.num_classes), f"{name} form"
+        return write_for(args.model, dataset, args.out, name)
     stale = 0
     for path, text in outputs().items():
         current = path.read_text() if path.exists() else None

@@ -1,7 +1,9 @@
 """The shipped specs in prototxt/: they parse, the generated ones are up to date, the VGG ones are
-layer for layer the original's (../shared/reference_prototxt), and the OHEM heads agree."""
+layer for layer the original's (../shared/reference_prototxt), the COCO ones py-faster-rcnn's
+models/coco edit of them, and the OHEM heads agree."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from readonly_ohem.caffe.proto import caffe_pb2
 REPO = Path(__file__).resolve().parents[1]
 PROTOTXT = REPO / "prototxt"
 MODELS = ("VGG16", "VGG_CNN_M_1024", "small")
+COCO_MODELS = ("coco/VGG16", "coco/VGG_CNN_M_1024")
 NETS = [("fast_rcnn", "train"), ("fast_rcnn", "test"), ("fast_rcnn_ohem", "train")]
 SOLVERS = ["fast_rcnn", "fast_rcnn_ohem"]
 
@@ -22,6 +25,7 @@ def load_generator():
     path = REPO / "scripts" / "make_prototxt.py"
     mod_spec = importlib.util.spec_from_file_location("make_prototxt", path)
     module = importlib.util.module_from_spec(mod_spec)
+    sys.modules[mod_spec.name] = module  # dataclasses look their module up there
     mod_spec.loader.exec_module(module)
     return module
 
@@ -30,7 +34,7 @@ def net_path(model, method, kind):
     return PROTOTXT / model / method / f"{kind}.prototxt"
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", MODELS + COCO_MODELS)
 def test_shipped_files_parse_and_solvers_find_their_nets(model, monkeypatch, tmp_path):
     for method, kind in NETS:
         p = net_path(model, method, kind)
@@ -46,12 +50,19 @@ def test_shipped_files_parse_and_solvers_find_their_nets(model, monkeypatch, tmp
         assert s.iter_size == (2 if method == "fast_rcnn_ohem" or model == "small" else 1)
         assert s.lr_policy == "step" and s.momentum == pytest.approx(0.9)
         assert s.weight_decay == pytest.approx(0.0005)
+        if model.startswith("coco/"):  # py-faster-rcnn's models/coco solvers
+            assert s.stepsize == 200000 and s.base_lr == pytest.approx(0.001)
 
 
 def test_generated_files_are_up_to_date():
     gen = load_generator()
     outputs = gen.outputs()
-    assert len(outputs) == 4
+    coco = {f"coco/{m}/{method}/{kind}.prototxt" for m in ("VGG16", "VGG_CNN_M_1024")
+            for method, kinds in (("fast_rcnn", ("train", "test", "solver")),
+                                  ("fast_rcnn_ohem", ("train", "solver"))) for kind in kinds}
+    assert {p.relative_to(PROTOTXT).as_posix() for p in outputs} == {
+        "VGG16/fast_rcnn_ohem/train.prototxt", "VGG_CNN_M_1024/fast_rcnn_ohem/train.prototxt",
+        "small/fast_rcnn_ohem/train.prototxt", "small/fast_rcnn/test.prototxt"} | coco
     for path, text in outputs.items():
         assert path.read_text() == text, f"{path} is stale: run python scripts/make_prototxt.py"
 
@@ -106,7 +117,7 @@ def _strip_readonly(layer):
     return out
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", MODELS + COCO_MODELS)
 def test_ohem_heads_agree(model):
     net = spec.read_net(net_path(model, "fast_rcnn_ohem", "train"))
     layers = {l.name: l for l in net.layer}
@@ -150,3 +161,102 @@ def test_small_net_shape():
     test = spec.load_net_spec(net_path("small", "fast_rcnn", "test"), "TEST")
     assert test.layer[0].type == "Input" and list(test.layer[0].top) == ["data", "rois"]
     assert test.layer[-1].name == "cls_prob"
+
+
+def _coco_edit(voc, k=81):
+    """py-faster-rcnn's models/coco net from its models/pascal_voc one, as its files differ:
+    num_classes, cls_score and bbox_pred outputs, and no drop6/drop7 (transcribed from a diff)."""
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(voc)
+    out.ClearField("layer")
+    for layer in voc.layer:
+        if layer.name in ("drop6", "drop7"):
+            continue
+        new = out.layer.add()
+        new.CopyFrom(layer)
+        if layer.name == "data":
+            new.python_param.param_str = f"'num_classes': {k}"
+        if layer.name in ("cls_score", "bbox_pred"):
+            new.inner_product_param.num_output = k if layer.name == "cls_score" else 4 * k
+    return out
+
+
+@pytest.mark.parametrize("model", ["VGG16", "VGG_CNN_M_1024"])
+def test_coco_nets_are_the_voc_nets_for_81_classes(model):
+    for kind in ("train", "test"):
+        voc = spec.read_net(net_path(model, "fast_rcnn", kind))
+        coco = spec.read_net(net_path(f"coco/{model}", "fast_rcnn", kind))
+        assert [l.type for l in voc.layer].count("Dropout") == 2
+        assert "Dropout" not in [l.type for l in coco.layer]
+        assert coco == _coco_edit(voc), kind
+    # the OHEM COCO net is the generator's OHEM form of the COCO Fast R-CNN net
+    gen = load_generator()
+    frcn = spec.read_net(net_path(f"coco/{model}", "fast_rcnn", "train"))
+    assert spec.read_net(net_path(f"coco/{model}", "fast_rcnn_ohem", "train")) == gen.ohem_train(frcn)[0]
+    for method in SOLVERS:
+        voc = spec.read_solver(PROTOTXT / model / method / "solver.prototxt")
+        coco = spec.read_solver(PROTOTXT / "coco" / model / method / "solver.prototxt")
+        voc.stepsize = 200000
+        assert coco == voc, method
+
+
+def test_with_num_classes_edits_only_the_count():
+    gen = load_generator()
+    assert gen.with_num_classes("'num_classes': 21", 81) == "'num_classes': 81"
+    assert gen.with_num_classes("{'num_classes': 21, 'policy': 'ratio'}", 7) == \
+        "{'num_classes': 7, 'policy': 'ratio'}"
+    assert gen.with_num_classes('num_classes: 3', 12) == "num_classes: 12"
+    for bad in ("'classes': 21", "'num_classes': 21, 'num_classes': 3"):
+        with pytest.raises(ValueError, match="one integer num_classes"):
+            gen.with_num_classes(bad, 5)
+
+
+def test_retarget_keeps_dropout_unless_told_and_refuses_a_dropout_not_in_place():
+    gen = load_generator()
+    voc = spec.read_net(net_path("small", "fast_rcnn", "train"))
+    outputs = gen.head_outputs(voc)
+    assert outputs == ("cls_score", "bbox_pred")
+    net = gen.retarget(voc, outputs, gen.Dataset(5))
+    ip = {l.name: l.inner_product_param.num_output for l in net.layer if l.type == "InnerProduct"}
+    assert ip == {"fc6": 128, "fc7": 128, "cls_score": 5, "bbox_pred": 20}
+    assert [l.name for l in net.layer] == [l.name for l in voc.layer]  # Dropout kept
+    assert net.layer[0].python_param.param_str == "'num_classes': 5"
+    bad = caffe_pb2.NetParameter()
+    bad.CopyFrom(voc)
+    drop = next(l for l in bad.layer if l.type == "Dropout")
+    drop.top[0] = "fc6_dropped"
+    with pytest.raises(ValueError, match="'drop6': only an in-place Dropout"):
+        gen.retarget(bad, outputs, gen.Dataset(5, dropout=False))
+
+
+def test_generator_writes_any_model_for_any_class_count(tmp_path, capsys):
+    gen = load_generator()
+    assert gen.main(["--model", "small", "--num-classes", "7", "--out", str(tmp_path / "s7")]) == 0
+    assert gen.main(["--model", "small", "--dataset", "coco", "--out", str(tmp_path / "sc")]) == 0
+    assert gen.main(["--model", "VGG16", "--dataset", "coco", "--out", str(tmp_path / "v")]) == 0
+    assert capsys.readouterr().out.count("wrote ") == 15
+    for out, k, dropout in (("s7", 7, True), ("sc", 81, False)):
+        for method, kind in NETS:
+            net = spec.read_net(tmp_path / out / method / f"{kind}.prototxt")
+            types = [l.type for l in net.layer]
+            assert ("Dropout" in types) == dropout, (out, method, kind)
+            sizes = {t: l.inner_product_param.num_output for l in net.layer for t in l.top
+                     if l.type == "InnerProduct"}
+            assert sizes["cls_score"] == k and sizes["bbox_pred"] == 4 * k
+            assert all(f"'num_classes': {k}" == l.python_param.param_str
+                       for l in net.layer if l.type == "Python")
+        for method in SOLVERS:  # the small net keeps its mini-VOC schedule
+            s = spec.read_solver(tmp_path / out / method / "solver.prototxt")
+            assert (s.stepsize, s.max_iter) == (400, 600)
+    # VGG16 --dataset coco: the shipped COCO files but for the header's second line
+    shipped = {p.relative_to(PROTOTXT / "coco" / "VGG16"): text for p, text in gen.outputs().items()
+               if p.is_relative_to(PROTOTXT / "coco" / "VGG16")}
+    assert len(shipped) == 5
+    for rel, text in shipped.items():
+        ours, theirs = (tmp_path / "v" / rel).read_text().splitlines(), text.splitlines()
+        assert ours[1] == "# generator, not this one." and ours[:1] + ours[2:] == theirs[:1] + theirs[2:]
+    with pytest.raises(SystemExit):
+        gen.main(["--model", "small", "--num-classes", "1", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit):
+        gen.main(["--num-classes", "5"])
+    assert not (tmp_path / "x").exists()

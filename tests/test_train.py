@@ -6,6 +6,7 @@ import os
 import signal
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from malicious import assert_live, pickle_bytes, torch_save_file
 from readonly_ohem.train import (
     attach_kept_roi_log,
     build_trainer,
+    check_num_classes,
     find_bbox_pred,
     normalize_bbox_pred,
     resolve_resume,
@@ -372,3 +374,33 @@ def test_resuming_under_another_config_warns_naming_the_keys(exp_dir):
     with pytest.warns(UserWarning, match=r"differs from the run's in TRAIN.FG_FRACTION$"):
         t.load_state(exp_dir / "out" / "tiny_iter_2.state.safetensors")
     assert t.solver.iter == 2
+
+
+def test_check_num_classes_reads_every_python_layer_of_the_train_net(tmp_path):
+    """Inline train_net_param: RoIDataLayer and a second layer giving num_classes are compared
+    with the dataset's count; a foreign layer whose param_str is no YAML mapping is left to its
+    own parsing, a layer of another phase is not read."""
+    def layer(name, module, cls, param_str, extra=""):
+        return (f'layer {{ name: "{name}" type: "Python" top: "{name}" {extra} '
+                f'python_param {{ module: "{module}" layer: "{cls}" param_str: "{param_str}" }} }}')
+
+    layers = [layer("data", "roi_data_layer.layer", "RoIDataLayer", "'num_classes': 3"),
+              layer("foreign", "my.module", "Thing", "not yaml: [unclosed"),
+              layer("test_only", "my.module", "Other", "'num_classes': 7", "include { phase: TEST }"),
+              layer("mining", "roi_data_layer.layer", "OHEMDataLayer", "{'num_classes': NUM}")]
+    solver = tmp_path / "solver.prototxt"
+
+    def write(num):
+        net = "\n".join(layers).replace("NUM", str(num))
+        solver.write_text(f"train_net_param {{ name: 'n' {net} }}\nbase_lr: 0.1\nlr_policy: 'fixed'\n")
+
+    write(3)
+    check_num_classes(solver, SimpleNamespace(num_classes=3, name="toy"))
+    with pytest.raises(ConfigError) as e:
+        check_num_classes(solver, SimpleNamespace(num_classes=4, name="toy"))
+    assert str(e.value).startswith(f"{solver}:train_net_param: layer 'data' (RoIDataLayer) is made "
+                                   "for 3 classes (param_str num_classes), the dataset toy has 4 "
+                                   "(3 categories + __background__)")
+    write(5)
+    with pytest.raises(ConfigError, match="layer 'mining' \\(OHEMDataLayer\\) is made for 5 classes"):
+        check_num_classes(solver, SimpleNamespace(num_classes=3, name="toy"))

@@ -112,13 +112,23 @@ def net_path(param, source: str | os.PathLike | None = None) -> Path:
     return solver_net_path(param, source if source is not None else "solver.prototxt")
 
 
-def build_net(param, source: str | os.PathLike | None = None, **net_kwargs):
-    """The solver's train net: from ``train_net_param``/``net_param`` inline, else from the file."""
-    net_kwargs.setdefault("phase", "TRAIN")
+def train_net_spec(param, source: str | os.PathLike | None = None) -> tuple[Any, str]:
+    """What the solver's train net is built from, and its name in messages: the inline
+    ``train_net_param``/``net_param`` (``"<solver>:<field>"``), else the file (``net_path``)."""
     for field in ("train_net_param", "net_param"):
         if param.HasField(field):
-            return Net(getattr(param, field), source=f"{source}:{field}", **net_kwargs)
-    return Net.from_file(str(net_path(param, source)), **net_kwargs)
+            return getattr(param, field), f"{source}:{field}"
+    path = net_path(param, source)
+    return path, str(path)
+
+
+def build_net(param, source: str | os.PathLike | None = None, **net_kwargs):
+    """The solver's train net (``train_net_spec``), in the TRAIN phase unless told otherwise."""
+    net_kwargs.setdefault("phase", "TRAIN")
+    spec, name = train_net_spec(param, source)
+    if isinstance(spec, Path):
+        return Net.from_file(str(spec), **net_kwargs)
+    return Net(spec, source=name, **net_kwargs)
 
 
 class Solver:

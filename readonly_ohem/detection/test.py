@@ -167,8 +167,9 @@ def test_net(net, imdb, cfg, max_per_image: int = 100, thresh: float = 0.05,
             t0 = time.perf_counter()
             scores, pred_boxes = im_detect(net, im, imdb.proposal_boxes(i), cfg)
             if scores.shape[0] and scores.shape[1] != num_classes:
-                raise DataError(f"{imdb.name}: the net scores {scores.shape[1]} classes, the "
-                                f"dataset has {num_classes}")
+                raise DataError(f"{getattr(net, 'source', 'the net')}: scores "
+                                f"{scores.shape[1]} classes, the dataset {imdb.name} has "
+                                f"{num_classes}")
             dets = detect_classes(scores, pred_boxes, num_classes, thresh, cfg.TEST.NMS, max_per_image)
             detect_time += time.perf_counter() - t0
             for j in range(num_classes):
