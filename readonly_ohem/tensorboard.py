@@ -18,8 +18,9 @@ Written through ``torch.utils.tensorboard`` (the ``tensorboard`` package, an opt
   vs the kept RoIs, total and parts (``ohem_loss/all``, ``ohem_loss/kept``, ``ohem_loss/cls_all``,
   ``ohem_loss/cls_kept``, ``ohem_loss/bbox_all``, ``ohem_loss/bbox_kept``); the picture of
   ``readonly-ohem inspect`` (``inspect.draw.render_selection``) of the iteration's first image,
-  ``ohem/kept_rois``; and once, a Custom Scalars layout putting these side by side (the "OHEM"
-  panel of TensorBoard's Custom Scalars tab);
+  ``ohem/kept_rois``;
+- once per writer, a Custom Scalars layout (``LAYOUT``): the charts of the "OHEM" panel (and of
+  the "training" one) in TensorBoard's Custom Scalars tab, related tags drawn together;
 - at the end of a test: ``test/mAP``, ``test/AP/<class>`` and any other number of the dataset's
   evaluation as ``test/<key>``, at the snapshot's iteration.
 
@@ -114,7 +115,6 @@ class SelectionWriter:
         self.writer = writer
         self.classes = classes
         self.pictures = pictures
-        writer.add_custom_scalars(LAYOUT)
 
     def write(self, iteration: int, images: list) -> dict:
         """Returns the ``iteration_stats`` written."""
@@ -191,6 +191,8 @@ class TrainingBoard:
         self.selections = selections
         self.selection_writer = SelectionWriter(writer, classes) if selections is not None else None
         self._seconds, self._steps = 0.0, 0
+        writer.add_custom_scalars({k: v for k, v in LAYOUT.items()
+                                   if k == "training" or selections is not None})
 
     def after_step(self, trainer, iteration: int, out: dict, seconds: float) -> None:
         """After SGD iteration ``iteration`` (``out``: ``Solver.step``'s result; ``seconds``: its time)."""
@@ -258,6 +260,7 @@ def write_log(log, log_dir) -> dict:
     writer = summary_writer(log_dir)
     n = 0
     try:
+        writer.add_custom_scalars({"OHEM": LAYOUT["OHEM"]})
         selections = SelectionWriter(writer, log.classes)
         for it, images in logged_iterations(log):
             selections.write(it, images)
