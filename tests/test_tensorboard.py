@@ -6,9 +6,11 @@ kept-RoI log of the same run converts to the same OHEM events. The hand-built lo
 hand-worked numbers; the test command writes its AP; a missing tensorboard names the extra.
 """
 
+import importlib
 import io
 import shutil
 import sys
+from inspect import signature
 from pathlib import Path
 
 import numpy as np
@@ -120,10 +122,13 @@ def test_missing_tensorboard_names_the_extra(hand_log, tmp_path, monkeypatch, ca
     assert not (tmp_path / "tb").exists()
 
 
-def test_tensorboard_does_not_go_with_a_model(tmp_path):
+def test_bad_tensorboard_arguments(hand_log, tmp_path):
     with pytest.raises(ConfigError, match="--tensorboard converts a log FILE"):
         inspect_command(def_path="t.prototxt", net_path="m.caffemodel", image="i.jpg",
                         tensorboard=str(tmp_path))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"--tensorboard .*file/tb: cannot write \(Not a directory\)"):
+        inspect_command(str(hand_log), tensorboard=str(tmp_path / "file" / "tb"))
 
 
 # -- training ------------------------------------------------------------------------------------
@@ -269,6 +274,15 @@ def test_test_command_writes_map_and_per_class_ap_at_the_snapshot_iteration(mini
     assert sorted(scalars(ea, "test/mAP")) == [(0, 0.75), (7, 0.3125)]  # nothing from eval None
     assert sorted(scalars(ea, "test/AP/cat")) == [(0, 1.0), (7, 0.5)]
     assert sorted(scalars(ea, "test/AP/dog")) == [(0, 0.5), (7, 0.125)]
+
+
+@pytest.mark.parametrize("argv", [["train", "--solver", "s.prototxt"], ["test", "--def", "d", "--net", "n"],
+                                  ["inspect", "kept.jsonl"], ["demo"]])
+def test_the_commands_take_tensorboard(argv):
+    args = cli.build_parser().parse_args(argv + ["--tensorboard", "runs/x"])
+    module, func = cli.COMMANDS[args.command].split(":")
+    params = signature(getattr(importlib.import_module(module), func)).parameters
+    assert args.tensorboard == "runs/x" and set(vars(args)) - {"command"} <= set(params)
 
 
 def test_evaluation_scalars_and_snapshot_iterations():
