@@ -32,7 +32,7 @@ def _mean(total: float, n: int) -> float | None:
 
 def iteration_stats(iteration: int, images) -> dict:
     """The numbers of one logged iteration from its selections: ``images`` = [(meta, arrays)] of
-    every pass and image (a log's records, or ``log.split_record`` of live selections with
+    every pass and image (a log's records, or ``inspect.log.split_record`` of live selections with
     ``pass`` in the meta). Means and shares are None where nothing was counted.
 
     Returns iter, images, passes, rois, kept, kept_fg, fg_fraction (of kept), kept_mean_loss,
