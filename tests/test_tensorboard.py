@@ -55,7 +55,7 @@ def f32(x) -> float:
     return float(np.float32(x))
 
 
-def png(ea, tag) -> list[tuple[int, np.ndarray]]:
+def decoded(ea, tag) -> list[tuple[int, np.ndarray]]:
     return [(e.step, np.asarray(Image.open(io.BytesIO(e.encoded_image_string)).convert("RGB")))
             for e in ea.Images(tag)]
 
@@ -98,11 +98,15 @@ def test_hand_built_log_converts_to_hand_worked_events(hand_log, tmp_path):
     assert len(hist) == 12  # 6 tags x 2 iterations
     # the picture of each iteration is inspect's picture of its first image
     log = read_log(hand_log)
-    pictures = png(ea, tensorboard.PICTURE_TAG)
+    pictures = decoded(ea, tensorboard.PICTURE_TAG)
     assert [s for s, _ in pictures] == [0, 1]
-    for (step, pic), rec in zip(pictures, log):
-        assert pic.shape == figure_size(120, 90)[::-1] + (3,)
-        np.testing.assert_array_equal(pic, np.asarray(render_selection(rec.meta, rec.arrays, log.classes)))
+    for event, rec in zip(ea.Images(tensorboard.PICTURE_TAG), log):
+        want = render_selection(rec.meta, rec.arrays, log.classes)
+        assert (event.width, event.height) == want.size == figure_size(120, 90)
+        assert event.encoded_image_string == tensorboard.encode_picture(want)
+        got = Image.open(io.BytesIO(event.encoded_image_string))
+        assert got.format == "JPEG" and got.size == want.size
+        assert np.abs(np.asarray(got, np.int16) - np.asarray(want, np.int16)).mean() < 4  # lossy
     layout = ea.Tensors("custom_scalars__config__")
     assert len(layout) == 1 and b"ohem/fg_share_" in layout[0].tensor_proto.string_val[0]
 
@@ -200,7 +204,7 @@ def test_training_events_equal_what_the_solver_and_the_ohem_layer_did(minivoc, t
         h = next(e.histogram_value for e in ea.Histograms("ohem_loss/cls_all") if e.step == it)
         assert h.num == sum(lo.size for lo in loss)
         assert h.sum == pytest.approx(sum(r["loss_cls"].sum() for r in sel), rel=1e-6)
-    pictures = png(ea, tensorboard.PICTURE_TAG)
+    pictures = decoded(ea, tensorboard.PICTURE_TAG)
     assert [s for s, _ in pictures] == [0, 2]
     first = read_log(log).at(2)[0].meta
     assert pictures[1][1].shape == figure_size(first["width"], first["height"])[::-1] + (3,)
@@ -215,7 +219,7 @@ def test_training_events_equal_what_the_solver_and_the_ohem_layer_did(minivoc, t
     for tag in ea.Tags()["histograms"]:
         assert [(e.step, e.histogram_value) for e in conv.Histograms(tag)] == \
                [(e.step, e.histogram_value) for e in ea.Histograms(tag)], tag
-    for (s1, p1), (s2, p2) in zip(png(conv, tensorboard.PICTURE_TAG), pictures, strict=True):
+    for (s1, p1), (s2, p2) in zip(decoded(conv, tensorboard.PICTURE_TAG), pictures, strict=True):
         assert s1 == s2
         np.testing.assert_array_equal(p1, p2)
 
