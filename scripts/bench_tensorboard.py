@@ -6,19 +6,21 @@ Three trainers built alike (``setup_training``: same config, seed, data; the dem
 ``prototxt/cfgs/small.yml`` + ``fast_rcnn_ohem.yml``): without TensorBoard; with
 ``--tensorboard --log-every 20`` (the demo's K; the solver displays every 20 iterations); with
 ``--log-every 1`` (every iteration's selections, histograms and picture: the worst case). They
-take turns, ``--block`` iterations each per round, so that the load of a shared machine falls on
-all three alike. Each iteration is what ``Trainer.train`` runs: ``Solver.step`` (the OHEM
+take turns, ``--block`` iterations each per round (the order rotating from round to round), so
+that the load of a shared machine falls on all three alike. Each iteration is what ``Trainer.train`` runs: ``Solver.step`` (the OHEM
 layer's recorder included: full NMS and the host copy on logged iterations), then the hooks
 (scalars, histograms, the picture, queued to the SummaryWriter's writer thread).
 
 Printed: ms/iter of each arm (all its iterations' time / their number, so the every-K-th costs
-are spread over the block), and the ratios to the arm without TensorBoard; the last line is
-``ratio_k20 X.XXX``.
+are spread over the block), the ratio of the totals to the arm without TensorBoard, and the
+median over the rounds of the per-round ratio (robust to a burst of load in one round); the last
+line is ``ratio_k20 X.XXX`` (the median).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -83,25 +85,28 @@ def main(argv=None) -> None:
                     for k, (name, k_every) in enumerate(arms.items())}
         for t in trainers.values():
             run_block(t, args.warmup, args.device)
-        seconds = {name: 0.0 for name in arms}
-        for _ in range(args.rounds):
-            for name, t in trainers.items():
-                seconds[name] += run_block(t, args.block, args.device)
+        rounds = []  # per round: arm -> seconds of its block
+        names = list(arms)
+        for r in range(args.rounds):
+            order = names[r % len(names):] + names[:r % len(names)]
+            rounds.append({name: run_block(trainers[name], args.block, args.device) for name in order})
         for t in trainers.values():
             for hook in t.hooks:
                 hook.close()
             for layer in find_data_layers(t.net):
                 layer.close()
     n = args.rounds * args.block
-    base = seconds["without --tensorboard"] / n
+    base = "without --tensorboard"
+    total = {name: sum(r[name] for r in rounds) for name in arms}
+    median = {name: statistics.median(r[name] / r[base] for r in rounds) for name in arms}
     print(f"small OHEM net, mini-VOC ({args.images} images), {args.device}, "
           f"{torch.get_num_threads()} torch threads; {args.rounds} rounds x {args.block} "
           f"iterations per arm, taking turns")
-    print(f"{'arm':<30} {'ms/iter':>9} {'ratio':>7}")
+    print(f"{'arm':<30} {'ms/iter':>9} {'ratio':>7} {'median ratio of rounds':>23}")
     for name in arms:
-        ms = 1e3 * seconds[name] / n
-        print(f"{name:<30} {ms:>9.1f} {ms / (1e3 * base):>7.3f}")
-    print(f"ratio_k20 {seconds['--tensorboard --log-every 20'] / n / base:.3f}")
+        print(f"{name:<30} {1e3 * total[name] / n:>9.1f} {total[name] / total[base]:>7.3f} "
+              f"{median[name]:>23.3f}")
+    print(f"ratio_k20 {median['--tensorboard --log-every 20']:.3f}")
 
 
 if __name__ == "__main__":
