@@ -23,6 +23,7 @@ The detection application on top, in pipeline order:
 - ``train``        the training sequence and loop (snapshots, resume, DDP via ``distributed``)
 - ``detection``    ``im_detect`` / ``test_net`` (the original ``fast_rcnn/test.py``), drawing
 - ``inspect``      kept-RoI logs, pictures, statistics
+- ``tensorboard``  TensorBoard events: training scalars, OHEM selections, test AP (optional extra)
 - ``commands``     one module per ``readonly-ohem`` sub-command; ``cli`` parses arguments only
 """
 

@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-kept-rois", dest="log_kept_rois", metavar="FILE",
                    help="log every OHEM selection (see `inspect`)")
     p.add_argument("--log-every", dest="log_every", type=int, default=1, metavar="K")
+    p.add_argument("--tensorboard", metavar="DIR",
+                   help="write TensorBoard events (losses, lr, speed; OHEM every K iterations)")
 
     p = sub.add_parser("test", help="detect on an image set and evaluate (the original test_net.py)")
     p.add_argument("--def", dest="def_path", required=True, metavar="TEST_PROTOTXT")
@@ -117,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-per-image", dest="max_per_image", type=int, default=100)
     p.add_argument("--vis", type=int, default=0, metavar="N", help="draw detections on N images")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--tensorboard", metavar="DIR",
+                   help="also write mAP and per-class AP as TensorBoard scalars")
 
     p = sub.add_parser("eval", help="VOC AP of devkit result files, or COCO AP of a results json")
     p.add_argument("voc_dir", metavar="VOC_YEAR_DIR", nargs="?")
@@ -155,11 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--net", dest="net_path", metavar="MODEL.caffemodel")
     p.add_argument("--proposals", metavar="FILE")
     _add_cfg(p)
+    p.add_argument("--tensorboard", metavar="DIR", help="convert the log FILE to TensorBoard events")
 
     p = sub.add_parser("demo", help="mini-VOC: train FRCN and OHEM, test both, compare")
     p.add_argument("--output", default="demo_output", metavar="DIR")
     p.add_argument("--iters", type=int, default=None, help="training iterations per model")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tensorboard", metavar="DIR", help="TensorBoard events, DIR/<method>_seed<S>")
     return parser
 
 

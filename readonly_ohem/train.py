@@ -260,6 +260,9 @@ class Trainer:
         self.snapshots: list[Path] = []
         self._stop_signal: int | None = None
         self._progress: Progress | None = None
+        # after each SGD step: hook.after_step(trainer, iteration, out, seconds); run_training
+        # calls hook.close() at the end (readonly_ohem.tensorboard.TrainingBoard is one)
+        self.hooks: list = []
 
     @property
     def is_main(self) -> bool:
@@ -433,8 +436,11 @@ class Trainer:
                     last = self.snapshots[-1] if self.snapshots else None
                     keep = f"; the last good snapshot is {last}" if last else "; no snapshot written"
                     raise NonFiniteLossError(f"{e}{keep}") from None
-                timer_total += time.perf_counter() - t0
+                seconds = time.perf_counter() - t0
+                timer_total += seconds
                 timer_n += 1
+                for hook in self.hooks:
+                    hook.after_step(self, it, out, seconds)
                 progress.loss, progress.lr = solver.smoothed_loss(), out["lr"]
                 if display and it % display == 0:
                     parts = ", ".join(f"{n} = {v:.4f}" for n, v in solver.smoothed_losses().items())
@@ -612,10 +618,13 @@ def setup_training(solver, cfg, imdb, weights=None, output="output", device="cpu
 
 def run_training(trainer: Trainer, max_iters: int) -> list[Path]:
     """``train_model``: ``trainer.train(max_iters)``, then the data layers' prefetch workers
-    stopped (also when training fails). Returns the .caffemodel paths written."""
+    stopped and the trainer's hooks closed (also when training fails). Returns the .caffemodel
+    paths written."""
     try:
         return trainer.train(max_iters)
     finally:
+        for hook in trainer.hooks:
+            hook.close()
         for layer in find_data_layers(trainer.net):
             if hasattr(layer, "close"):
                 layer.close()  # prefetch workers

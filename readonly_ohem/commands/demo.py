@@ -47,6 +47,7 @@ from readonly_ohem.detection.test import test_net
 from readonly_ohem.errors import ConfigError
 from readonly_ohem.inspect import summarize_selection
 from readonly_ohem.roi_data.layer import MinibatchPlanner
+from readonly_ohem.tensorboard import attach_tensorboard, run_dir, write_test_results
 from readonly_ohem.train import attach_kept_roi_log, find_data_layers, run_training, setup_training
 
 _PACKAGE = Path(__file__).resolve().parents[1]
@@ -140,13 +141,14 @@ def method_config(method: str, seed: int):
 
 def train_method(method: str, data_dir: Path, out_dir: Path, iters: int | None, seed: int,
                  init_weights: Path | None = None, stream=None, kept_roi_log: Path | None = None,
-                 log_every: int = 20) -> dict:
+                 log_every: int = 20, tensorboard: Path | None = None) -> dict:
     """Train one arm of the comparison on the mini-VOC's trainval set (the training sequence of
     ``readonly-ohem train``: ``setup_training``, ``run_training``).
 
     ``init_weights``: None for the first arm (its fresh fill is saved as ``init.caffemodel``
     next to ``out_dir`` and returned), else that file. ``iters``: None = the solver's
     ``max_iter``; otherwise the lr step moves with it (same fraction of the run).
+    ``tensorboard``: a run folder for TensorBoard events (``readonly_ohem.tensorboard``).
     Returns ``{"model", "init", "iters", "sec_per_iter", "train_seconds", "fg_fraction",
     "rois_per_iter"}``.
     """
@@ -172,6 +174,8 @@ def train_method(method: str, data_dir: Path, out_dir: Path, iters: int | None, 
         for p in (kept_roi_log, kept_roi_log.with_name(kept_roi_log.name + ".blobs")):
             p.unlink(missing_ok=True)  # a rerun into the same directory starts a fresh log
         attach_kept_roi_log(trainer.net, str(kept_roi_log), log_every, lambda: trainer.solver.iter)
+    if tensorboard is not None:
+        attach_tensorboard(trainer, tensorboard, log_every=log_every, classes=imdb.classes)
     counter = RoICounter(trainer.net, data_layers[0])
     timer = StepTimer(trainer.solver)
     t0 = time.perf_counter()
@@ -249,9 +253,10 @@ def _jsonable(results: dict) -> dict:
 
 def run_demo(output="demo_output", iters: int | None = None, seed: int = 0,
              num_images: int = DEFAULT_IMAGES, settings=TEST_SETTINGS, log_every: int = 20,
-             stream=None) -> dict:
+             tensorboard=None, stream=None) -> dict:
     """The whole experiment (see the module docstring); returns the results, also written to
-    ``output/results.json`` and ``output/results.txt``."""
+    ``output/results.json`` and ``output/results.txt``. ``tensorboard``: a folder for TensorBoard
+    events, one run per method (``tensorboard/frcn_seed0``, ``tensorboard/ohem_seed0``)."""
     stream = stream if stream is not None else sys.stdout
     needed = [SMALL_CFG, OHEM_CFG, TEST_DEF] + [solver for solver, _ in METHODS.values()]
     missing = [str(p) for p in needed if not p.is_file()]
@@ -271,8 +276,9 @@ def run_demo(output="demo_output", iters: int | None = None, seed: int = 0,
         say(f"\n[{2 + k}/5] training {method} (prototxt/small, "
             f"{'solver max_iter' if iters is None else iters} iterations, seed {seed})", stream)
         log = out / "kept_rois.jsonl" if method == "OHEM" else None
+        board = run_dir(tensorboard, method, seed) if tensorboard else None
         r = train_method(method, data, out / method.lower(), iters, seed, init, stream=stream,
-                         kept_roi_log=log, log_every=log_every)
+                         kept_roi_log=log, log_every=log_every, tensorboard=board)
         init = r["init"]
         say(f"{method}: {r['iters']} iterations, {r['sec_per_iter']:.3f} s/iter, "
             f"fg {100 * r['fg_fraction']:.1f}% of the {r['rois_per_iter']:.0f} RoIs/iter the heads "
@@ -280,6 +286,11 @@ def run_demo(output="demo_output", iters: int | None = None, seed: int = 0,
         say(f"testing {method} on voc_2007_test at "
             + ", ".join(f"max_per_image {mp} thresh {th:g}" for mp, th in settings), stream)
         r["test"] = test_model(r["model"], data, out / method.lower(), seed, settings, stream)
+        if board is not None:  # mAP over the classes present, and their AP, per test setting
+            for k, ((mp, th), t) in enumerate(r["test"].items()):
+                write_test_results(board, {"mAP": t["mAP"], "per_class": {
+                    c: t["per_class"][c] for c in t["classes"]}}, step=r["iters"],
+                    prefix="test" if k == 0 else f"test_{mp}_{th:g}")
         results[method] = r
 
     say("\n[4/5] FRCN vs OHEM on the mini-VOC test set (VOC07 11-point AP, mean over the "
@@ -321,10 +332,10 @@ def run_demo(output="demo_output", iters: int | None = None, seed: int = 0,
             "picture": picture, "output": out}
 
 
-def demo_command(output="demo_output", iters=None, seed=0) -> int:
-    """``readonly-ohem demo [--output DIR] [--iters N] [--seed S]``."""
+def demo_command(output="demo_output", iters=None, seed=0, tensorboard=None) -> int:
+    """``readonly-ohem demo [--output DIR] [--iters N] [--seed S] [--tensorboard DIR]``."""
     use_caffe_float32()  # Caffe computes in true float32: no TF32 on GPUs
     if iters is not None and iters < 1:
         raise ConfigError(f"--iters must be >= 1, got {iters}")
-    run_demo(output, iters=iters, seed=seed)
+    run_demo(output, iters=iters, seed=seed, tensorboard=tensorboard)
     return 0

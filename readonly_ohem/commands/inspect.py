@@ -15,10 +15,12 @@ from readonly_ohem.caffe import use_caffe_float32
 from readonly_ohem.errors import ConfigError
 from readonly_ohem.inspect import draw_logged, read_log, summarize_selection
 from readonly_ohem.inspect.live import inspect_image
+from readonly_ohem.tensorboard import write_log
 
 
 def inspect_command(log=None, iteration=None, image=None, out=None, stats=False, def_path=None,
-                    net_path=None, proposals=None, cfg=(), set_pairs=(), stream=None) -> int:
+                    net_path=None, proposals=None, cfg=(), set_pairs=(), tensorboard=None,
+                    stream=None) -> int:
     """``readonly-ohem inspect``: a picture of a logged selection, the statistics of a log, or
     (``--def/--net/--image``) the selection a trained net would make now on one image."""
     use_caffe_float32()  # Caffe computes in true float32: no TF32 on GPUs
@@ -29,6 +31,8 @@ def inspect_command(log=None, iteration=None, image=None, out=None, stats=False,
                               "and --image IMG.jpg")
         if log:
             raise ConfigError("give either a log FILE or --def/--net, not both")
+        if tensorboard:
+            raise ConfigError("--tensorboard converts a log FILE; it does not go with --def/--net")
         out = out or f"{Path(image).stem}_ohem.png"
         result = inspect_image(def_path, net_path, image, proposals=proposals, cfg_files=cfg,
                                set_pairs=set_pairs, out=out)
@@ -41,6 +45,11 @@ def inspect_command(log=None, iteration=None, image=None, out=None, stats=False,
     data = read_log(log)
     if data.skipped:
         print(f"{log}: skipped {data.skipped} torn or incomplete record(s)", file=stream)
+    if tensorboard:
+        written = write_log(data, tensorboard)
+        print(f"wrote {written['iterations']} logged iteration(s) to {tensorboard} "
+              f"(open with: tensorboard --logdir {tensorboard})", file=stream)
+        return 0
     if stats:
         summarize_selection(data, stream=stream, plot=out)
         if out:

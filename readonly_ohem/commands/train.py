@@ -16,12 +16,13 @@ from readonly_ohem import distributed
 from readonly_ohem.config import load_config
 from readonly_ohem.datasets import get_imdb
 from readonly_ohem.errors import ConfigError
+from readonly_ohem.tensorboard import attach_tensorboard
 from readonly_ohem.train import run_training, setup_training
 
 
 def train_command(solver, weights=None, imdb="voc_2007_trainval", data=None, proposals=None,
                   iters=None, cfg=(), set_pairs=(), output="output", device="cpu", resume=None,
-                  log_kept_rois=None, log_every=1, stream=None) -> int:
+                  log_kept_rois=None, log_every=1, tensorboard=None, stream=None) -> int:
     """``readonly-ohem train``: the original ``tools/train_net.py``. Returns the exit status."""
     stream = stream if stream is not None else sys.stdout
     if log_every is not None and log_every < 1:
@@ -41,6 +42,8 @@ def train_command(solver, weights=None, imdb="voc_2007_trainval", data=None, pro
         print(f"Loaded dataset `{imdb_obj.name}` for training", file=stream, flush=True)
     trainer = setup_training(solver, config, imdb_obj, weights, output, device, ctx, resume=resume,
                              log_kept_rois=log_kept_rois, log_every=log_every, stream=stream)
+    if tensorboard:
+        attach_tensorboard(trainer, tensorboard, log_every=log_every, classes=imdb_obj.classes)
     max_iters = iters if iters is not None else trainer.solver.max_iter
     if max_iters is None or max_iters <= 0:
         raise ConfigError(f"{solver}: no iteration count (give --iters or max_iter in the solver)")

@@ -3,7 +3,8 @@
 - ``log``: ``KeptRoiLogger`` / ``make_recorder`` (the recorder ``train --log-kept-rois`` attaches
   to the OHEM layers) and ``read_log`` (JSON-lines index + npz blobs; see ``docs/inspect.md``).
 - ``draw``: ``render_selection`` — one (iteration, image) selection drawn on the image.
-- ``stats``: ``selection_stats`` / ``format_stats`` / ``plot_stats`` and ``summarize_selection``.
+- ``stats``: ``selection_stats`` / ``format_stats`` / ``plot_stats`` and ``summarize_selection``;
+  ``iteration_stats``, the numbers of one logged iteration (also what TensorBoard gets).
 - ``live``: ``inspect_image`` — run a trained OHEM train net's readonly head once on one image.
 - ``draw_logged``: the picture of one logged selection.
 
@@ -24,6 +25,7 @@ from readonly_ohem.inspect.log import (  # noqa: F401
 )
 from readonly_ohem.inspect.stats import (  # noqa: F401
     format_stats,
+    iteration_stats,
     plot_stats,
     selection_stats,
     summarize_selection,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections import defaultdict
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
@@ -29,67 +30,91 @@ def _mean(total: float, n: int) -> float | None:
     return total / n if n else None
 
 
-def selection_stats(log) -> dict:
-    """Numbers of a log (``read_log`` result or path). Means are None where nothing was counted.
+def iteration_stats(iteration: int, images) -> dict:
+    """The numbers of one logged iteration from its selections: ``images`` = [(meta, arrays)] of
+    every pass and image (a log's records, or ``inspect.log.split_record`` of live selections with
+    ``pass`` in the meta). Means and shares are None where nothing was counted.
 
-    Returns ``{iterations: [per-iteration dict], totals: dict, by_class: {name: {kept, rois}},
-    histogram: {edges, kept, discarded}}``; per iteration: iter, images, passes, rois, kept,
-    kept_fg, fg_fraction, kept_mean_loss, all_mean_loss, suppressed, harder_than_kept,
-    passes_with_harder.
+    Returns iter, images, passes, rois, kept, kept_fg, fg_fraction (of kept), kept_mean_loss,
+    all_mean_loss, suppressed, harder_than_kept, passes_with_harder, fg (of all), all_fg_fraction,
+    kept_loss_min, kept_loss_max (the layer's float64 values, from the metas).
     """
-    log = log if isinstance(log, KeptRoiLog) else read_log(log)
-    classes = log.classes or []
-    per_iter: dict[int, dict] = {}
-    pass_harder: dict[tuple[int, int], int] = defaultdict(int)
-    class_kept: dict[int, int] = defaultdict(int)
-    class_rois: dict[int, int] = defaultdict(int)
-    kept_losses, disc_losses = [], []
-    for rec in log:
-        a = rec.read_arrays()
+    s = dict(rois=0, kept=0, kept_fg=0, fg=0, kept_loss=0.0, all_loss=0.0, suppressed=0,
+             harder_than_kept=0)
+    pass_harder: dict[int, int] = defaultdict(int)
+    kept_min, kept_max = [], []
+    for meta, a in images:
         loss = _loss(a)
         kept, labels = a["kept"].astype(bool), a["labels"].astype(np.int64)
-        it = int(rec.meta["iter"])
-        s = per_iter.setdefault(it, dict(iter=it, images=0, rois=0, kept=0, kept_fg=0, kept_loss=0.0,
-                                         all_loss=0.0, suppressed=0, harder_than_kept=0))
-        s["images"] += 1
         s["rois"] += int(loss.size)
         s["kept"] += int(kept.sum())
         s["kept_fg"] += int((kept & (labels > 0)).sum())
+        s["fg"] += int((labels > 0).sum())
         s["kept_loss"] += float(loss[kept].sum())
         s["all_loss"] += float(loss.sum())
         s["suppressed"] += int(a["suppressed"].sum())
         h = int(a["harder_than_kept"].sum())
         s["harder_than_kept"] += h
-        pass_harder[(it, int(rec.meta["pass"]))] += h
-        for k, n in zip(*np.unique(labels[kept], return_counts=True)):
-            class_kept[int(k)] += int(n)
-        for k, n in zip(*np.unique(labels, return_counts=True)):
-            class_rois[int(k)] += int(n)
-        kept_losses.append(loss[kept])
-        disc_losses.append(loss[~kept])
+        pass_harder[int(meta.get("pass", 0))] += h
+        if meta.get("kept_loss_min") is not None:
+            kept_min.append(float(meta["kept_loss_min"]))
+            kept_max.append(float(meta["kept_loss_max"]))
+    return dict(iter=int(iteration), images=len(images), passes=len(pass_harder), rois=s["rois"],
+                kept=s["kept"], kept_fg=s["kept_fg"], fg_fraction=_mean(s["kept_fg"], s["kept"]),
+                kept_mean_loss=_mean(s["kept_loss"], s["kept"]),
+                all_mean_loss=_mean(s["all_loss"], s["rois"]),
+                suppressed=s["suppressed"], harder_than_kept=s["harder_than_kept"],
+                passes_with_harder=sum(v > 0 for v in pass_harder.values()),
+                fg=s["fg"], all_fg_fraction=_mean(s["fg"], s["rois"]),
+                kept_loss_min=min(kept_min) if kept_min else None,
+                kept_loss_max=max(kept_max) if kept_max else None)
 
+
+def logged_iterations(log):
+    """``(iteration, [(meta, arrays)])`` of a log (``read_log`` result), one logged iteration at a
+    time, in order (the arrays of one iteration in memory at once)."""
+    for it, recs in groupby(log, key=lambda r: int(r.meta["iter"])):
+        yield it, [(r.meta, r.read_arrays()) for r in recs]
+
+
+def selection_stats(log) -> dict:
+    """Numbers of a log (``read_log`` result or path). Means are None where nothing was counted.
+
+    Returns ``{iterations: [per-iteration dict], totals: dict, by_class: {name: {kept, rois}},
+    histogram: {edges, kept, discarded}}``; per iteration the ``iteration_stats`` dict (iter,
+    images, passes, rois, kept, kept_fg, fg_fraction, kept_mean_loss, all_mean_loss, suppressed,
+    harder_than_kept, passes_with_harder, ...).
+    """
+    log = log if isinstance(log, KeptRoiLog) else read_log(log)
+    classes = log.classes or []
     rows = []
-    for it in sorted(per_iter):
-        s = per_iter[it]
-        passes = [v for (i, _), v in pass_harder.items() if i == it]
-        rows.append(dict(iter=it, images=s["images"], passes=len(passes), rois=s["rois"], kept=s["kept"],
-                         kept_fg=s["kept_fg"], fg_fraction=_mean(s["kept_fg"], s["kept"]),
-                         kept_mean_loss=_mean(s["kept_loss"], s["kept"]),
-                         all_mean_loss=_mean(s["all_loss"], s["rois"]),
-                         suppressed=s["suppressed"], harder_than_kept=s["harder_than_kept"],
-                         passes_with_harder=sum(v > 0 for v in passes)))
+    class_kept: dict[int, int] = defaultdict(int)
+    class_rois: dict[int, int] = defaultdict(int)
+    kept_losses, disc_losses = [], []
+    for it, images in logged_iterations(log):
+        rows.append(iteration_stats(it, images))
+        for _, a in images:
+            loss = _loss(a)
+            kept, labels = a["kept"].astype(bool), a["labels"].astype(np.int64)
+            for k, n in zip(*np.unique(labels[kept], return_counts=True)):
+                class_kept[int(k)] += int(n)
+            for k, n in zip(*np.unique(labels, return_counts=True)):
+                class_rois[int(k)] += int(n)
+            kept_losses.append(loss[kept])
+            disc_losses.append(loss[~kept])
+
     kl = np.concatenate(kept_losses) if kept_losses else np.zeros(0)
     dl = np.concatenate(disc_losses) if disc_losses else np.zeros(0)
     n_kept, n_all = int(kl.size), int(kl.size + dl.size)
     n_fg = sum(r["kept_fg"] for r in rows)
-    totals = dict(records=len(log), iterations=len(rows), passes=len(pass_harder), rois=n_all,
-                  kept=n_kept, kept_fg=n_fg, fg_fraction=_mean(n_fg, n_kept),
+    totals = dict(records=len(log), iterations=len(rows), passes=sum(r["passes"] for r in rows),
+                  rois=n_all, kept=n_kept, kept_fg=n_fg, fg_fraction=_mean(n_fg, n_kept),
                   kept_mean_loss=_mean(float(kl.sum()), n_kept),
                   all_mean_loss=_mean(float(kl.sum() + dl.sum()), n_all),
                   discarded_mean_loss=_mean(float(dl.sum()), int(dl.size)),
                   suppressed=sum(r["suppressed"] for r in rows),
                   harder_than_kept=sum(r["harder_than_kept"] for r in rows),
-                  passes_with_harder=sum(v > 0 for v in pass_harder.values()),
+                  passes_with_harder=sum(r["passes_with_harder"] for r in rows),
                   skipped=int(getattr(log, "skipped", 0)))
 
     def name(k):

@@ -51,3 +51,26 @@ class SelectionRecord:
             v = getattr(self, f.name)
             out[f.name] = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v
         return out
+
+
+class Recorders:
+    """Several recorders on one OHEM layer (e.g. the kept-RoI log and TensorBoard): each gets every
+    record and decides for itself whether to use it; ``active`` when any of them is (then NMS is
+    decided for every RoI, see ``OHEMDataLayer``)."""
+
+    def __init__(self, *recorders):
+        self.recorders = [r for rec in recorders
+                          for r in (rec.recorders if isinstance(rec, Recorders) else [rec])]
+
+    @property
+    def active(self) -> bool:
+        return any(bool(getattr(r, "active", True)) for r in self.recorders)
+
+    def __call__(self, record: SelectionRecord) -> None:
+        for r in self.recorders:
+            r(record)
+
+
+def add_recorder(layer, recorder) -> None:
+    """Attach ``recorder`` to an OHEM layer beside the one it has, if any."""
+    layer.recorder = recorder if layer.recorder is None else Recorders(layer.recorder, recorder)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -11,15 +12,20 @@ from PIL import Image
 from readonly_ohem.commands import demo
 from readonly_ohem.datasets.minivoc import CLASSES
 from readonly_ohem.errors import ConfigError
+from readonly_ohem.inspect import read_log, selection_stats
+
+HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
-    """8 images (5 trainval, 3 test), 3 iterations per method, every iteration logged."""
+    """8 images (5 trainval, 3 test), 3 iterations per method, every iteration logged (and
+    written for TensorBoard when it is installed)."""
     out = tmp_path_factory.mktemp("demo")
     log = out / "stdout.txt"
     with open(log, "w") as stream:
-        run = demo.run_demo(out, iters=3, seed=1, num_images=8, log_every=1, stream=stream)
+        run = demo.run_demo(out, iters=3, seed=1, num_images=8, log_every=1, stream=stream,
+                            tensorboard=out / "tb" if HAS_TENSORBOARD else None)
     return out, run, log.read_text()
 
 
@@ -69,6 +75,35 @@ def test_short_demo_holds_the_comparison_equal(short_run):
     assert 0 < ohem["rois_per_iter"] <= 128
     # the OHEM arm's counted fg fraction equals the kept-RoI log's (every iteration logged)
     assert run["stats"]["totals"]["fg_fraction"] == pytest.approx(ohem["fg_fraction"])
+
+
+@pytest.mark.skipif(not HAS_TENSORBOARD, reason="pip install '.[tensorboard]'")
+def test_short_demo_writes_one_tensorboard_run_per_method(short_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, run, _ = short_run
+    assert sorted(p.name for p in (out / "tb").iterdir()) == ["frcn_seed1", "ohem_seed1"]
+    kept = {r["iter"]: r["kept"] for r in selection_stats(read_log(out / "kept_rois.jsonl"))["iterations"]}
+    for method in ("FRCN", "OHEM"):
+        ea = EventAccumulator(str(out / "tb" / f"{method.lower()}_seed1"), size_guidance={"scalars": 0})
+        ea.Reload()
+
+        def values(tag):
+            return [(e.step, e.value) for e in ea.Scalars(tag)]
+
+        tests = run["results"][method]["test"]
+        for prefix, setting in (("test", (100, 0.05)), ("test_2000_1e-05", (2000, 1e-5))):
+            t = tests[setting]
+            assert values(f"{prefix}/mAP") == [(3, float(np.float32(t["mAP"])))]
+            for c in t["classes"]:  # the classes present in the mini-VOC only
+                assert values(f"{prefix}/AP/{c}") == [(3, float(np.float32(t["per_class"][c])))]
+            assert len([g for g in ea.Tags()["scalars"] if g.startswith(f"{prefix}/AP/")]) == len(t["classes"])
+        assert [s for s, _ in values("train/loss")] == [0]  # the small solvers display every 20
+        ohem_tags = [g for g in ea.Tags()["scalars"] if g.startswith("ohem/")]
+        if method == "FRCN":
+            assert not ohem_tags
+        else:  # every iteration logged (log_every=1): the kept counts of the kept-RoI log
+            assert values("ohem/rois_kept") == sorted(kept.items()) and len(kept) == 3
 
 
 def _roidb(n):

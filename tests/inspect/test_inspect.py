@@ -14,6 +14,7 @@ from readonly_ohem.inspect import (
     KeptRoiLogger,
     figure_size,
     format_stats,
+    iteration_stats,
     read_log,
     render_selection,
     selection_stats,
@@ -154,6 +155,25 @@ def test_stats_on_the_hand_built_log(hand_log):
     table = format_stats(s)
     assert "NMS removed a RoI harder than the easiest kept one in 2 of 2 passes" in table
     assert "40.0" in table  # fg% of all kept
+
+
+def test_iteration_stats_of_two_passes_hand_worked(hand_log):
+    """Both hand-built selections as the two passes of one iteration: sums over passes, shares of
+    the sums, kept-loss range of both (losses 4 3 2 1 .5 / labels 1 0 0 2 0, kept 4 and 2;
+    losses 1 2 .25 .125 / labels 0 3 0 0, kept 2, 1 and .25)."""
+    log = read_log(hand_log)
+    images = [(dict(r.meta, **{"pass": k}), r.arrays) for k, r in enumerate(log)]
+    s = iteration_stats(5, images)
+    assert s == dict(iter=5, images=2, passes=2, rois=9, kept=5, kept_fg=2, fg_fraction=0.4,
+                     kept_mean_loss=pytest.approx(9.25 / 5), all_mean_loss=pytest.approx(13.875 / 9),
+                     suppressed=2, harder_than_kept=2, passes_with_harder=2, fg=3,
+                     all_fg_fraction=pytest.approx(3 / 9), kept_loss_min=0.25, kept_loss_max=4.0)
+    one = iteration_stats(0, images[:1])
+    assert (one["passes"], one["fg"], one["all_fg_fraction"], one["kept_loss_min"],
+            one["kept_loss_max"]) == (1, 2, 0.4, 2.0, 4.0)
+    assert selection_stats(log)["iterations"][1] == iteration_stats(1, images[1:])
+    empty = iteration_stats(3, [])
+    assert (empty["rois"], empty["fg_fraction"], empty["kept_loss_min"]) == (0, None, None)
 
 
 def test_summarize_selection_prints_and_draws(hand_log, tmp_path):

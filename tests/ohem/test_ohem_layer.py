@@ -343,6 +343,35 @@ def test_inactive_recorder_gets_a_cheap_record():
     assert layer.recorder[0].suppressed is None and layer.recorder[0].keep.numel() == 16
 
 
+def test_two_recorders_on_one_layer():
+    """``add_recorder``: both get every record; NMS is decided for every RoI when either is active."""
+    from readonly_ohem.ohem.record import Recorders, add_recorder
+
+    class Rec(list):
+        def __init__(self, active):
+            super().__init__()
+            self.active = active
+
+        def __call__(self, record):
+            self.append(record)
+
+    arrays = make_inputs(np.random.default_rng(24), 1, 200)
+    layer = make_layer(cfg_with(BATCH_SIZE=16))
+    a, b, c = Rec(False), Rec(False), Rec(True)
+    add_recorder(layer, a)
+    assert layer.recorder is a
+    add_recorder(layer, b)
+    layer.forward([torch.from_numpy(x) for x in arrays], [])
+    assert a[0] is b[0] and a[0].suppressed is None  # neither active: the cheap record
+    add_recorder(layer, c)
+    assert isinstance(layer.recorder, Recorders) and layer.recorder.recorders == [a, b, c]
+    layer.forward([torch.from_numpy(x) for x in arrays], [])
+    assert a[1] is b[1] is c[0] and c[0].suppressed is not None
+    assert torch.equal(c[0].keep, a[0].keep)  # the same rows kept either way
+    layer.recorder = Recorders(a, b)
+    assert not layer.recorder.active
+
+
 def test_runs_through_the_cli(tmp_path):
     from readonly_ohem.cli import main
 
