@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from readonly_ohem.ops.nms import descending_order, greedy_nms, prefix_nms, top_descending
@@ -122,7 +123,9 @@ def _first_survivors(loss, rois, labels, b, thresh, num_labels):
     The candidates are the K highest float32 losses (K grows until b of them survive); when
     those K and the next are all distinct, they are a prefix of the visiting order, NMS decides
     them exactly (``prefix_nms``), and the first b survivors in that order are also the first b
-    by float64 loss (float32 rounding keeps strict order), with no tie to break.
+    by float64 loss (float32 rounding keeps strict order), with no tie to break. After the one
+    ``topk`` on the losses' device, the K candidates are decided on the host in numpy (a few
+    hundred values: cheaper there than as torch launches).
     """
     r = loss.shape[0]
     k = min(r, max(_MIN_CANDIDATES, _CANDIDATE_FACTOR * b))
@@ -130,22 +133,21 @@ def _first_survivors(loss, rois, labels, b, thresh, num_labels):
         # the top k + 1 float64 losses, distinct once rounded to float32: then they are also the
         # top k + 1 in float32 (every other loss rounds to at most the (k + 1)-th)
         values, cand = torch.topk(loss, min(k + 1, r))
-        values = values.float()
-        if values.numel() > 1 and not bool((values[1:] < values[:-1]).all()):
+        values = values.cpu().numpy().astype(np.float32)
+        if values.size > 1 and not (values[1:] < values[:-1]).all():
             return None  # float32 ties (or NaN): the general path orders them
         cand = cand[:k]
-        sub = rois.index_select(0, cand)  # (K, 5)
+        sub = rois.index_select(0, cand).cpu().numpy()  # (K, 5)
         img = sub[:, 0]
-        img_long = img.long()
-        if not torch.equal(img_long.to(img.dtype), img):
-            return None
-        groups = img_long.mul_(num_labels).add_(labels.index_select(0, cand))
-        kept = prefix_nms(sub[:, 1:5].float(), groups, thresh, max_pairs=_MAX_PAIRS)
+        if not ((np.abs(img) < 2.0 ** 31) & (np.trunc(img) == img)).all():
+            return None  # not integral (or NaN): the general path ranks image ids by value
+        groups = img.astype(np.int64) * num_labels + labels.index_select(0, cand).cpu().numpy()
+        kept = prefix_nms(sub[:, 1:5], groups, thresh, max_pairs=_MAX_PAIRS)
         if kept is None:
             return None
-        survivors = cand[kept]
-        if survivors.numel() >= b or k == r:
-            return survivors[:b]
+        survivors = np.flatnonzero(kept)
+        if survivors.size >= b or k == r:
+            return cand.index_select(0, torch.from_numpy(survivors[:b]).to(cand.device))
         k = min(r, 2 * k)
 
 
