@@ -106,13 +106,10 @@ class OHEMDataLayer(Layer):
         cls_prob, bbox_pred, rois, labels_blob = bottoms[:4]
         labels_blob = labels_blob.reshape(-1)
         regs = list(bottoms[4:7]) if self.bbox_reg else []
-        labels_np = self._check_inputs(cls_prob, bbox_pred, rois, labels_blob, regs)
-        device = cls_prob.device
-        labels = torch.from_numpy(labels_np)  # (R,) long, host
-        labels_dev = labels.to(device)
+        labels = torch.from_numpy(self._check_inputs(cls_prob, bbox_pred, rois, labels_blob, regs))
 
-        loss_cls = cls_loss(cls_prob, labels_dev)  # (R,) float64, host
-        loss_bbox = bbox_loss(labels_dev, bbox_pred, *regs) if regs else torch.zeros_like(loss_cls)
+        loss_cls = cls_loss(cls_prob, labels)  # (R,) float64, on the host as all that follows
+        loss_bbox = bbox_loss(labels, bbox_pred, *regs) if regs else torch.zeros_like(loss_cls)
         loss = loss_cls + loss_bbox
 
         recorder = self.recorder
@@ -121,7 +118,7 @@ class OHEMDataLayer(Layer):
         rois_host = rois.detach().cpu()
         context = MiningContext(rois_host, cls_prob.shape[1], self.cfg, self.policy_options, full)
         result = self.mining(loss, labels, context)
-        keep = result.keep  # host
+        keep = result.keep
 
         keep_dev = keep.to(rois.device)
         tops = [t.index_select(0, keep_dev) for t in [rois, labels_blob] + regs]
