@@ -151,13 +151,13 @@ class OHEMDataLayer(Layer):
             raise self.error(f"bottom {BOTTOMS[1]} must be ({r}, {4 * c}), got {tuple(bbox_pred.shape)}")
         blob = labels_blob.detach().cpu()
         blob = (blob.float() if blob.dtype == torch.bfloat16 else blob).numpy()  # numpy has no bf16
-        with np.errstate(invalid="ignore"):  # NaN or inf labels: refused below
-            labels = blob.astype(np.int64)
         if not r:
-            return labels
-        lo, hi = (float(v) for v in (blob.min(), blob.max()))  # NaN fails both tests
-        integral = blob.dtype == labels.dtype or np.array_equal(labels, blob)
-        if not (lo >= 0 and hi < c and integral):
+            return blob.astype(np.int64)
+        lo, hi = float(blob.min()), float(blob.max())  # NaN fails both tests below
+        labels = blob.astype(np.int64) if lo >= 0 and hi < c else None  # in range: a safe cast
+        if labels is None or not (blob.dtype == labels.dtype or (labels == blob).all()):
+            with np.errstate(invalid="ignore"):
+                integral = blob.dtype.kind != "f" or bool((np.trunc(blob) == blob).all())
             raise DataError(f"layer {self.name!r} (OHEMDataLayer): bottom {BOTTOMS[3]} must hold "
                             f"integer class labels in [0, {c}), got values {lo:g}..{hi:g}"
                             + ("" if integral else " (not all integers)"))

@@ -133,21 +133,21 @@ def _first_survivors(loss, rois, labels, b, thresh, num_labels):
         # the top k + 1 float64 losses, distinct once rounded to float32: then they are also the
         # top k + 1 in float32 (every other loss rounds to at most the (k + 1)-th)
         values, cand = torch.topk(loss, min(k + 1, r))
-        values = values.cpu().numpy().astype(np.float32)
+        values = values.numpy(force=True).astype(np.float32)
         if values.size > 1 and not (values[1:] < values[:-1]).all():
             return None  # float32 ties (or NaN): the general path orders them
-        cand = cand[:k]
-        sub = rois.index_select(0, cand).cpu().numpy()  # (K, 5)
+        cand = cand.numpy(force=True)[:k]
+        sub = rois.numpy(force=True).take(cand, axis=0)  # (K, 5)
         img = sub[:, 0]
         if not ((np.abs(img) < 2.0 ** 31) & (np.trunc(img) == img)).all():
             return None  # not integral (or NaN): the general path ranks image ids by value
-        groups = img.astype(np.int64) * num_labels + labels.index_select(0, cand).cpu().numpy()
+        groups = img.astype(np.int64) * num_labels + labels.numpy(force=True).take(cand)
         kept = prefix_nms(sub[:, 1:5], groups, thresh, max_pairs=_MAX_PAIRS)
         if kept is None:
             return None
-        survivors = np.flatnonzero(kept)
+        survivors = cand[kept]
         if survivors.size >= b or k == r:
-            return cand.index_select(0, torch.from_numpy(survivors[:b]).to(cand.device))
+            return torch.from_numpy(survivors[:b]).to(loss.device)
         k = min(r, 2 * k)
 
 

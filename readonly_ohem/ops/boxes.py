@@ -54,8 +54,10 @@ def bbox_overlaps(boxes, query_boxes):
 def to_host(x):
     """(numpy array, the torch tensor it came from or None): the paired functions compute on the
     host, where a few thousand pairs cost less than the torch launches for them."""
+    if type(x) is np.ndarray:
+        return x, None
     if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy(), x
+        return x.numpy(force=True), x  # detached, copied to the host if it is not there
     return np.asarray(x), None
 
 
@@ -70,18 +72,18 @@ def paired_intersections(boxes, first, second):
     returned as the boxes' kind and device. ``bbox_overlaps``' arithmetic, pair by pair:
     iw = (min(x2) - max(x1)) + 1, clamped at 0, in the boxes' dtype.
 
-    Computed on the host in numpy with contiguous 1-D ``take`` s: for OHEM's few hundred
+    Computed on the host in numpy, a dozen ops over all pairs at once: for OHEM's few hundred
     candidates that is about half the time of the same ops as torch launches (and one copy of
     the candidates instead of ~15 launches on a GPU)."""
     b, src = to_host(boxes)
     i, _ = to_host(first)
     j, _ = to_host(second)
-    x1, y1, x2, y2 = np.ascontiguousarray(b.T)
-    area = (x2 - x1 + 1) * (y2 - y1 + 1)  # as box_areas
-    iw = np.minimum(x2.take(i), x2.take(j)) - np.maximum(x1.take(i), x1.take(j)) + 1
-    ih = np.minimum(y2.take(i), y2.take(j)) - np.maximum(y1.take(i), y1.take(j)) + 1
-    inter = np.maximum(iw, 0) * np.maximum(ih, 0)
-    return like_source(inter, src), like_source(area.take(i) + area.take(j), src)
+    x1, y1, x2, y2 = b.T
+    cols = np.stack((x1, y1, x2, y2, (x2 - x1 + 1) * (y2 - y1 + 1)))  # (5, K); areas as box_areas
+    p, q = cols.take(i, axis=1), cols.take(j, axis=1)  # (5, P) each
+    wh = np.minimum(p[2:4], q[2:4]) - np.maximum(p[:2], q[:2]) + 1
+    np.maximum(wh, 0, out=wh)
+    return like_source(wh[0] * wh[1], src), like_source(p[4] + q[4], src)
 
 
 def paired_iou(inter: np.ndarray, area_sum: np.ndarray) -> np.ndarray:

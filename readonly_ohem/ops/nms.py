@@ -252,9 +252,9 @@ def prefix_nms(boxes, groups, thresh: float, suppress_equal: bool = False,
     k = int(b.shape[0])
     if k == 0:
         return like_source(np.zeros(0, dtype=bool), src)
-    perm = np.argsort(g, kind="stable")
+    perm = g.argsort(kind="stable")
     sorted_groups = g.take(perm)
-    first = np.searchsorted(sorted_groups, sorted_groups)  # first slot of each one's group
+    first = sorted_groups.searchsorted(sorted_groups)  # first slot of each one's group
     slot = np.arange(k)
     n_before = slot - first  # earlier boxes of its group, per slot
     n_pairs = int(n_before.sum())
@@ -263,11 +263,10 @@ def prefix_nms(boxes, groups, thresh: float, suppress_equal: bool = False,
     if n_pairs == 0:
         return like_source(np.ones(k, dtype=bool), src)
     # pair q: later slot ``later[q]``, earlier slot first[later] + (q - first pair of later)
-    later = np.repeat(slot, n_before)
-    shift = slot - np.cumsum(n_before)  # first - (first pair of the slot)
+    later = slot.repeat(n_before)
+    shift = slot - n_before.cumsum()  # first - (first pair of the slot)
     earlier = np.arange(n_pairs) + shift.take(later)
-    edges = np.flatnonzero(_paired_over(b.take(perm, axis=0), earlier, later, thresh,
-                                        suppress_equal))
+    edges = _paired_over(b.take(perm, axis=0), earlier, later, thresh, suppress_equal).nonzero()[0]
     # the edges in visiting order (box index): src would suppress dst
     kept = _fixed_point(perm.take(earlier.take(edges)), perm.take(later.take(edges)), k)
     return like_source(kept, src)
@@ -279,7 +278,7 @@ def _fixed_point(src: np.ndarray, dst: np.ndarray, k: int) -> np.ndarray:
     kept = np.bincount(dst, minlength=k) == 0  # round 1: no suppressor at all
     while True:
         new = np.bincount(dst, weights=kept.take(src), minlength=k) == 0
-        if np.array_equal(new, kept):
+        if not (new ^ kept).any():
             return kept
         kept = new
 
