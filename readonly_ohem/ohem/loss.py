@@ -24,6 +24,8 @@ import torch
 
 FLT_MIN = float(np.finfo(float).eps)  # the original's "flt_min" (really the float64 epsilon)
 
+_FORCE_DEVICE_PATH = False  # tests set True to run the other devices' gathers and counts on CPU
+
 
 def cls_loss(cls_prob: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """-log(max(p[label], eps)) in float64: cls_prob (R, C) on any device, labels (R,) long
@@ -143,7 +145,7 @@ def host_take(blob: torch.Tensor, index: np.ndarray, dtype=None) -> np.ndarray:
     complex128 for blocks of 4 float32; torch's equivalent view on other devices). A CPU blob is
     read in place by numpy (no torch dispatch per call); elsewhere the blob's device gathers and
     only the M rows are copied."""
-    if blob.is_cpu and blob.dtype != torch.bfloat16:
+    if blob.is_cpu and blob.dtype != torch.bfloat16 and not _FORCE_DEVICE_PATH:
         a = blob.numpy(force=True)
         return (a if dtype is None else a.view(dtype).reshape(-1)).take(index, axis=0)
     if dtype is not None:
@@ -155,7 +157,7 @@ def host_take(blob: torch.Tensor, index: np.ndarray, dtype=None) -> np.ndarray:
 def count_nonzero(blob: torch.Tensor, dtype=None) -> int:
     """Non-zero entries of ``blob`` (read as numpy ``dtype`` when given), counted where it lives
     (numpy's count reads a CPU blob in place, ~1.5x faster than torch's)."""
-    if blob.is_cpu and blob.dtype != torch.bfloat16:
+    if blob.is_cpu and blob.dtype != torch.bfloat16 and not _FORCE_DEVICE_PATH:
         a = blob.numpy(force=True)
         return int(np.count_nonzero(a if dtype is None else a.view(dtype)))
     return int(torch.count_nonzero(blob if dtype is None else blob.view(_TORCH_VIEW[dtype])))

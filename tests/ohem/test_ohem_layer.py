@@ -528,3 +528,22 @@ def test_random_ties_keep_the_original_rows_on_both_paths(monkeypatch):
         assert kept_indices(arrays, cfg, active=True) == hard.tolist(), seed
         assert kept_indices(arrays, cfg, active=False) == hard.tolist(), seed
     assert True in used and False in used  # both the top-K fast path and the tie path decided
+
+
+def test_device_gathers_and_counts_equal_the_in_place_host_reads(monkeypatch):
+    from readonly_ohem.ohem import loss as loss_mod
+
+    rng = np.random.default_rng(35)
+    for arrays in (make_inputs(rng, 2, 300), make_inputs(rng, 1, 200, general_weights=True)):
+        t = [torch.from_numpy(a) for a in arrays]
+        lab = t[3].long()
+        want = cls_loss(t[0], lab), bbox_loss(lab, t[1], *t[4:7])
+        monkeypatch.setattr(loss_mod, "_FORCE_DEVICE_PATH", True)  # torch gathers, as on a GPU
+        got = cls_loss(t[0], lab), bbox_loss(lab, t[1], *t[4:7])
+        monkeypatch.setattr(loss_mod, "_FORCE_DEVICE_PATH", False)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        np.testing.assert_allclose((want[0] + want[1]).numpy(),
+                                   ref_loss(arrays[0], arrays[1], arrays[3], *arrays[4:7]),
+                                   rtol=1e-15, atol=0)
+    monkeypatch.setattr(loss_mod, "_FORCE_DEVICE_PATH", True)
+    check_against_reference(make_inputs(rng, 2, 400), cfg_with(BATCH_SIZE=64))
