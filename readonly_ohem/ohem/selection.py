@@ -18,7 +18,9 @@ Fast path (no record asked for): when the top K + 1 losses are distinct in float
 needed), the K highest are a prefix of the visiting order; ``ops.nms.prefix_nms`` decides them in
 a fixed number of vectorized ops (K = 2 x BATCH_SIZE, doubled while fewer than BATCH_SIZE
 survive), and the first BATCH_SIZE survivors are the hard RoIs. Ties, non-integral image ids or
-a huge candidate set take the general path above, with the same result.
+a huge candidate set take the general path above, with the same result. After one ``topk`` the
+fast path works on numpy arrays on the host (tensors on another device are copied there): for a
+few hundred candidates that is a fraction of the cost of the same steps as torch launches.
 """
 
 from __future__ import annotations
