@@ -172,6 +172,10 @@ def default_config() -> Config:
         OHEM_USE_NMS=True,  # de-duplicate by NMS (per image and label, loss as score) before top-k
         OHEM_NMS_THRESH=0.7,  # suppress IoU > this (+1 pixel areas), as the GPU NMS kernel does
     )
+    # -- OHEM readonly-branch precision (ours, not in the original; the default is the original's)
+    # "bfloat16" (or "float16") runs the readonly head (roi_pool5_readonly .. cls_prob_readonly)
+    # under torch.autocast: much faster on GPUs (no TF32 here), the kept RoIs may differ slightly
+    TRAIN.OHEM_READONLY_DTYPE = "float32"
     TEST = Config(
         SCALES=(600,),  # shorter image side(s) at test time
         MAX_SIZE=1000,
