@@ -9,6 +9,8 @@
 - ``policies``  pure rankings of per-sample losses (topk, ratio, neg_pos, topk_threshold, ``mine``)
                 and focal_loss
 - ``record``    SelectionRecord, what one forward decided (for logs and pictures)
+- ``readonly``  the readonly branch of an OHEM net (from the graph) and its precision
+                (``TRAIN.OHEM_READONLY_DTYPE``)
 
 Importing this package registers ``OHEMDataLayer`` as the Python layer
 ``("roi_data_layer.layer", "OHEMDataLayer")``.
