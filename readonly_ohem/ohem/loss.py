@@ -53,7 +53,7 @@ def bbox_loss(labels: torch.Tensor, bbox_pred: torch.Tensor, bbox_targets: torch
     out = torch.zeros(lab.shape[0], dtype=torch.float64, device=device)
     if lab.shape[0]:
         fg = torch.from_numpy(fg).to(device)
-        _general_loss(out, fg, bbox_pred.detach(), bbox_targets, inside, outside)
+        _general_loss(out, fg, bbox_pred, bbox_targets, inside, outside)
     return out.cpu()
 
 

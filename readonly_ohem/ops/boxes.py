@@ -78,8 +78,9 @@ def paired_intersections(boxes, first, second):
     b, src = to_host(boxes)
     i, _ = to_host(first)
     j, _ = to_host(second)
-    x1, y1, x2, y2 = b.T
-    cols = np.stack((x1, y1, x2, y2, (x2 - x1 + 1) * (y2 - y1 + 1)))  # (5, K); areas as box_areas
+    cols = np.empty((5, b.shape[0]), dtype=b.dtype)  # x1, y1, x2, y2, area (as box_areas)
+    cols[:4] = b.T
+    cols[4] = (cols[2] - cols[0] + 1) * (cols[3] - cols[1] + 1)
     p, q = cols.take(i, axis=1), cols.take(j, axis=1)  # (5, P) each
     wh = np.minimum(p[2:4], q[2:4]) - np.maximum(p[:2], q[:2]) + 1
     np.maximum(wh, 0, out=wh)
