@@ -16,9 +16,9 @@ PY="${PYTHON:-python3}"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 cd "$REPO" || exit 2
 
-if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-    version="$("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null || echo 'not importable')"
-    echo "gpu_check: CUDA is not available on this machine (torch $version," \
+if ! version="$("$PY" -c 'import sys, torch; print(torch.__version__)
+sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null)"; then
+    echo "gpu_check: CUDA is not available on this machine (torch ${version:-not importable}," \
          "torch.cuda.is_available() is False); this check needs an NVIDIA GPU and a CUDA build" \
          "of torch. Nothing was run." >&2
     exit 2

@@ -13,7 +13,7 @@ from test_nms import clustered_boxes, loop_nms, per_group_loop
 pytestmark = pytest.mark.device
 
 
-@pytest.mark.parametrize("n,thresh,seed", [(300, 0.7, 0), (3000, 0.5, 1), (2000, 0.3, 2)])
+@pytest.mark.parametrize("n,thresh,seed", [(300, 0.7, 0), (1200, 0.5, 1), (800, 0.3, 2)])
 def test_nms_on_the_device_matches_the_loop(device, n, thresh, seed):
     rng = np.random.default_rng(seed)
     boxes = clustered_boxes(rng, n, n_clusters=8, scale=0.937)
