@@ -180,6 +180,10 @@ def default_config() -> Config:
         # original). A box with no pixel inside the image is an error unless "keep".
         GT_OUTSIDE_IMAGE="clip",
     )
+    # -- OHEM readonly-branch precision (ours, not in the original; the default is the original's)
+    # "bfloat16" (or "float16") runs the readonly head (roi_pool5_readonly .. cls_prob_readonly)
+    # under torch.autocast: much faster on GPUs (no TF32 here), the kept RoIs may differ slightly
+    TRAIN.OHEM_READONLY_DTYPE = "float32"
     TEST = Config(
         SCALES=(600,),  # shorter image side(s) at test time
         MAX_SIZE=1000,

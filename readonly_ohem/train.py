@@ -57,6 +57,7 @@ from readonly_ohem.caffe.layers.python import parse_param_str
 from readonly_ohem.caffe.solver import NonFiniteLossError, Solver, build_net, train_net_spec
 from readonly_ohem.caffe.spec import load_net_spec, read_solver
 from readonly_ohem.errors import ConfigError, OhemError, SpecError
+from readonly_ohem.ohem.readonly import apply_readonly_dtype
 from readonly_ohem.progress import Progress, clock
 from readonly_ohem.roi_data.roidb import training_roidb
 
@@ -525,6 +526,7 @@ def build_trainer(solver_path, cfg, roidb=None, bbox_means=None, bbox_stds=None,
     stream = stream if stream is not None else sys.stdout
     sp = read_solver(str(solver_path))
     net = build_net(sp, solver_path, cfg=cfg)
+    apply_readonly_dtype(net, cfg)  # TRAIN.OHEM_READONLY_DTYPE (float32: nothing)
     if weights:
         load_initial_weights(net, weights, cfg, stream if ctx is None or ctx.is_main else None)
     net.to(device)

@@ -15,13 +15,15 @@ fc6, fc7, cls_score, bbox_pred, softmax), timed alone on the same feature maps. 
 the peak allocated bytes of a step; on CPU (no allocator statistics) the bytes saved for backward
 during a step, deduplicated, which is what the readonly branch must not add.
 
-Printed: per-net median ms/iter, the readonly head's time, the ratios; the last line is
-``ratio_to_ideal X.XX`` (OHEM step / ideal).
+Printed: per-net median s/iter and memory, the readonly head's time, the ratios; the last line is
+``ratio_to_ideal X.XX`` (OHEM step / ideal). ``--set TRAIN.OHEM_READONLY_DTYPE bfloat16`` runs the
+readonly branch (and its timing alone) under bfloat16 autocast.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
@@ -37,6 +39,7 @@ from readonly_ohem.caffe.spec import read_solver
 from readonly_ohem.config import load_config
 from readonly_ohem.datasets import get_imdb
 from readonly_ohem.datasets.minivoc import make_minivoc
+from readonly_ohem.ohem.readonly import DTYPES, apply_readonly_dtype, readonly_branch
 from readonly_ohem.roi_data.roidb import training_roidb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,6 +64,7 @@ def build(kind_dir, cfg_files, ohem, imdb_name, data_dir, proposals, device, set
     sp = read_solver(str(solver_path))
     torch.manual_seed(cfg.RNG_SEED)
     net = build_net(sp, solver_path, cfg=cfg)
+    apply_readonly_dtype(net, cfg)  # --set TRAIN.OHEM_READONLY_DTYPE bfloat16
     net.to(device)
     data = [rec for rec in net.layers if hasattr(rec.module, "set_roidb")][0]
     data.module.set_roidb(roidb)
@@ -118,13 +122,17 @@ def step_memory(solver, feeds, device):
     return saved.total, "bytes saved for backward (CPU)"
 
 
-def readonly_head_time(solver, batch, device):
-    """Forward of the ``*_readonly`` layers alone over all RoIs, on the blobs of a real forward of
-    each pass of ``batch``: (seconds per iteration, mean RoIs per pass)."""
+def readonly_head_time(solver, batch, device, dtype=None):
+    """Forward of the readonly branch alone (``ohem.readonly.readonly_branch``) over all RoIs, on
+    the blobs of a real forward of each pass of ``batch``, under autocast to ``dtype`` when given:
+    (seconds per iteration, mean RoIs per pass)."""
     net = solver.net
-    recs = [r for r in net.layers if r.name.endswith("_readonly") and r.module is not None]
+    names = set(readonly_branch(net))
+    recs = [r for r in net.layers if r.name in names]
     if not recs:
-        raise SystemExit("the OHEM net has no *_readonly layers")
+        raise SystemExit("the OHEM net has no readonly branch")
+    cast = (torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None
+            else contextlib.nullcontext())
     total, rois = 0.0, []
     for feed in batch:
         with torch.no_grad():
@@ -133,7 +141,7 @@ def readonly_head_time(solver, batch, device):
         rois.append(int(blobs["rois"].shape[0]))
         sync(device)
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), cast:
             for r in recs:
                 tops = r.module([inputs[b] for b in r.bottoms], net.layer_params(r.name))
                 inputs.update(zip(r.tops, tops))
@@ -153,6 +161,9 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=10, help="timed iterations")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave)")
+    ap.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                    help="config override for both nets, e.g. --set TRAIN.OHEM_READONLY_DTYPE "
+                         "bfloat16")
     args = ap.parse_args(argv)
     use_caffe_float32()  # as the commands: true float32 on GPUs
     if args.threads:
@@ -160,6 +171,7 @@ def main(argv=None):
 
     frcn_dir, ohem_dir, cfg_files = NETS[args.net]
     set_pairs = [] if args.net == "small" else [["TRAIN.SCALES", "(600,)"], ["TRAIN.MAX_SIZE", "1000"]]
+    set_pairs += [list(p) for p in args.set]
     tmp = None
     data = args.data
     if data is None:
@@ -168,14 +180,15 @@ def main(argv=None):
         make_minivoc(data, seed=0, num_images=args.images)
     runs = {}
     for name, kind_dir, ohem in (("FRCN", frcn_dir, False), ("OHEM", ohem_dir, True)):
-        solver, data_rec, _ = build(kind_dir, cfg_files, ohem, args.imdb, data,
-                                    args.proposals, args.device, set_pairs)
+        solver, data_rec, cfg = build(kind_dir, cfg_files, ohem, args.imdb, data,
+                                      args.proposals, args.device, set_pairs)
         k = solver.iter_size
         feeds = make_feeds(data_rec, (args.warmup + args.iters + 1) * k, args.device)
         batches = [feeds[i * k:(i + 1) * k] for i in range(args.warmup + args.iters + 1)]
         mem, mem_what = step_memory(solver, batches[0], args.device)
         runs[name] = dict(solver=solver, batches=batches[1:], mem=mem, mem_what=mem_what,
-                          rois=np.mean([f["rois"].shape[0] for f in feeds]), times=[])
+                          rois=np.mean([f["rois"].shape[0] for f in feeds]), times=[],
+                          dtype=DTYPES[str(cfg.TRAIN.OHEM_READONLY_DTYPE)])
     head_times, head_rois = [], []
     # interleaved, so that load on a shared machine hits both nets alike
     for i in range(args.warmup + args.iters):
@@ -184,23 +197,25 @@ def main(argv=None):
             t = time_step(r["solver"], r["batches"][i], args.device)
             if i >= args.warmup:
                 r["times"].append(t)
-        t, n = readonly_head_time(runs["OHEM"]["solver"], runs["OHEM"]["batches"][i], args.device)
+        t, n = readonly_head_time(runs["OHEM"]["solver"], runs["OHEM"]["batches"][i], args.device,
+                                  runs["OHEM"]["dtype"])
         if i >= args.warmup:
             head_times.append(t)
             head_rois.append(n)
     for name, r in runs.items():
         r["time"] = statistics.median(r["times"])
-        print(f"{name:5s} step  {1000 * r['time']:9.2f} ms/iter  ({r['solver'].iter_size} pass(es)/iter, "
+        print(f"{name:5s} step  {r['time']:8.4f} s/iter  ({r['solver'].iter_size} pass(es)/iter, "
               f"{r['rois']:.0f} RoIs per pass into the net)  {r['mem_what']}: {r['mem'] / 2**20:.1f} MiB")
     head = statistics.median(head_times)
     frcn, ohem = runs["FRCN"]["time"], runs["OHEM"]["time"]
     ideal = frcn + head
-    print(f"readonly head forward over all RoIs ({np.mean(head_rois):.0f} per pass): "
-          f"{1000 * head:.2f} ms/iter")
+    head_dtype = runs["OHEM"]["dtype"] or torch.float32
+    print(f"readonly head forward over all RoIs ({np.mean(head_rois):.0f} per pass, "
+          f"{str(head_dtype).replace('torch.', '')}): {head:.4f} s/iter")
     print(f"net {args.net}  device {args.device}  threads {torch.get_num_threads()}  "
           f"timed iters {args.iters} (median, interleaved)")
     print(f"OHEM / FRCN step time   {ohem / frcn:.2f}")
-    print(f"ideal (FRCN + head)     {1000 * ideal:.2f} ms/iter")
+    print(f"ideal (FRCN + head)     {ideal:.4f} s/iter")
     print(f"peak memory OHEM / FRCN {runs['OHEM']['mem'] / max(runs['FRCN']['mem'], 1):.2f}")
     print(f"ratio_to_ideal {ohem / ideal:.2f}")
     if tmp is not None:

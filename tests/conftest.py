@@ -3,8 +3,13 @@
 ``../shared`` (beside the checkout) holds reference facts that exist only on the developers'
 machines; tests that read it use the ``shared_dir`` fixture and skip cleanly where it is absent.
 Small fixtures copied from it live in ``tests/fixtures/`` and always run.
+
+Tests of the code paths that differ by device are marked ``device`` and take the ``device``
+fixture: the CPU by default, ``--device cuda`` (or ``READONLY_OHEM_TEST_DEVICE=cuda``) runs them on
+a GPU: ``pytest -m device --device cuda`` (``scripts/gpu_check.sh`` does).
 """
 
+import os
 from pathlib import Path
 
 import pytest
@@ -19,6 +24,30 @@ SHARED = REPO.parent / "shared"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default=os.environ.get("READONLY_OHEM_TEST_DEVICE", "cpu"),
+                     help="device of the tests marked 'device' (cpu, cuda, cuda:1; default cpu or "
+                          "$READONLY_OHEM_TEST_DEVICE)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "device: a device path; runs on --device (default cpu)")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The device of the ``device`` tests (``--device``); a CUDA device that is not there stops
+    the run with that message."""
+    name = request.config.getoption("--device")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        pytest.exit(f"--device {name!r} is not a torch device", returncode=4)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        pytest.exit(f"--device {name}: CUDA is not available on this machine", returncode=4)
+    return dev
 
 
 @pytest.fixture

@@ -6,8 +6,10 @@ are all given is not built). Keys ``batch<k>/<blob>`` give K batches: forward pa
 every pass. OUT.npz gets every blob by name (in-place blobs: the final value; scalar losses as
 0-d arrays); with ``--backward`` (or ``--top-diff``) also ``diff/<blob>`` (Caffe's meaning: for
 an in-place chain, the diff left after the whole backward) and ``param_diff/<layer>/<i>`` (shared
-params under each layer using them); with ``--solver``: ``loss_per_iter``, ``lr_per_iter`` and
-``final_param/<layer>/<i>``.
+params under each layer using them); with ``--solver``: ``loss_per_iter`` (the weighted total,
+mean over the ``iter_size`` passes, Caffe's reported loss), ``lr_per_iter``, for each loss top T
+``T_per_iter`` (T's own value per iteration, unweighted, mean over the passes; ``top/T_per_iter``
+for a top named ``loss`` or ``lr``) and ``final_param/<layer>/<i>``.
 """
 
 from __future__ import annotations
@@ -180,13 +182,18 @@ def _run_solver(net, solver_path, feeds, iters: int) -> dict[str, np.ndarray]:
         passes[0] += 1
         return f
 
-    losses, rates = [], []
+    losses, rates, tops = [], [], {}
     for _ in range(iters):
         r = s.step(feed_fn)
         losses.append(r["loss"])
         rates.append(r["lr"])
+        for top, value in r["losses"].items():
+            tops.setdefault(top, []).append(value)
     result = {"loss_per_iter": np.asarray(losses, dtype=np.float64),
               "lr_per_iter": np.asarray(rates, dtype=np.float64)}
+    for top, values in tops.items():  # each loss top, unweighted, mean over the iter_size passes
+        key = f"{top}_per_iter"
+        result["top/" + key if key in result else key] = np.asarray(values, dtype=np.float64)
     for rec in net.layers:
         for i, p in enumerate(net.layer_params(rec.name)):
             result[f"final_param/{rec.name}/{i}"] = _to_numpy(p)

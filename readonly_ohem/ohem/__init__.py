@@ -11,6 +11,8 @@
 - ``family``    the reference write-ups' losses, exact (mtcnn_cls_ohem, rpn_topk_class_loss,
                 topk_cross_entropy, batch_weighted_focal_loss, ssd_loss_torchcv, ssd_losses_tf)
 - ``record``    SelectionRecord, what one forward decided (for logs and pictures)
+- ``readonly``  the readonly branch of an OHEM net (from the graph) and its precision
+                (``TRAIN.OHEM_READONLY_DTYPE``)
 
 Importing this package registers ``OHEMDataLayer`` as the Python layer
 ``("roi_data_layer.layer", "OHEMDataLayer")``.

@@ -1,15 +1,20 @@
-"""The per-RoI loss OHEM ranks by: the original OHEMDataLayer's, in float64.
+"""The per-RoI loss OHEM ranks by: the original OHEMDataLayer's, in float64, on the host.
 
 loss = -log(max(p[label], eps)) + [label > 0] * sum_j out_w[j] * smoothL1(in_w[j] * (pred[j] - t[j]))
 over the columns j with in_w[j] != 0, smoothL1 with sigma = 1 (0.5 d^2 if |d| < 1 else |d| - 0.5),
 unnormalized; eps = 2.22e-16 (numpy's float eps, as the original's ``flt_min``). The float32 blobs
 are read into float64 first (SPEC §5); each RoI's bbox terms are summed left to right in column
-order, as the original's Python ``sum``, so equal rows give bit-equal losses on every device.
+order, as the original's Python ``sum``.
+
+Like the original's Python layer, the arithmetic runs on the host in numpy (the original's own
+log and rounding; a few dozen small numpy ops cost a fraction of the torch launches for them):
+the blobs' device does the gathers (p[label], the label blocks below, one count) and only those
+few hundred KB reach the host. The losses come back as float64 CPU tensors.
 
 The usual layout (the original minibatch's) puts a foreground row's non-zero inside weights in its
-label's 4 columns only: then the bbox term reads just those (R, 4) blocks. One exact count over
+label's 4 columns only: then the bbox term reads just those (F, 4) blocks. One exact count over
 the inside weights tells whether that holds; otherwise every non-zero weight of a foreground row
-is visited, O(R + #entries).
+is visited, O(R + #entries), in torch on the blobs' device.
 """
 
 from __future__ import annotations
@@ -19,75 +24,73 @@ import torch
 
 FLT_MIN = float(np.finfo(float).eps)  # the original's "flt_min" (really the float64 epsilon)
 
+_FORCE_DEVICE_PATH = False  # tests set True to run the other devices' gathers and counts on CPU
+
 
 def cls_loss(cls_prob: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """-log(max(p[label], eps)) in float64: cls_prob (R, C), labels (R,) long -> (R,) float64."""
-    p = cls_prob.gather(1, labels[:, None])[:, 0].double()
-    return p.clamp_min_(FLT_MIN).log_().neg_()
+    """-log(max(p[label], eps)) in float64: cls_prob (R, C) on any device, labels (R,) long
+    (host or that device) -> (R,) float64 on the host."""
+    lab = labels.cpu().numpy()
+    r, c = cls_prob.shape
+    p = host_take(cls_prob.reshape(-1), lab + np.arange(0, r * c, c)).astype(np.float64)
+    return torch.from_numpy(-np.log(np.maximum(p, FLT_MIN)))
 
 
 def bbox_loss(labels: torch.Tensor, bbox_pred: torch.Tensor, bbox_targets: torch.Tensor,
               inside: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
-    """Unnormalized smooth-L1 (sigma 1) per foreground RoI, float64: (R, 4C) x 4 -> (R,).
+    """Unnormalized smooth-L1 (sigma 1) per foreground RoI, float64 on the host: labels (R,)
+    long (host or the blobs' device), blobs (R, 4C) x 4 on any device -> (R,).
 
     Background rows (label <= 0) get 0; columns whose inside weight is 0 are skipped.
     """
-    r = labels.shape[0]
-    out = torch.zeros(r, dtype=torch.float64, device=labels.device)
-    if r == 0:
-        return out
-    fg = torch.nonzero(labels > 0).squeeze(1)  # (F,)
-    if inside.shape[1] % 4 == 0 and _label_block_loss(out, fg, labels, bbox_pred, bbox_targets,
-                                                      inside, outside):
-        return out
-    return _general_loss(out, fg, bbox_pred, bbox_targets, inside, outside)
+    lab = labels.cpu().numpy()
+    fg = np.flatnonzero(lab > 0)  # (F,)
+    if inside.shape[1] % 4 == 0:
+        out = _label_block_loss(lab, fg, bbox_pred, bbox_targets, inside, outside)
+        if out is not None:
+            return torch.from_numpy(out)
+    device = inside.device
+    out = torch.zeros(lab.shape[0], dtype=torch.float64, device=device)
+    if lab.shape[0]:
+        fg = torch.from_numpy(fg).to(device)
+        _general_loss(out, fg, bbox_pred, bbox_targets, inside, outside)
+    return out.cpu()
 
 
-def _label_block_loss(out, fg, labels, bbox_pred, bbox_targets, inside, outside) -> bool:
-    """Fill ``out`` (R,) from the foreground rows' label blocks (F, 4) and return True, or return
-    False (``out`` untouched) when some other entry of ``inside`` is non-zero."""
-    c = inside.shape[1] // 4
+def _label_block_loss(lab, fg, bbox_pred, bbox_targets, inside, outside) -> np.ndarray | None:
+    """(R,) float64 from the foreground rows' label blocks (F, 4), or None when some other entry
+    of ``inside`` is non-zero. lab (R,) and fg (F,) int64 host arrays."""
+    r, c = lab.shape[0], inside.shape[1] // 4
     # each foreground RoI's label block: row fg * C + label of the (R * C, 4) view of a blob
-    rows = labels.index_select(0, fg).add_(fg * c)
-    blocks = torch.stack([_blocks(t, rows) for t in (bbox_pred, bbox_targets, inside, outside)])
-    blocks = blocks.view(4, -1, 4)  # (4, F, 4): pred, target, inside, outside
-    all_counted, every_weight = _only_block_nonzeros(inside, blocks[2])
-    if not all_counted:
-        return False
-    if fg.numel() == 0:
-        return True
-    pred, target, w, w_out = blocks.double().unbind(0)  # (F, 4) float64 each
-    d = (pred - target).mul_(w)
-    # smooth_l1_loss(d, 0) is 0.5 |d| |d| if |d| < 1 else |d| - 0.5: the original's, bit for bit
-    terms = torch.ops.aten.smooth_l1_loss(d, torch.zeros_like(d), 0, 1.0).mul_(w_out)  # 0: none
-    if not every_weight:  # the original skips zero weights (their term is not 0 for inf or NaN)
-        terms = torch.where(w != 0, terms, torch.zeros((), dtype=terms.dtype, device=terms.device))
-    out.index_copy_(0, fg, _sum_columns(terms))
-    return True
-
-
-def _blocks(blob: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Rows of the (R * C, 4) view of a (R, 4C) blob -> (F, 4) (or (4F,)). A float32 block is 16 bytes, one
-    complex128: gathering those is several times faster than gathering rows of 4 floats."""
-    if blob.dtype == torch.float32 and blob.is_contiguous() and blob.storage_offset() % 4 == 0:
-        return blob.view(torch.complex128).view(-1).index_select(0, rows).view(torch.float32)
-    return blob.reshape(-1, 4).index_select(0, rows)
-
-
-def _only_block_nonzeros(inside: torch.Tensor, block: torch.Tensor) -> tuple[bool, bool]:
-    """(every non-zero entry of ``inside`` (R, 4C) lies in the foreground label blocks ``block``
-    (F, 4), every entry of ``block`` is non-zero). Exact: the blocks are a subset of inside, so
-    equal counts of non-zeros suffice. A float32 blob is counted 8 bytes at a time (faster); a
-    -0.0 weight then counts as non-zero on both sides alike."""
-    if inside.dtype == torch.float32 and inside.is_contiguous() and inside.storage_offset() % 2 == 0:
-        n_all = torch.count_nonzero(inside.view(torch.int64))
-        n_block = torch.count_nonzero(block.reshape(-1).view(torch.int64))
+    rows = lab.take(fg) + fg * c
+    blobs = (bbox_pred, bbox_targets, inside, outside)
+    if all(t.dtype == torch.float32 and t.is_contiguous() and t.storage_offset() % 4 == 0
+           for t in blobs):
+        # a float32 block is 16 bytes, one complex128: gathering those is several times faster
+        # than gathering rows of 4 floats; the weights are counted 8 bytes (2 floats) at a time
+        # (faster; a -0.0 weight then counts as non-zero on both sides alike)
+        blocks = np.concatenate([host_take(t, rows, np.complex128) for t in blobs])
+        blocks = blocks.view(np.float32).reshape(4, -1, 4)  # (4, F, 4)
+        all_counted = count_nonzero(inside, np.int64) == np.count_nonzero(blocks[2].view(np.int64))
     else:
-        n_all = torch.count_nonzero(inside)
-        n_block = torch.count_nonzero(block)
-    n_weights = torch.count_nonzero(block)
-    n_all, n_block, n_weights = torch.stack((n_all, n_block, n_weights)).tolist()
-    return n_all == n_block, n_weights == block.numel()
+        blocks = np.stack([host_take(t.reshape(-1, 4), rows) for t in blobs])  # (4, F, 4)
+        all_counted = count_nonzero(inside) == np.count_nonzero(blocks[2])
+    if not all_counted:
+        return None  # a weight outside the label blocks: the general path visits it
+    out = np.zeros(r)
+    if fg.size == 0:
+        return out
+    # pred, target, inside, outside: (4, F) float64 each, a row per column of the block
+    pred, target, w, w_out = blocks.transpose(0, 2, 1).astype(np.float64)
+    with np.errstate(all="ignore"):  # inf and NaN give what the original's arithmetic gives
+        d = (pred - target) * w
+        ad = np.abs(d)
+        terms = np.where(ad < 1, 0.5 * d * d, ad - 0.5) * w_out  # the original's, bit for bit
+    skip = w == 0
+    if skip.any():  # the original skips zero weights (their term is not 0 for inf or NaN)
+        terms[skip] = 0.0
+    out[fg] = ((terms[0] + terms[1]) + terms[2]) + terms[3]  # Python's left-to-right ``sum``
+    return out
 
 
 def _general_loss(out, fg, bbox_pred, bbox_targets, inside, outside):
@@ -134,3 +137,30 @@ def _sum_columns(table):
     for j in range(1, table.shape[1]):
         total = total + table[:, j]
     return total
+
+
+def host_take(blob: torch.Tensor, index: np.ndarray, dtype=None) -> np.ndarray:
+    """``blob[index]`` along dim 0 as a host numpy array: blob (N, ...) on any device, index (M,)
+    int64 host array -> (M, ...). ``dtype``: read the blob as that numpy dtype first (a view, e.g.
+    complex128 for blocks of 4 float32; torch's equivalent view on other devices). A CPU blob is
+    read in place by numpy (no torch dispatch per call); elsewhere the blob's device gathers and
+    only the M rows are copied."""
+    if blob.is_cpu and blob.dtype != torch.bfloat16 and not _FORCE_DEVICE_PATH:
+        a = blob.numpy(force=True)
+        return (a if dtype is None else a.view(dtype).reshape(-1)).take(index, axis=0)
+    if dtype is not None:
+        blob = blob.view(_TORCH_VIEW[dtype]).view(-1)
+    rows = blob.index_select(0, torch.from_numpy(index).to(blob.device))
+    return rows.float().numpy(force=True) if rows.dtype == torch.bfloat16 else rows.numpy(force=True)
+
+
+def count_nonzero(blob: torch.Tensor, dtype=None) -> int:
+    """Non-zero entries of ``blob`` (read as numpy ``dtype`` when given), counted where it lives
+    (numpy's count reads a CPU blob in place, ~1.5x faster than torch's)."""
+    if blob.is_cpu and blob.dtype != torch.bfloat16 and not _FORCE_DEVICE_PATH:
+        a = blob.numpy(force=True)
+        return int(np.count_nonzero(a if dtype is None else a.view(dtype)))
+    return int(torch.count_nonzero(blob if dtype is None else blob.view(_TORCH_VIEW[dtype])))
+
+
+_TORCH_VIEW = {np.complex128: torch.complex128, np.int64: torch.int64}

@@ -1,8 +1,8 @@
 """What one OHEM forward decided, for "which RoIs were kept" logs, pictures and statistics.
 
 The layer builds a ``SelectionRecord`` only when a recorder is attached, and hands it over with
-the tensors still on the layer's device: the recorder decides when (and whether) to copy them to
-the host, e.g. every K-th iteration, so recording costs no host sync per RoI.
+the tensors where it computed them, on the host (CPU tensors; see ``ohem.layer``): the recorder
+decides when (and whether) to keep them, e.g. every K-th iteration.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Every member honours one contract, and the layer calls each the same way:
     policy(loss, labels, context) -> MiningResult
 
 - ``loss``: (R,) float64 per-RoI loss (classification + bbox regression); ``labels``: (R,) long in
-  [0, context.num_labels).
+  [0, context.num_labels). The layer passes these and ``context.rois`` as host (CPU) tensors.
 - ``context``: a ``MiningContext``: ``rois`` (R, 5) [batch_idx, x1, y1, x2, y2] with its views
   ``image_ids`` (R,) and ``boxes`` (R, 4); ``num_labels`` (C of cls_prob); ``cfg``, the config,
   read through ``batch_size``, ``use_nms``, ``nms_thresh`` (TRAIN.BATCH_SIZE, TRAIN.OHEM_USE_NMS,

@@ -499,3 +499,30 @@ def test_batchnorm_without_param_blocks_still_needs_backward_as_in_caffe():
     assert diffs["z"].abs().sum() > 0  # Caffe's IP writes its bottom diff here
     assert not diffs["x"].any()  # an Input blob needs no diff without force_backward
     assert all(p.lr_mult == 0.0 for p in net.learnable_params() if p.owner == "bn")
+
+
+# -- compute dtype: chosen layers under autocast, blobs stay float32 -----------------------------
+def test_set_compute_dtype_runs_layers_under_autocast_and_keeps_float32_blobs():
+    net = make_net('''
+        input: "x" input_shape { dim: 4 dim: 8 }
+        layer { name: "ip1" type: "TestIP" bottom: "x" top: "h"
+                inner_product_param { num_output: 8 weight_filler { type: "gaussian" std: 1 } } }
+        layer { name: "ip2" type: "TestIP" bottom: "h" top: "y"
+                inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 1 } } }
+    ''', phase="TEST")
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0)) * 3
+    want = net.forward({"x": x})
+    net.set_compute_dtype(["ip1"], torch.bfloat16)
+    got = net.forward({"x": x})
+    assert got["h"].dtype == got["y"].dtype == torch.float32
+    w, b = net.layer_params("ip1")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h_bf16 = (x @ w.t() + b).float()  # the layer's forward under autocast, cast back
+    assert torch.equal(got["h"], h_bf16) and not torch.equal(got["h"], want["h"])
+    torch.testing.assert_close(got["h"], want["h"], rtol=0.02, atol=0.1)
+    net.set_compute_dtype(["ip1"], None)  # back to float32: the original numbers
+    assert torch.equal(net.forward({"x": x})["y"], want["y"])
+    with pytest.raises(SpecError, match="no layer named 'ip9'"):
+        net.set_compute_dtype(["ip9"], torch.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16, float16 or float32"):
+        net.set_compute_dtype(["ip1"], torch.int8)

@@ -169,3 +169,64 @@ def test_data_layer_with_some_tops_missing_names_them(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "layer 'data' (Python)" in err and "missing: labels, bbox_targets" in err
     assert len(err.strip().splitlines()) == 1
+
+
+TWO_LOSSES = """
+name: "two_losses"
+input: "score" input_shape { dim: 1 dim: 2 }
+input: "label" input_shape { dim: 1 }
+input: "pred" input_shape { dim: 1 dim: 4 }
+input: "target" input_shape { dim: 1 dim: 4 }
+layer { name: "loss_cls" type: "SoftmaxWithLoss" bottom: "score" bottom: "label" top: "loss_cls" }
+layer { name: "loss_bbox" type: "SmoothL1Loss" bottom: "pred" bottom: "target" top: "loss_bbox"
+        loss_weight: 2 }
+"""
+
+
+def test_solver_writes_each_loss_tops_trajectory(tmp_path):
+    """Three batches, iter_size 2: iteration 0 averages batches 0 and 1, iteration 1 batches 2
+    and 0. Hand-worked per batch: cls -log p[label] with p from the scores, smooth-L1 of d:
+      batch 0: scores (0, 0), label 0 -> ln 2;         d = (0.5, 0, 0, 0) -> 0.125
+      batch 1: scores (0, ln 3), label 0 -> ln 4;      d = (2, 0, 0, 0)   -> 1.5
+      batch 2: scores (0, ln 3), label 1 -> ln(4/3);   d = (0, 0, 0, -1)  -> 0.5
+    loss_per_iter is the weighted total (loss_bbox has loss_weight 2); the tops' own are not."""
+    (tmp_path / "net.prototxt").write_text(TWO_LOSSES)
+    (tmp_path / "solver.prototxt").write_text(
+        'net: "net.prototxt"\nbase_lr: 0.1\nlr_policy: "fixed"\niter_size: 2\nmax_iter: 2\n')
+    ln3 = np.log(3.0)
+    batches = [((0, 0), 0, (0.5, 0, 0, 0)), ((0, ln3), 0, (2, 0, 0, 0)),
+               ((0, ln3), 1, (0, 0, 0, -1))]
+    arrays = {}
+    for k, (score, label, d) in enumerate(batches):
+        arrays[f"batch{k}/score"] = np.array([score], np.float32)
+        arrays[f"batch{k}/label"] = np.array([label], np.float32)
+        arrays[f"batch{k}/pred"] = np.array([d], np.float32)
+    arrays["target"] = np.zeros((1, 4), np.float32)
+    np.savez(tmp_path / "in.npz", **arrays)
+    out = tmp_path / "out.npz"
+    assert main(["run", str(tmp_path / "net.prototxt"), "--inputs", str(tmp_path / "in.npz"),
+                 "--out", str(out), "--solver", str(tmp_path / "solver.prototxt"),
+                 "--iters", "2"]) == 0
+    got = np.load(out)
+    ln2 = np.log(2.0)
+    cls = [(ln2 + 2 * ln2) / 2, (np.log(4 / 3) + ln2) / 2]
+    bbox = [(0.125 + 1.5) / 2, (0.5 + 0.125) / 2]
+    np.testing.assert_allclose(got["loss_cls_per_iter"], cls, rtol=1e-6)
+    np.testing.assert_array_equal(got["loss_bbox_per_iter"], bbox)
+    np.testing.assert_allclose(got["loss_per_iter"], [cls[0] + 2 * bbox[0], cls[1] + 2 * bbox[1]],
+                               rtol=1e-6)
+    assert got["loss_per_iter"].shape == got["loss_cls_per_iter"].shape == (2,)
+
+
+def test_a_loss_top_named_loss_does_not_overwrite_the_total(tmp_path):
+    case = FIXTURES / "solver_step_small"  # its SoftmaxWithLoss top is named "loss"
+    shutil.copy(case / "net.prototxt", tmp_path / "net.prototxt")
+    (tmp_path / "solver.prototxt").write_text(
+        'net: "net.prototxt"\nbase_lr: 0\nlr_policy: "fixed"\nmomentum: 0.9\n')
+    out = tmp_path / "out.npz"
+    assert main(["run", str(tmp_path / "net.prototxt"), "--inputs", str(case / "inputs.npz"),
+                 "--out", str(out), "--weights", str(case / "weights.caffemodel"),
+                 "--solver", str(tmp_path / "solver.prototxt"), "--iters", "2"]) == 0
+    got = np.load(out)
+    assert "loss_per_iter" in got.files and "top/loss_per_iter" in got.files
+    np.testing.assert_allclose(got["top/loss_per_iter"], got["loss_per_iter"], rtol=1e-6)

@@ -503,3 +503,76 @@ def test_float32_ties_among_the_candidates_take_the_general_path(monkeypatch):
     for use_nms in (True, False):
         check_against_reference(arrays, cfg_with(BATCH_SIZE=48, OHEM_USE_NMS=use_nms))
     assert used == [False]
+
+
+# -- random cases full of ties: both selection paths against the reference, index for index ----
+def tied_inputs(rng, n_img, r_per_img):
+    """Inputs whose losses and IoUs tie often: p[label] from a small palette (a share nudged by
+    1e-12, equal in float32 but not in float64), bbox errors from a palette, boxes on a 10 px grid
+    with repeats (IoU exactly 0.7 and 1 occur); half the rows, the hardest, with distinct losses."""
+    arrays = make_inputs(rng, n_img, r_per_img)
+    r = n_img * r_per_img
+    labels = arrays[3].astype(np.int64)
+    p = rng.choice([1e-3, 0.05, 0.3, 0.7], size=r)
+    p = np.where(rng.random(r) < 0.15, p * (1 + 1e-12), p)  # float32 ties, float64 distinct
+    distinct = rng.random(r) < 0.5  # the hardest: distinct losses (the top-K fast path's case)
+    p[distinct] = rng.uniform(1e-9, 1e-6, size=int(distinct.sum()))
+    prob = np.full((r, C), 1e-3, np.float32)
+    prob[np.arange(r), labels] = p.astype(np.float32)
+    targets, inside = arrays[4], arrays[5]
+    err = rng.choice([0.0, 0.5, 2.0], size=(r, 1)) * (inside > 0)
+    pred = (targets + err).astype(np.float32)
+    xy = rng.integers(0, 8, size=(r, 2)) * 10.0
+    wh = rng.choice([70.0, 100.0], size=(r, 2))  # 100 x 100 and 100 x 70 at one corner: IoU 0.7
+    rois = arrays[2].copy()
+    rois[:, 1:] = np.concatenate((xy, xy + wh - 1), 1)
+    rois[rng.random(r) < 0.05, 1:] = rois[0, 1:]  # exact repeats across labels and images
+    return [prob, pred, rois] + list(arrays[3:])
+
+
+def kept_indices(arrays, cfg, active):
+    """The layer's hard indices with a recorder: ``active`` decides NMS for every RoI (the
+    general path); inactive leaves the layer its fast path."""
+    class Recorder(list):
+        def __call__(self, record):
+            self.append(record)
+
+    layer = make_layer(cfg)
+    layer.recorder = Recorder()
+    layer.recorder.active = active
+    layer.forward([torch.from_numpy(a) for a in arrays], [])
+    return layer.recorder[0].keep.tolist()
+
+
+def test_random_ties_keep_the_original_rows_on_both_paths(monkeypatch):
+    used, _ = spy_fast_path(monkeypatch)
+    for seed in range(16):
+        rng = np.random.default_rng(100 + seed)
+        arrays = tied_inputs(rng, int(rng.integers(1, 3)), int(rng.integers(60, 200)))
+        batch = int(rng.choice([8, 16, 32, 128]))
+        use_nms = bool(seed % 4)
+        cfg = cfg_with(BATCH_SIZE=batch, OHEM_USE_NMS=use_nms, OHEM_NMS_THRESH=0.7)
+        loss = ref_loss(arrays[0], arrays[1], arrays[3], *arrays[4:7])
+        hard, _ = ref_select(loss, arrays[2], arrays[3], batch, use_nms, 0.7)
+        assert kept_indices(arrays, cfg, active=True) == hard.tolist(), seed
+        assert kept_indices(arrays, cfg, active=False) == hard.tolist(), seed
+    assert True in used and False in used  # both the top-K fast path and the tie path decided
+
+
+def test_device_gathers_and_counts_equal_the_in_place_host_reads(monkeypatch):
+    from readonly_ohem.ohem import loss as loss_mod
+
+    rng = np.random.default_rng(35)
+    for arrays in (make_inputs(rng, 2, 300), make_inputs(rng, 1, 200, general_weights=True)):
+        t = [torch.from_numpy(a) for a in arrays]
+        lab = t[3].long()
+        want = cls_loss(t[0], lab), bbox_loss(lab, t[1], *t[4:7])
+        monkeypatch.setattr(loss_mod, "_FORCE_DEVICE_PATH", True)  # torch gathers, as on a GPU
+        got = cls_loss(t[0], lab), bbox_loss(lab, t[1], *t[4:7])
+        monkeypatch.setattr(loss_mod, "_FORCE_DEVICE_PATH", False)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        np.testing.assert_allclose((want[0] + want[1]).numpy(),
+                                   ref_loss(arrays[0], arrays[1], arrays[3], *arrays[4:7]),
+                                   rtol=1e-15, atol=0)
+    monkeypatch.setattr(loss_mod, "_FORCE_DEVICE_PATH", True)
+    check_against_reference(make_inputs(rng, 2, 400), cfg_with(BATCH_SIZE=64))

@@ -14,7 +14,9 @@ need-backward analysis (``BackwardPlan``). Running it copies Caffe's ``Net::Forw
 - a layer whose tops reach no loss through edges that carry gradient runs under
   ``torch.no_grad()``; a bottom that gets no gradient is detached; a param with ``lr_mult: 0``
   gets no gradient (unless ``force_backward``);
-- the loss is Σ loss_weight · top.sum() over the loss tops.
+- the loss is Σ loss_weight · top.sum() over the loss tops;
+- all in float32, as Caffe; ``set_compute_dtype`` lets chosen layers run under ``torch.autocast``
+  (e.g. bfloat16) for speed, their tops cast back to float32, so every blob stays float32.
 
 Blob diffs in Caffe's sense (``blob_diffs``): an in-place chain shares one diff buffer, so the
 diff left after backward is the gradient w.r.t. the input of the first in-place layer that
@@ -23,6 +25,7 @@ writes its bottom diff (usually the first version of the blob).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -87,6 +90,7 @@ class Net(nn.Module):
                     self.loss_weights[t] = w
         self._diff_tensors: dict[str, torch.Tensor] = {}
         self._seeds: dict[str, torch.Tensor] = {}
+        self._compute_dtype: dict[str, torch.dtype] = {}  # layer -> autocast dtype
         self._plan_backward()
 
     @classmethod
@@ -112,6 +116,20 @@ class Net(nn.Module):
                 used[pid] = used[pid] or g
         for p, u in zip(self._params, used):
             p.requires_grad_(u)
+
+    def set_compute_dtype(self, layers: Iterable[str], dtype: torch.dtype | None) -> None:
+        """Run ``layers`` (names) under ``torch.autocast(dtype)`` (bfloat16 or float16), or back in
+        float32 (``dtype`` None or float32). Their tops are cast back to float32: blobs stay
+        float32 between layers, as Caffe's."""
+        if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"compute dtype must be bfloat16, float16 or float32, got {dtype}")
+        for name in layers:
+            if name not in self._by_name:
+                raise SpecError(f"{self.source}: no layer named {name!r}")
+            if dtype in (None, torch.float32):
+                self._compute_dtype.pop(name, None)
+            else:
+                self._compute_dtype[name] = dtype
 
     # -- running ------------------------------------------------------------------------------
     @property
@@ -183,9 +201,13 @@ class Net(nn.Module):
                 bottoms.append(x if rec.bottom_grad[i] else x.detach())
             params = [self._param_as(pid, shape, g)
                       for pid, shape, g in zip(rec.param_ids, rec.param_shapes, rec.param_grad)]
-            with torch.set_grad_enabled(grad_on and rec.need_backward):
+            dtype = self._compute_dtype.get(rec.name)
+            cast = nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
+            with torch.set_grad_enabled(grad_on and rec.need_backward), cast:
                 tops = rec.module(bottoms, params)
             self._check_tops(rec, tops)
+            if dtype is not None:
+                tops = [x.float() if x.dtype in (torch.bfloat16, torch.float16) else x for x in tops]
             for j, (t, x) in enumerate(zip(rec.tops, tops)):
                 if any(x is y for y in blobs.values()) or any(x is y for y in params):
                     x = x.view_as(x)  # a distinct autograd node, so each blob keeps its own diff
