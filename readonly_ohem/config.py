@@ -157,17 +157,20 @@ def default_config() -> Config:
         PROPOSAL_METHOD="selective_search",  # which proposals the imdb loads
         ASPECT_GROUPING=True,  # pair landscape with landscape, portrait with portrait
         HAS_RPN=False,  # (Faster R-CNN; unused here)
-        RPN_POSITIVE_OVERLAP=0.7,
-        RPN_NEGATIVE_OVERLAP=0.3,
-        RPN_CLOBBER_POSITIVES=False,
-        RPN_FG_FRACTION=0.5,
-        RPN_BATCHSIZE=256,
-        RPN_NMS_THRESH=0.7,
-        RPN_PRE_NMS_TOP_N=12000,
-        RPN_POST_NMS_TOP_N=2000,
-        RPN_MIN_SIZE=16,
-        RPN_BBOX_INSIDE_WEIGHTS=(1.0, 1.0, 1.0, 1.0),
-        RPN_POSITIVE_WEIGHT=-1.0,
+        RPN_POSITIVE_OVERLAP=0.7,  # anchor IoU >= this with a gt box: positive (AnchorTargetLayer)
+        RPN_NEGATIVE_OVERLAP=0.3,  # best IoU < this: negative
+        RPN_CLOBBER_POSITIVES=False,  # True: an anchor both positive and negative is negative
+        RPN_FG_FRACTION=0.5,  # at most this share of RPN_BATCHSIZE anchors is positive
+        RPN_BATCHSIZE=256,  # anchors per image that get a label (the rest: -1, ignored)
+        RPN_NMS_THRESH=0.7,  # NMS IoU on proposals while training (ProposalLayer, TRAIN phase)
+        RPN_PRE_NMS_TOP_N=12000,  # best-scoring proposals kept before NMS (<= 0: all)
+        RPN_POST_NMS_TOP_N=2000,  # proposals kept after NMS (<= 0: all)
+        RPN_MIN_SIZE=16,  # proposals need both sides >= this, in original-image pixels
+        RPN_BBOX_INSIDE_WEIGHTS=(1.0, 1.0, 1.0, 1.0),  # inside weights of positive anchors
+        RPN_POSITIVE_WEIGHT=-1.0,  # < 0: every labelled anchor 1/N; p in (0, 1): p/#pos, (1-p)/#neg
+        # -- ours, for the RPN layers (rpn/) --
+        RPN_GUARD_ZERO_OVERLAP_GT=False,  # True: a gt box with IoU 0 to every inside anchor marks
+        # none of them positive (the original makes every inside anchor "best" for it: positive)
         USE_OHEM=False,  # the data layer hands over every RoI; OHEMDataLayer picks the hard ones
         OHEM_USE_NMS=True,  # de-duplicate by NMS (per image and label, loss as score) before top-k
         OHEM_NMS_THRESH=0.7,  # suppress IoU > this (+1 pixel areas), as the GPU NMS kernel does
@@ -185,7 +188,7 @@ def default_config() -> Config:
         BBOX_REG=True,  # apply the predicted box deltas
         HAS_RPN=False,
         PROPOSAL_METHOD="selective_search",
-        RPN_NMS_THRESH=0.7,
+        RPN_NMS_THRESH=0.7,  # the ProposalLayer's keys in the TEST phase
         RPN_PRE_NMS_TOP_N=6000,
         RPN_POST_NMS_TOP_N=300,
         RPN_MIN_SIZE=16,

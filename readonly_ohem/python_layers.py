@@ -1,7 +1,9 @@
 """The application's Python layers: importing this module registers every one of them.
 
 ``roi_data_layer.layer.RoIDataLayer`` (``roi_data.layer``) and ``roi_data_layer.layer.OHEMDataLayer``
-(``ohem.layer``), under the original code's module and class names so the original prototxts load
+(``ohem.layer``), and the Faster R-CNN RPN layers ``rpn.anchor_target_layer.AnchorTargetLayer``,
+``rpn.proposal_layer.ProposalLayer``, ``rpn.proposal_target_layer.ProposalTargetLayer`` (``rpn``),
+under the original code's module and class names so the original prototxts load
 unmodified. The Caffe engine names no application module; entry points that build nets from
 specs (the commands, ``train``) import this module, and so does a script that builds such a net.
 A package adding Python layers imports its module here and declares it in ``pyproject.toml``'s
@@ -10,3 +12,6 @@ A package adding Python layers imports its module here and declares it in ``pypr
 
 from readonly_ohem.ohem import layer as ohem_layer  # noqa: F401  (registers OHEMDataLayer)
 from readonly_ohem.roi_data import layer as roi_data_layer  # noqa: F401  (registers RoIDataLayer)
+from readonly_ohem.rpn import anchor_target_layer  # noqa: F401  (registers AnchorTargetLayer)
+from readonly_ohem.rpn import proposal_layer  # noqa: F401  (registers ProposalLayer)
+from readonly_ohem.rpn import proposal_target_layer  # noqa: F401  (registers ProposalTargetLayer)

@@ -1,0 +1,115 @@
+"""ProposalLayer: the RPN's object proposals (the original ``rpn/proposal_layer.py``).
+
+Prototxt: ``type: "Python"``, ``python_param { module: "rpn.proposal_layer" layer: "ProposalLayer"
+param_str: "'feat_stride': 16" }``; optional ``scales`` (default [8, 16, 32]).
+
+Bottoms: rpn_cls_prob_reshape (1, 2A, H, W) (channels A.. are the foreground probabilities),
+rpn_bbox_pred (1, 4A, H, W), im_info (1, 3) ``[height, width, scale]``.
+Tops, float32 on the bottoms' device: rois (R, 5) ``[0, x1, y1, x2, y2]``, best first, and
+optionally scores (R, 1). No gradient goes back (the original's backward is empty: approximate
+joint training).
+
+The original's order, with the keys of the net's phase (``TRAIN.*`` or ``TEST.*``):
+decode the deltas on the shifted anchors (``bbox_transform_inv``, float32) -> clip to the image
+-> drop boxes with a side below ``RPN_MIN_SIZE * im_info[2]`` -> sort by score, keep the first
+``RPN_PRE_NMS_TOP_N`` (<= 0: all) -> NMS at ``RPN_NMS_THRESH`` (``ops.nms``: IoU > thresh, the
+GPU kernel's float32 arithmetic) -> keep the first ``RPN_POST_NMS_TOP_N`` (<= 0: all).
+Sorting as the original: once here and once more inside NMS (``argsort()[::-1]`` each time),
+deterministic with ``ops.nms.descending_order`` (ties: higher index first, per sort). NMS stops
+as soon as ``RPN_POST_NMS_TOP_N`` boxes are kept: the rest could not be output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from readonly_ohem.caffe.layers.base import Layer, register_python
+from readonly_ohem.caffe.layers.python import parse_param_str
+from readonly_ohem.config import default_config
+from readonly_ohem.ops.boxes import bbox_transform_inv, clip_boxes
+from readonly_ohem.ops.nms import descending_order, greedy_nms
+from readonly_ohem.rpn.anchors import layer_anchors, shifted_anchors
+from readonly_ohem.rpn.checks import check_im_info, check_unknown_keys
+
+
+def filter_small(boxes: torch.Tensor, min_size: float) -> torch.Tensor:
+    """Indices of (N, 4) boxes whose sides ``x2 - x1 + 1`` are both >= ``min_size``, compared
+    in the boxes' dtype (numpy casts the scalar to the float32 array's dtype)."""
+    ws = boxes[:, 2] - boxes[:, 0] + 1
+    hs = boxes[:, 3] - boxes[:, 1] + 1
+    thr = torch.tensor(min_size, dtype=boxes.dtype, device=boxes.device)
+    return torch.nonzero((ws >= thr) & (hs >= thr)).squeeze(1)
+
+
+def proposals(scores: torch.Tensor, bbox_deltas: torch.Tensor, im_info: torch.Tensor,
+              anchors: torch.Tensor, feat_stride: float, pre_nms_top_n: int,
+              post_nms_top_n: int, nms_thresh: float, min_size: float
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rois (R, 5), scores (R, 1)) float32 for one image: scores (1, A, H, W) foreground
+    probabilities, bbox_deltas (1, 4A, H, W), im_info (>= 1, 3), anchors (A, 4) float64."""
+    dev = scores.device
+    height, width = scores.shape[-2:]
+    all_anchors = shifted_anchors(anchors.to(dev), height, width, feat_stride)
+    deltas = bbox_deltas.permute(0, 2, 3, 1).reshape(-1, 4)  # rows (h, w, a), as the anchors
+    scores = scores.permute(0, 2, 3, 1).reshape(-1)
+    boxes = bbox_transform_inv(all_anchors, deltas)  # anchors cast to the deltas' dtype
+    info = im_info[0].double().tolist()
+    boxes = clip_boxes(boxes, info[:2])
+    keep = filter_small(boxes, min_size * info[2])  # a float64 product, as the numpy of 2015
+    boxes, scores = boxes[keep], scores[keep]
+
+    order = descending_order(scores)
+    if pre_nms_top_n > 0:
+        order = order[:pre_nms_top_n]
+    boxes, scores = boxes[order], scores[order]
+
+    max_keep = post_nms_top_n if post_nms_top_n > 0 else None
+    keep, _ = greedy_nms(boxes, nms_thresh, scores=scores, max_keep=max_keep)
+    if max_keep is not None:
+        keep = keep[:max_keep]
+    boxes, scores = boxes[keep], scores[keep]
+    rois = torch.cat((torch.zeros((boxes.shape[0], 1), dtype=torch.float32, device=dev),
+                      boxes.to(torch.float32)), dim=1)
+    return rois, scores.to(torch.float32)[:, None]
+
+
+@register_python("rpn.proposal_layer", "ProposalLayer")
+class ProposalLayer(Layer):
+    backprop_to_bottoms = False
+    min_bottoms = max_bottoms = 3
+    min_tops, max_tops = 1, 2
+
+    def __init__(self, param, ctx):
+        super().__init__(param, ctx)
+        self.cfg = ctx.cfg if ctx.cfg is not None else default_config()
+        params = parse_param_str(param)
+        check_unknown_keys(self, params, ("feat_stride", "scales"))
+        self.feat_stride, anchors = layer_anchors(self, params)
+        self.register_buffer("anchors", anchors, persistent=False)
+
+    @property
+    def num_anchors(self) -> int:
+        return int(self.anchors.shape[0])
+
+    def top_shapes(self, bottom_shapes):
+        """The original's shapes at setup (the real R is known after a forward)."""
+        return [(1, 5), (1, 1, 1, 1)][: len(self.param.top)]
+
+    def forward(self, bottoms, params):
+        prob, deltas, im_info = (b.detach() for b in bottoms)
+        a = self.num_anchors
+        if prob.dim() != 4 or prob.shape[0] != 1 or prob.shape[1] != 2 * a:
+            raise self.error(f"bottom {self.param.bottom[0]!r} must be (1, {2 * a}, H, W) (bg "
+                             f"then fg probabilities of {a} anchors, one image), got "
+                             f"{tuple(prob.shape)}")
+        want = (1, 4 * a) + tuple(prob.shape[-2:])
+        if tuple(deltas.shape) != want:
+            raise self.error(f"bottom {self.param.bottom[1]!r} must be {want}, got "
+                             f"{tuple(deltas.shape)}")
+        check_im_info(self, im_info, 2)
+        c = self.cfg[self.ctx.phase]  # TRAIN or TEST keys, by the net's phase
+        with torch.no_grad():
+            rois, scores = proposals(prob[:, a:], deltas.to(prob.device), im_info, self.anchors,
+                                     self.feat_stride, c.RPN_PRE_NMS_TOP_N, c.RPN_POST_NMS_TOP_N,
+                                     c.RPN_NMS_THRESH, c.RPN_MIN_SIZE)
+        return [rois, scores][: len(self.param.top)]
