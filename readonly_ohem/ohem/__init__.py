@@ -11,6 +11,8 @@
 - ``family``    the reference write-ups' losses, exact (mtcnn_cls_ohem, rpn_topk_class_loss,
                 topk_cross_entropy, batch_weighted_focal_loss, ssd_loss_torchcv, ssd_losses_tf)
 - ``record``    SelectionRecord, what one forward decided (for logs and pictures)
+- ``focal_layer`` FocalLossLayer, the focal loss as a Python loss layer (the RoI head's other
+                choice; registered when ``readonly_ohem.python_layers`` is imported)
 
 Importing this package registers ``OHEMDataLayer`` as the Python layer
 ``("roi_data_layer.layer", "OHEMDataLayer")``.
