@@ -6,7 +6,8 @@ Two floors. The Caffe engine, which knows nothing of detection:
   Caffe's type (``layers``; ``layers.python``: the Python-layer registry), ``.caffemodel`` I/O
   (``weights``), SGD (``solver``), the layer table (``summary``), TF32 off for
   Caffe's float32 (``precision.use_caffe_float32``, called by the entry points, never on import)
-- ``ops``          boxes, NMS, RoI pooling: leaves every floor uses
+- ``ops``          boxes, NMS (``nms_window``: its pass for many boxes), RoI pooling: leaves every
+  floor uses
 
 The detection application on top, in pipeline order:
 
@@ -15,6 +16,8 @@ The detection application on top, in pipeline order:
 - ``roi_data``     the training roidb, minibatches, image blobs, ``RoIDataLayer``
 - ``ohem``         ``OHEMDataLayer``, per-RoI loss, selection, mining policies, selection records,
                    the reference family
+- ``rpn``          Faster R-CNN's RPN layers (``AnchorTargetLayer``, ``ProposalLayer``,
+  ``ProposalTargetLayer``) and ``generate_anchors``
 - ``python_layers`` importing it registers the application's Python layers with the engine
 - ``train``        the training sequence and loop (snapshots, resume, DDP via ``distributed``)
 - ``detection``    ``im_detect`` / ``test_net`` (the original ``fast_rcnn/test.py``), drawing

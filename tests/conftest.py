@@ -41,3 +41,13 @@ def hand_log(tmp_path) -> Path:
     logger(record(**REC0), iteration=0, metas=[META])
     logger(record(**REC1), iteration=1, metas=[META])
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: on a busy 2-core machine each parallel region of a small
+    op (searchsorted, repeat_interleave) can wait milliseconds for the other core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

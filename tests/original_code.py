@@ -1,6 +1,8 @@
 """Transcriptions of the original py-faster-rcnn / OHEM code that several tests (and
-``scripts/bench_mining.py``) compare against: ``py_cpu_nms``, and the OHEMDataLayer's
-``ohem_loss``, ``select_hard_examples``, ``get_ohem_minibatch``.
+``scripts/bench_*.py``) compare against: ``py_cpu_nms``; the OHEMDataLayer's ``ohem_loss``,
+``select_hard_examples``, ``get_ohem_minibatch``; ``voc_eval``; the RPN layers' forwards
+(``anchor_target_layer_forward``, ``proposal_layer_forward``, ``proposal_target_layer_forward``,
+with ``generate_anchors`` and the Cython ``bbox_overlaps`` as plain loops).
 
 Kept line for line (only made parametrizable where tests need a deterministic variant, e.g.
 ``argsort_desc``), so a test's reference is the original algorithm, not a second implementation
@@ -204,3 +206,364 @@ def parse_rec(filename):
         objects.append({"name": obj.find("name").text, "difficult": int(obj.find("difficult").text),
                         "bbox": [int(bbox.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax")]})
     return objects
+
+
+# -- py-faster-rcnn lib/rpn/*.py, lib/utils/bbox.pyx, lib/fast_rcnn/bbox_transform.py ------------
+# Python 3 / NumPy 2 syntax only: ``xrange`` -> ``range``, ``np.float`` -> ``np.float64``, ``/``
+# -> ``//`` where Python 2 divided ints, ``int()`` where NumPy 2 refuses a float size or index.
+# The global ``cfg`` and ``npr`` become arguments (``cfg``: our Config; ``npr``: a RandomState);
+# the Caffe blobs become arrays in, arrays out. ``argsort_desc`` is the sort of both the proposal
+# layer and the NMS it calls (the GPU NMS sorts again, as ``py_cpu_nms`` does).
+
+def generate_anchors(base_size=16, ratios=[0.5, 1, 2], scales=2 ** np.arange(3, 6)):
+    """Generate anchor (reference) windows by enumerating aspect ratios X
+    scales wrt a reference (0, 0, 15, 15) window."""
+    base_anchor = np.array([1, 1, base_size, base_size]) - 1
+    ratio_anchors = _ratio_enum(base_anchor, ratios)
+    anchors = np.vstack([_scale_enum(ratio_anchors[i, :], scales)
+                         for i in range(ratio_anchors.shape[0])])
+    return anchors
+
+
+def _whctrs(anchor):
+    w = anchor[2] - anchor[0] + 1
+    h = anchor[3] - anchor[1] + 1
+    x_ctr = anchor[0] + 0.5 * (w - 1)
+    y_ctr = anchor[1] + 0.5 * (h - 1)
+    return w, h, x_ctr, y_ctr
+
+
+def _mkanchors(ws, hs, x_ctr, y_ctr):
+    ws = ws[:, np.newaxis]
+    hs = hs[:, np.newaxis]
+    anchors = np.hstack((x_ctr - 0.5 * (ws - 1),
+                         y_ctr - 0.5 * (hs - 1),
+                         x_ctr + 0.5 * (ws - 1),
+                         y_ctr + 0.5 * (hs - 1)))
+    return anchors
+
+
+def _ratio_enum(anchor, ratios):
+    w, h, x_ctr, y_ctr = _whctrs(anchor)
+    size = w * h
+    size_ratios = size / ratios
+    ws = np.round(np.sqrt(size_ratios))
+    hs = np.round(ws * ratios)
+    anchors = _mkanchors(ws, hs, x_ctr, y_ctr)
+    return anchors
+
+
+def _scale_enum(anchor, scales):
+    w, h, x_ctr, y_ctr = _whctrs(anchor)
+    ws = w * scales
+    hs = h * scales
+    anchors = _mkanchors(ws, hs, x_ctr, y_ctr)
+    return anchors
+
+
+def bbox_overlaps_loops(boxes, query_boxes):
+    """``utils/bbox.pyx``: the Cython double loop, in float64."""
+    N = boxes.shape[0]
+    K = query_boxes.shape[0]
+    overlaps = np.zeros((N, K), dtype=np.float64)
+    for k in range(K):
+        box_area = ((query_boxes[k, 2] - query_boxes[k, 0] + 1) *
+                    (query_boxes[k, 3] - query_boxes[k, 1] + 1))
+        for n in range(N):
+            iw = min(boxes[n, 2], query_boxes[k, 2]) - max(boxes[n, 0], query_boxes[k, 0]) + 1
+            if iw > 0:
+                ih = min(boxes[n, 3], query_boxes[k, 3]) - max(boxes[n, 1], query_boxes[k, 1]) + 1
+                if ih > 0:
+                    ua = float((boxes[n, 2] - boxes[n, 0] + 1) *
+                               (boxes[n, 3] - boxes[n, 1] + 1) +
+                               box_area - iw * ih)
+                    overlaps[n, k] = iw * ih / ua
+    return overlaps
+
+
+def np_bbox_transform(ex_rois, gt_rois):
+    ex_widths = ex_rois[:, 2] - ex_rois[:, 0] + 1.0
+    ex_heights = ex_rois[:, 3] - ex_rois[:, 1] + 1.0
+    ex_ctr_x = ex_rois[:, 0] + 0.5 * ex_widths
+    ex_ctr_y = ex_rois[:, 1] + 0.5 * ex_heights
+    gt_widths = gt_rois[:, 2] - gt_rois[:, 0] + 1.0
+    gt_heights = gt_rois[:, 3] - gt_rois[:, 1] + 1.0
+    gt_ctr_x = gt_rois[:, 0] + 0.5 * gt_widths
+    gt_ctr_y = gt_rois[:, 1] + 0.5 * gt_heights
+    targets_dx = (gt_ctr_x - ex_ctr_x) / ex_widths
+    targets_dy = (gt_ctr_y - ex_ctr_y) / ex_heights
+    targets_dw = np.log(gt_widths / ex_widths)
+    targets_dh = np.log(gt_heights / ex_heights)
+    targets = np.vstack((targets_dx, targets_dy, targets_dw, targets_dh)).transpose()
+    return targets
+
+
+def np_bbox_transform_inv(boxes, deltas):
+    if boxes.shape[0] == 0:
+        return np.zeros((0, deltas.shape[1]), dtype=deltas.dtype)
+    boxes = boxes.astype(deltas.dtype, copy=False)
+    widths = boxes[:, 2] - boxes[:, 0] + 1.0
+    heights = boxes[:, 3] - boxes[:, 1] + 1.0
+    ctr_x = boxes[:, 0] + 0.5 * widths
+    ctr_y = boxes[:, 1] + 0.5 * heights
+    dx = deltas[:, 0::4]
+    dy = deltas[:, 1::4]
+    dw = deltas[:, 2::4]
+    dh = deltas[:, 3::4]
+    pred_ctr_x = dx * widths[:, np.newaxis] + ctr_x[:, np.newaxis]
+    pred_ctr_y = dy * heights[:, np.newaxis] + ctr_y[:, np.newaxis]
+    pred_w = np.exp(dw) * widths[:, np.newaxis]
+    pred_h = np.exp(dh) * heights[:, np.newaxis]
+    pred_boxes = np.zeros(deltas.shape, dtype=deltas.dtype)
+    pred_boxes[:, 0::4] = pred_ctr_x - 0.5 * pred_w
+    pred_boxes[:, 1::4] = pred_ctr_y - 0.5 * pred_h
+    pred_boxes[:, 2::4] = pred_ctr_x + 0.5 * pred_w
+    pred_boxes[:, 3::4] = pred_ctr_y + 0.5 * pred_h
+    return pred_boxes
+
+
+def np_clip_boxes(boxes, im_shape):
+    boxes[:, 0::4] = np.maximum(np.minimum(boxes[:, 0::4], im_shape[1] - 1), 0)
+    boxes[:, 1::4] = np.maximum(np.minimum(boxes[:, 1::4], im_shape[0] - 1), 0)
+    boxes[:, 2::4] = np.maximum(np.minimum(boxes[:, 2::4], im_shape[1] - 1), 0)
+    boxes[:, 3::4] = np.maximum(np.minimum(boxes[:, 3::4], im_shape[0] - 1), 0)
+    return boxes
+
+
+def _unmap(data, count, inds, fill=0):
+    if len(data.shape) == 1:
+        ret = np.empty((count, ), dtype=np.float32)
+        ret.fill(fill)
+        ret[inds] = data
+    else:
+        ret = np.empty((count, ) + data.shape[1:], dtype=np.float32)
+        ret.fill(fill)
+        ret[inds, :] = data
+    return ret
+
+
+def anchor_target_layer_forward(rpn_cls_score, gt_boxes, im_info, cfg, npr, feat_stride=16,
+                                scales=(8, 16, 32), allowed_border=0):
+    """``AnchorTargetLayer.setup`` + ``forward``: (labels, bbox_targets, bbox_inside_weights,
+    bbox_outside_weights) as the tops hold them."""
+    _anchors = generate_anchors(scales=np.array(scales))
+    _num_anchors = _anchors.shape[0]
+    _feat_stride = feat_stride
+    _allowed_border = allowed_border
+    assert rpn_cls_score.shape[0] == 1, 'Only single item batches are supported'
+    height, width = rpn_cls_score.shape[-2:]
+    im_info = im_info[0, :]
+    shift_x = np.arange(0, width) * _feat_stride
+    shift_y = np.arange(0, height) * _feat_stride
+    shift_x, shift_y = np.meshgrid(shift_x, shift_y)
+    shifts = np.vstack((shift_x.ravel(), shift_y.ravel(),
+                        shift_x.ravel(), shift_y.ravel())).transpose()
+    A = _num_anchors
+    K = shifts.shape[0]
+    all_anchors = (_anchors.reshape((1, A, 4)) +
+                   shifts.reshape((1, K, 4)).transpose((1, 0, 2)))
+    all_anchors = all_anchors.reshape((K * A, 4))
+    total_anchors = int(K * A)
+    inds_inside = np.where(
+        (all_anchors[:, 0] >= -_allowed_border) &
+        (all_anchors[:, 1] >= -_allowed_border) &
+        (all_anchors[:, 2] < im_info[1] + _allowed_border) &  # width
+        (all_anchors[:, 3] < im_info[0] + _allowed_border)    # height
+    )[0]
+    anchors = all_anchors[inds_inside, :]
+    labels = np.empty((len(inds_inside), ), dtype=np.float32)
+    labels.fill(-1)
+    overlaps = bbox_overlaps_loops(
+        np.ascontiguousarray(anchors, dtype=np.float64),
+        np.ascontiguousarray(gt_boxes, dtype=np.float64))
+    argmax_overlaps = overlaps.argmax(axis=1)
+    max_overlaps = overlaps[np.arange(len(inds_inside)), argmax_overlaps]
+    gt_argmax_overlaps = overlaps.argmax(axis=0)
+    gt_max_overlaps = overlaps[gt_argmax_overlaps,
+                               np.arange(overlaps.shape[1])]
+    gt_argmax_overlaps = np.where(overlaps == gt_max_overlaps)[0]
+    if not cfg.TRAIN.RPN_CLOBBER_POSITIVES:
+        labels[max_overlaps < cfg.TRAIN.RPN_NEGATIVE_OVERLAP] = 0
+    labels[gt_argmax_overlaps] = 1
+    labels[max_overlaps >= cfg.TRAIN.RPN_POSITIVE_OVERLAP] = 1
+    if cfg.TRAIN.RPN_CLOBBER_POSITIVES:
+        labels[max_overlaps < cfg.TRAIN.RPN_NEGATIVE_OVERLAP] = 0
+    num_fg = int(cfg.TRAIN.RPN_FG_FRACTION * cfg.TRAIN.RPN_BATCHSIZE)
+    fg_inds = np.where(labels == 1)[0]
+    if len(fg_inds) > num_fg:
+        disable_inds = npr.choice(
+            fg_inds, size=(len(fg_inds) - num_fg), replace=False)
+        labels[disable_inds] = -1
+    num_bg = cfg.TRAIN.RPN_BATCHSIZE - np.sum(labels == 1)
+    bg_inds = np.where(labels == 0)[0]
+    if len(bg_inds) > num_bg:
+        disable_inds = npr.choice(
+            bg_inds, size=(len(bg_inds) - num_bg), replace=False)
+        labels[disable_inds] = -1
+    bbox_targets = np.zeros((len(inds_inside), 4), dtype=np.float32)
+    bbox_targets = _anchor_compute_targets(anchors, gt_boxes[argmax_overlaps, :])
+    bbox_inside_weights = np.zeros((len(inds_inside), 4), dtype=np.float32)
+    bbox_inside_weights[labels == 1, :] = np.array(cfg.TRAIN.RPN_BBOX_INSIDE_WEIGHTS)
+    bbox_outside_weights = np.zeros((len(inds_inside), 4), dtype=np.float32)
+    with np.errstate(divide="ignore"):  # a count of 0 gives an unused inf, as in the original
+        if cfg.TRAIN.RPN_POSITIVE_WEIGHT < 0:
+            num_examples = np.sum(labels >= 0)
+            positive_weights = np.ones((1, 4)) * 1.0 / num_examples
+            negative_weights = np.ones((1, 4)) * 1.0 / num_examples
+        else:
+            assert ((cfg.TRAIN.RPN_POSITIVE_WEIGHT > 0) &
+                    (cfg.TRAIN.RPN_POSITIVE_WEIGHT < 1))
+            positive_weights = (cfg.TRAIN.RPN_POSITIVE_WEIGHT /
+                                np.sum(labels == 1))
+            negative_weights = ((1.0 - cfg.TRAIN.RPN_POSITIVE_WEIGHT) /
+                                np.sum(labels == 0))
+    bbox_outside_weights[labels == 1, :] = positive_weights
+    bbox_outside_weights[labels == 0, :] = negative_weights
+    labels = _unmap(labels, total_anchors, inds_inside, fill=-1)
+    bbox_targets = _unmap(bbox_targets, total_anchors, inds_inside, fill=0)
+    bbox_inside_weights = _unmap(bbox_inside_weights, total_anchors, inds_inside, fill=0)
+    bbox_outside_weights = _unmap(bbox_outside_weights, total_anchors, inds_inside, fill=0)
+    labels = labels.reshape((1, height, width, A)).transpose(0, 3, 1, 2)
+    labels = labels.reshape((1, 1, A * height, width))
+    bbox_targets = bbox_targets \
+        .reshape((1, height, width, A * 4)).transpose(0, 3, 1, 2)
+    bbox_inside_weights = bbox_inside_weights \
+        .reshape((1, height, width, A * 4)).transpose(0, 3, 1, 2)
+    bbox_outside_weights = bbox_outside_weights \
+        .reshape((1, height, width, A * 4)).transpose(0, 3, 1, 2)
+    return labels, bbox_targets, bbox_inside_weights, bbox_outside_weights
+
+
+def _anchor_compute_targets(ex_rois, gt_rois):
+    assert ex_rois.shape[0] == gt_rois.shape[0]
+    assert ex_rois.shape[1] == 4
+    assert gt_rois.shape[1] == 5
+    return np_bbox_transform(ex_rois, gt_rois[:, :4]).astype(np.float32, copy=False)
+
+
+def proposal_layer_forward(rpn_cls_prob_reshape, rpn_bbox_pred, im_info, cfg, phase="TRAIN",
+                           feat_stride=16, scales=(8, 16, 32), argsort_desc=argsort_desc_numpy):
+    """``ProposalLayer.setup`` + ``forward`` with the NMS of the released code as
+    ``py_cpu_nms`` (IoU > thresh suppresses, float32, sorting again): (rois, scores)."""
+    _feat_stride = feat_stride
+    _anchors = generate_anchors(scales=np.array(scales))
+    _num_anchors = _anchors.shape[0]
+    assert rpn_cls_prob_reshape.shape[0] == 1, 'Only single item batches are supported'
+    cfg_key = phase
+    pre_nms_topN = cfg[cfg_key].RPN_PRE_NMS_TOP_N
+    post_nms_topN = cfg[cfg_key].RPN_POST_NMS_TOP_N
+    nms_thresh = cfg[cfg_key].RPN_NMS_THRESH
+    min_size = cfg[cfg_key].RPN_MIN_SIZE
+    scores = rpn_cls_prob_reshape[:, _num_anchors:, :, :]
+    bbox_deltas = rpn_bbox_pred
+    im_info = im_info[0, :]
+    height, width = scores.shape[-2:]
+    shift_x = np.arange(0, width) * _feat_stride
+    shift_y = np.arange(0, height) * _feat_stride
+    shift_x, shift_y = np.meshgrid(shift_x, shift_y)
+    shifts = np.vstack((shift_x.ravel(), shift_y.ravel(),
+                        shift_x.ravel(), shift_y.ravel())).transpose()
+    A = _num_anchors
+    K = shifts.shape[0]
+    anchors = _anchors.reshape((1, A, 4)) + \
+        shifts.reshape((1, K, 4)).transpose((1, 0, 2))
+    anchors = anchors.reshape((K * A, 4))
+    bbox_deltas = bbox_deltas.transpose((0, 2, 3, 1)).reshape((-1, 4))
+    scores = scores.transpose((0, 2, 3, 1)).reshape((-1, 1))
+    proposals = np_bbox_transform_inv(anchors, bbox_deltas)
+    proposals = np_clip_boxes(proposals, im_info[:2])
+    keep = _filter_boxes(proposals, min_size * im_info[2])
+    proposals = proposals[keep, :]
+    scores = scores[keep]
+    order = argsort_desc(scores.ravel())
+    if pre_nms_topN > 0:
+        order = order[:pre_nms_topN]
+    proposals = proposals[order, :]
+    scores = scores[order]
+    dets = np.hstack((proposals, scores))
+    keep = py_cpu_nms(dets, nms_thresh, argsort_desc) if dets.shape[0] else []
+    if post_nms_topN > 0:
+        keep = keep[:post_nms_topN]
+    proposals = proposals[keep, :]
+    scores = scores[keep]
+    batch_inds = np.zeros((proposals.shape[0], 1), dtype=np.float32)
+    blob = np.hstack((batch_inds, proposals.astype(np.float32, copy=False)))
+    return blob, scores
+
+
+def _filter_boxes(boxes, min_size):
+    ws = boxes[:, 2] - boxes[:, 0] + 1
+    hs = boxes[:, 3] - boxes[:, 1] + 1
+    keep = np.where((ws >= min_size) & (hs >= min_size))[0]
+    return keep
+
+
+def proposal_target_layer_forward(all_rois, gt_boxes, num_classes, cfg, npr):
+    """``ProposalTargetLayer.forward``: (rois, labels, bbox_targets, bbox_inside_weights,
+    bbox_outside_weights). ``TRAIN.BATCH_SIZE: -1`` is every RoI (py-R-FCN's line)."""
+    zeros = np.zeros((gt_boxes.shape[0], 1), dtype=gt_boxes.dtype)
+    all_rois = np.vstack(
+        (all_rois, np.hstack((zeros, gt_boxes[:, :-1])))
+    )
+    assert np.all(all_rois[:, 0] == 0), 'Only single item batches are supported'
+    num_images = 1
+    rois_per_image = np.inf if cfg.TRAIN.BATCH_SIZE == -1 else cfg.TRAIN.BATCH_SIZE // num_images
+    fg_rois_per_image = np.round(cfg.TRAIN.FG_FRACTION * rois_per_image)
+    labels, rois, bbox_targets, bbox_inside_weights = _sample_rois(
+        all_rois, gt_boxes, fg_rois_per_image, rois_per_image, num_classes, cfg, npr)
+    bbox_outside_weights = np.array(bbox_inside_weights > 0).astype(np.float32)
+    return rois, labels, bbox_targets, bbox_inside_weights, bbox_outside_weights
+
+
+def _get_bbox_regression_labels(bbox_target_data, num_classes, cfg):
+    clss = bbox_target_data[:, 0]
+    bbox_targets = np.zeros((clss.size, 4 * num_classes), dtype=np.float32)
+    bbox_inside_weights = np.zeros(bbox_targets.shape, dtype=np.float32)
+    inds = np.where(clss > 0)[0]
+    for ind in inds:
+        cls = clss[ind]
+        start = int(4 * cls)
+        end = start + 4
+        bbox_targets[ind, start:end] = bbox_target_data[ind, 1:]
+        bbox_inside_weights[ind, start:end] = cfg.TRAIN.BBOX_INSIDE_WEIGHTS
+    return bbox_targets, bbox_inside_weights
+
+
+def _roi_compute_targets(ex_rois, gt_rois, labels, cfg):
+    assert ex_rois.shape[0] == gt_rois.shape[0]
+    assert ex_rois.shape[1] == 4
+    assert gt_rois.shape[1] == 4
+    targets = np_bbox_transform(ex_rois, gt_rois)
+    if cfg.TRAIN.BBOX_NORMALIZE_TARGETS_PRECOMPUTED:
+        targets = ((targets - np.array(cfg.TRAIN.BBOX_NORMALIZE_MEANS))
+                   / np.array(cfg.TRAIN.BBOX_NORMALIZE_STDS))
+    return np.hstack(
+        (labels[:, np.newaxis], targets)).astype(np.float32, copy=False)
+
+
+def _sample_rois(all_rois, gt_boxes, fg_rois_per_image, rois_per_image, num_classes, cfg, npr):
+    overlaps = bbox_overlaps_loops(
+        np.ascontiguousarray(all_rois[:, 1:5], dtype=np.float64),
+        np.ascontiguousarray(gt_boxes[:, :4], dtype=np.float64))
+    gt_assignment = overlaps.argmax(axis=1)
+    max_overlaps = overlaps.max(axis=1)
+    labels = gt_boxes[gt_assignment, 4]
+    fg_inds = np.where(max_overlaps >= cfg.TRAIN.FG_THRESH)[0]
+    fg_rois_per_this_image = int(min(fg_rois_per_image, fg_inds.size))
+    if fg_inds.size > 0:
+        fg_inds = npr.choice(fg_inds, size=fg_rois_per_this_image, replace=False)
+    bg_inds = np.where((max_overlaps < cfg.TRAIN.BG_THRESH_HI) &
+                       (max_overlaps >= cfg.TRAIN.BG_THRESH_LO))[0]
+    bg_rois_per_this_image = rois_per_image - fg_rois_per_this_image
+    bg_rois_per_this_image = int(min(bg_rois_per_this_image, bg_inds.size))
+    if bg_inds.size > 0:
+        bg_inds = npr.choice(bg_inds, size=bg_rois_per_this_image, replace=False)
+    keep_inds = np.append(fg_inds, bg_inds)
+    labels = labels[keep_inds]
+    labels[fg_rois_per_this_image:] = 0
+    rois = all_rois[keep_inds]
+    bbox_target_data = _roi_compute_targets(
+        rois[:, 1:5], gt_boxes[gt_assignment[keep_inds], :4], labels, cfg)
+    bbox_targets, bbox_inside_weights = \
+        _get_bbox_regression_labels(bbox_target_data, num_classes, cfg)
+    return labels, rois, bbox_targets, bbox_inside_weights

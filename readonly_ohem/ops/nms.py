@@ -19,6 +19,9 @@ the chunk is the fixed point of ``keep[b] = alive[b] and no kept a < b suppresse
 boxes kept so far can suppress later ones, so callers that need just the first ``max_keep``
 survivors (OHEM) stop early. Works on any device; nothing is copied to the host but counts.
 
+Many boxes on the CPU in one group, at a threshold of at least 0.5 (the RPN's proposals):
+``ops.nms_window``, the same greedy pass comparing each kept box only with the boxes near it.
+
 ``prefix_nms`` is the same greedy NMS for a few hundred boxes given in visiting order (OHEM's
 highest-loss candidates): IoU only over same-group pairs (``bbox_overlaps_paired``, the arithmetic of
 ``bbox_overlaps`` pair by pair), then the fixed point of "kept = no kept suppressor" in a few
@@ -34,6 +37,7 @@ import numpy as np
 import torch
 
 from readonly_ohem.ops.boxes import bbox_overlaps, bbox_overlaps_paired, paired_intersections
+from readonly_ohem.ops.nms_window import window_nms
 
 _FIRST_CHUNK = 256  # boxes per chunk of an unbounded NMS (later chunks double, up to _MAX_CHUNK)
 _MIN_CHUNK = 64  # smallest chunk when stopping early
@@ -42,6 +46,9 @@ _MAX_CHUNK = 2048  # largest chunk when stopping early
 _MAX_FULL_CHUNK = 512  # largest chunk of an unbounded NMS (its cost is mostly the kept x chunk IoU)
 
 _FORCE_STEPS = False  # tests set True to check the any-device path on CPU
+_WINDOW_MIN_BOXES = 2048  # ops.nms_window from this many boxes (tests lower it) ...
+_WINDOW_MIN_THRESH = 0.5  # ... and thresholds (its windows grow as (1 - t) / t) ...
+_WINDOW_MIN_KEEP = 512  # ... unless max_keep is below this
 
 
 def descending_order(scores: torch.Tensor) -> torch.Tensor:
@@ -107,6 +114,9 @@ def greedy_nms(boxes: torch.Tensor, thresh: float, *, order: torch.Tensor | None
     empty = torch.zeros(0, dtype=torch.long, device=boxes.device)
     if visit.n == 0 or (max_keep is not None and max_keep <= 0):
         return empty, empty
+    if groups is None and tie_scores is None and _windowed(boxes, visit.n, thresh, max_keep):
+        return window_nms(boxes, visit.prefix(visit.n), thresh, suppress_equal, max_keep,
+                          _greedy_chunk)
     if max_keep is None and groups is not None:
         # Visit group by group (each group in its own order: same result), so that a chunk is
         # compared only with boxes kept earlier in its own group; then restore the order.
@@ -171,6 +181,18 @@ def _visit(boxes, visit, thresh, groups, suppress_equal, max_keep, tie_scores, g
         chunk = min(max(_MIN_CHUNK, int(1.25 * need / rate) + 1), _MAX_CHUNK)
     keep = torch.cat(kept) if kept else boxes.new_zeros(0, dtype=torch.long)
     return keep, visit.prefix(min(start, n))
+
+
+def _windowed(boxes: torch.Tensor, n: int, thresh: float, max_keep: int | None) -> bool:
+    """Whether the windowed pass applies: CPU, many boxes of which many may be kept, 0.5 <=
+    thresh < 1, and boxes with finite coordinates and positive +1 widths and heights (the bound
+    assumes both). A small ``max_keep`` stops the chunked pass early enough."""
+    if boxes.device.type != "cpu" or n < _WINDOW_MIN_BOXES or not _WINDOW_MIN_THRESH <= thresh < 1:
+        return False
+    if max_keep is not None and max_keep < _WINDOW_MIN_KEEP:
+        return False
+    wh = boxes[:, 2:4] - boxes[:, 0:2] + 1
+    return bool(torch.isfinite(boxes).all()) and bool((wh > 0).all())
 
 
 def _greedy_chunk(over: torch.Tensor, p: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The original Faster R-CNN RPN layers (py-faster-rcnn's ``lib/rpn``), vectorized on the inputs' device.
+"""Faster R-CNN's RPN layers, py-faster-rcnn's ``lib/rpn``, vectorized on the inputs' device.
 
 - ``anchors``                the original ``generate_anchors`` and the anchors shifted over a map
 - ``anchor_target_layer``    ``AnchorTargetLayer``: RPN labels, box targets and weights

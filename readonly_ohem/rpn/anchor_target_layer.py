@@ -1,4 +1,4 @@
-"""AnchorTargetLayer: the RPN's training labels and box targets (the original ``rpn/anchor_target_layer.py``).
+"""AnchorTargetLayer: RPN labels and box targets (the original ``rpn/anchor_target_layer.py``).
 
 Prototxt: ``type: "Python"``, ``python_param { module: "rpn.anchor_target_layer"
 layer: "AnchorTargetLayer" param_str: "'feat_stride': 16" }``; optional ``param_str`` keys
@@ -66,7 +66,7 @@ def anchor_labels(max_overlaps: torch.Tensor, is_best: torch.Tensor, train_cfg) 
 
 
 def subsample_labels(labels: torch.Tensor, train_cfg, rng: np.random.RandomState) -> torch.Tensor:
-    """Disable (set -1) random surplus positives, then surplus negatives, in place; returns labels."""
+    """Disable (-1) random surplus positives, then surplus negatives, in place; returns labels."""
     num_fg = int(train_cfg.RPN_FG_FRACTION * train_cfg.RPN_BATCHSIZE)
     fg = torch.nonzero(labels == 1).squeeze(1)
     if fg.numel() > num_fg:
@@ -148,7 +148,8 @@ def anchor_targets(anchors: torch.Tensor, height: int, width: int, feat_stride: 
     labels = unmap(labels, -1.0).reshape(1, height, width, A).permute(0, 3, 1, 2)
     tops = [labels.reshape(1, 1, A * height, width).contiguous()]
     for data in (targets, inside_w, outside_w):
-        tops.append(unmap(data, 0.0).reshape(1, height, width, 4 * A).permute(0, 3, 1, 2).contiguous())
+        data = unmap(data, 0.0).reshape(1, height, width, 4 * A)
+        tops.append(data.permute(0, 3, 1, 2).contiguous())
     return tops
 
 
@@ -165,9 +166,10 @@ class AnchorTargetLayer(Layer):
         check_unknown_keys(self, params, ("feat_stride", "scales", "allowed_border"))
         self.feat_stride, anchors = layer_anchors(self, params)
         self.register_buffer("anchors", anchors, persistent=False)
-        self.allowed_border = params.get("allowed_border", 0)
-        if not isinstance(self.allowed_border, (int, float)) or isinstance(self.allowed_border, bool):
-            raise self.error(f"param_str allowed_border must be a number, got {self.allowed_border!r}")
+        border = params.get("allowed_border", 0)
+        if not isinstance(border, (int, float)) or isinstance(border, bool):
+            raise self.error(f"param_str allowed_border must be a number, got {border!r}")
+        self.allowed_border = border
         self.rng = layer_rng(self.cfg.RNG_SEED, self.name)
 
     @property

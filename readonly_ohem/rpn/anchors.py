@@ -68,7 +68,8 @@ def generate_anchors(base_size: float = 16, ratios: Sequence[float] = RATIOS,
     return _mkanchors(w[:, None] * s, h[:, None] * s, x_ctr[:, None], y_ctr[:, None]).reshape(-1, 4)
 
 
-def shifted_anchors(anchors: torch.Tensor, height: int, width: int, feat_stride: float) -> torch.Tensor:
+def shifted_anchors(anchors: torch.Tensor, height: int, width: int,
+                    feat_stride: float) -> torch.Tensor:
     """``anchors`` (A, 4) shifted to every cell of an H x W map: (H*W*A, 4) in ``anchors``' dtype
     and device, row ``(h * W + w) * A + a`` = anchor a + stride * (w, h, w, h)."""
     dev, dt = anchors.device, anchors.dtype

@@ -15,8 +15,9 @@ decode the deltas on the shifted anchors (``bbox_transform_inv``, float32) -> cl
 ``RPN_PRE_NMS_TOP_N`` (<= 0: all) -> NMS at ``RPN_NMS_THRESH`` (``ops.nms``: IoU > thresh, the
 GPU kernel's float32 arithmetic) -> keep the first ``RPN_POST_NMS_TOP_N`` (<= 0: all).
 Sorting as the original: once here and once more inside NMS (``argsort()[::-1]`` each time),
-deterministic with ``ops.nms.descending_order`` (ties: higher index first, per sort). NMS stops
-as soon as ``RPN_POST_NMS_TOP_N`` boxes are kept: the rest could not be output.
+deterministic with ``ops.nms.descending_order`` (ties: higher index first in each sort, so
+equal scores end up visited in ascending index order). NMS stops as soon as
+``RPN_POST_NMS_TOP_N`` boxes are kept: the rest could not be output.
 """
 
 from __future__ import annotations
@@ -39,6 +40,21 @@ def filter_small(boxes: torch.Tensor, min_size: float) -> torch.Tensor:
     hs = boxes[:, 3] - boxes[:, 1] + 1
     thr = torch.tensor(min_size, dtype=boxes.dtype, device=boxes.device)
     return torch.nonzero((ws >= thr) & (hs >= thr)).squeeze(1)
+
+
+def resorted_order(sorted_scores: torch.Tensor) -> torch.Tensor:
+    """``descending_order`` of scores already in descending order, as the NMS's own
+    ``argsort()[::-1]`` sees them: each run of equal scores reversed, in O(n) (no second sort)."""
+    n = sorted_scores.numel()
+    if n == 0 or bool(torch.isnan(sorted_scores).any()):
+        return descending_order(sorted_scores)
+    pos = torch.arange(n, device=sorted_scores.device)
+    starts = torch.ones(n, dtype=torch.bool, device=pos.device)
+    starts[1:] = sorted_scores[1:] != sorted_scores[:-1]
+    run = torch.cumsum(starts, 0) - 1
+    first = pos[starts]
+    last = torch.cat((first[1:], pos.new_tensor([n]))) - 1
+    return first[run] + last[run] - pos
 
 
 def proposals(scores: torch.Tensor, bbox_deltas: torch.Tensor, im_info: torch.Tensor,
@@ -64,7 +80,7 @@ def proposals(scores: torch.Tensor, bbox_deltas: torch.Tensor, im_info: torch.Te
     boxes, scores = boxes[order], scores[order]
 
     max_keep = post_nms_top_n if post_nms_top_n > 0 else None
-    keep, _ = greedy_nms(boxes, nms_thresh, scores=scores, max_keep=max_keep)
+    keep, _ = greedy_nms(boxes, nms_thresh, order=resorted_order(scores), max_keep=max_keep)
     if max_keep is not None:
         keep = keep[:max_keep]
     boxes, scores = boxes[keep], scores[keep]

@@ -1,4 +1,4 @@
-"""ProposalTargetLayer: sampled RoIs and their Fast R-CNN targets (the original ``rpn/proposal_target_layer.py``).
+"""ProposalTargetLayer: RoIs and their targets (the original ``rpn/proposal_target_layer.py``).
 
 Prototxt: ``type: "Python"``, ``python_param { module: "rpn.proposal_target_layer"
 layer: "ProposalTargetLayer" param_str: "'num_classes': 21" }``.
@@ -111,7 +111,8 @@ def sample_rois(all_rois: torch.Tensor, gt_boxes: torch.Tensor, num_classes: int
         means = torch.tensor(train_cfg.BBOX_NORMALIZE_MEANS, dtype=torch.float64, device=dev)
         stds = torch.tensor(train_cfg.BBOX_NORMALIZE_STDS, dtype=torch.float64, device=dev)
         targets = ((targets.double() - means) / stds).to(torch.float32)
-    bbox_targets, inside = class_targets(targets, labels, num_classes, train_cfg.BBOX_INSIDE_WEIGHTS)
+    bbox_targets, inside = class_targets(targets, labels, num_classes,
+                                         train_cfg.BBOX_INSIDE_WEIGHTS)
     return [rois, labels, bbox_targets, inside, (inside > 0).to(torch.float32)]
 
 
@@ -153,7 +154,8 @@ class ProposalTargetLayer(Layer):
         if bad.numel():
             raise DataError(f"layer {self.name!r} (ProposalTargetLayer): bottom "
                             f"{self.param.bottom[1]!r} has class label {float(bad[0]):g}; "
-                            f"num_classes {self.num_classes} allows the integers 0..{self.num_classes - 1}")
+                            f"num_classes {self.num_classes} allows the integers "
+                            f"0..{self.num_classes - 1}")
         with torch.no_grad():
             return sample_rois(rois, gt_boxes, self.num_classes, self.cfg.TRAIN, self.rng)
 

@@ -10,8 +10,10 @@ user opts in (``allow_python_import=True`` / ``--allow-python-import``): then th
 imported and its Caffe-style class (``setup``/``reshape``/``forward``/``backward`` on numpy
 blobs) is wrapped as a layer.
 
-``param_str`` is read as the original layers read it: ``yaml.safe_load`` of the string, so
-``"'num_classes': 21"`` gives ``{"num_classes": 21}``.
+``param_str`` is read as the original layers read it, as YAML, so ``"'num_classes': 21"`` gives
+``{"num_classes": 21}``; safely (no object is built from a tag), except that the one tag Faster
+R-CNN specs use, ``!!python/tuple [4, 8, 16, 32]`` (``"'feat_stride': 16 \\n'scales': !!python/tuple
+[...]"``), gives a tuple, as ``yaml.load`` did.
 """
 
 from __future__ import annotations
@@ -34,13 +36,22 @@ from readonly_ohem.caffe.layers.base import PYTHON_LAYERS, Layer, LayerContext, 
 PROVIDER_GROUP = "readonly_ohem.caffe.python_layers"
 
 
+class _ParamStrLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` plus ``!!python/tuple`` (a plain tuple: data, no code)."""
+
+
+_ParamStrLoader.add_constructor(
+    "tag:yaml.org,2002:python/tuple",
+    lambda loader, node: tuple(loader.construct_sequence(node, deep=True)))
+
+
 def parse_param_str(param) -> dict:
-    """``python_param.param_str`` as a dict (``yaml.safe_load``); empty -> ``{}``."""
+    """``python_param.param_str`` as a dict (safe YAML plus ``!!python/tuple``); empty -> ``{}``."""
     text = param.python_param.param_str
     if not text.strip():
         return {}
     try:
-        value = yaml.safe_load(text)
+        value = yaml.load(text, Loader=_ParamStrLoader)
     except yaml.YAMLError as e:
         raise SpecError(f"layer {param.name!r}: python_param.param_str {text!r} is not valid "
                         f"YAML: {str(e).splitlines()[0]}") from None

@@ -35,6 +35,18 @@ def test_param_str_is_read_as_yaml_like_the_original():
         parse_param_str(p)
 
 
+def test_param_str_python_tuple_tag_of_faster_rcnn_specs_is_a_tuple():
+    """Faster R-CNN specs write ``'scales': !!python/tuple [...]`` on a second line; that tag
+    gives a tuple, every other Python tag stays refused (nothing runs)."""
+    p = layer_param('name: "rpn-data" type: "Python" python_param { module: "a" layer: "B" '
+                    'param_str: "\'feat_stride\': 16 \\n\'scales\': !!python/tuple [4, 8, 16, 32]" }')
+    assert "\n" in p.python_param.param_str  # the text format's escape is a newline
+    assert parse_param_str(p) == {"feat_stride": 16, "scales": (4, 8, 16, 32)}
+    p.python_param.param_str = "'x': !!python/object/apply:os.system ['true']"
+    with pytest.raises(SpecError, match="not valid YAML"):
+        parse_param_str(p)
+
+
 def test_builtin_registry_pairs_resolve():
     p = layer_param('name: "hard_roi_mining" type: "Python" python_param { '
                     'module: "roi_data_layer.layer" layer: "OHEMDataLayer" '
