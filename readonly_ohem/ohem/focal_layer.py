@@ -19,8 +19,6 @@ in [0, C), -1 ignored. Top: the loss, a scalar. The gradient reaches cls_score (
 
 from __future__ import annotations
 
-import torch
-
 from readonly_ohem.caffe.layers.base import Layer, register_python
 from readonly_ohem.caffe.layers.python import parse_param_str
 from readonly_ohem.errors import DataError
