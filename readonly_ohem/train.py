@@ -58,6 +58,7 @@ from readonly_ohem.caffe.spec import read_solver
 from readonly_ohem.errors import ConfigError, OhemError
 from readonly_ohem.progress import Progress, clock
 from readonly_ohem.roi_data.roidb import training_roidb
+from readonly_ohem.rpn.sampling import layer_rng, rng_state
 
 
 # -- small helpers ---------------------------------------------------------------------------------
@@ -594,6 +595,8 @@ def setup_training(solver, cfg, imdb, weights=None, output="output", device="cpu
     if ctx is not None:  # dropout etc. differ per replica; the weights were broadcast
         torch.manual_seed(cfg.RNG_SEED + ctx.rank)
         np.random.seed(cfg.RNG_SEED + ctx.rank)
+        for name, layer in find_sampling_layers(trainer.net).items():  # the RPN layers' draws too
+            layer.load_random_state(rng_state(layer_rng(cfg.RNG_SEED + ctx.rank, name)))
     if resume:
         trainer.load_state(resume)
         trainer.log(f"Resumed from {resume} at iteration {trainer.solver.iter}")
