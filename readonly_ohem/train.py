@@ -15,8 +15,8 @@ Snapshots (every ``TRAIN.SNAPSHOT_ITERS`` and at the end), in the output directo
   (``unnormalized_bbox_pred``; ``normalize_bbox_pred`` goes back, as ``inspect --def`` does);
 - ``…_iter_{n}.state.safetensors``: everything ``--resume`` needs (weights as trained, solver
   history, iteration, torch/numpy/python RNG states, the data layer's order and cursor, the RPN
-  layers' sampling generators, the config; per process under torchrun), as tensors and JSON: format in ``readonly_ohem.train_state``,
-  nothing in it can run code (the pickle ``.state.pt`` of earlier versions is refused). Both files
+  layers' sampling generators, the config; per process under torchrun), as tensors and JSON:
+  format in ``readonly_ohem.train_state``, nothing in it can run code (the pickle ``.state.pt`` of earlier versions is refused). Both files
   are written atomically (a temp file, then ``os.replace``), so a killed write leaves the previous
   snapshot intact, with the mode a plain ``open`` would give.
 
@@ -377,9 +377,9 @@ class Trainer:
             raise ConfigError(f"{path}: key '{where}data' holds {len(data)} data layer state(s), "
                               f"the net has {len(layers)} data layer(s)")
         samplers = find_sampling_layers(self.net)
-        layer_rng = train_state.require(own, "layer_rng", path, dict, prefix=where.rstrip(".")) \
+        layer_states = train_state.require(own, "layer_rng", path, dict, prefix=where.rstrip(".")) \
             if samplers else {}
-        missing_rng = sorted(set(samplers) - set(layer_rng))
+        missing_rng = sorted(set(samplers) - set(layer_states))
         if missing_rng:
             raise ConfigError(f"{path}: key '{where}layer_rng' has no random state for layer(s) "
                               f"{missing_rng} of the net")
@@ -401,7 +401,7 @@ class Trainer:
                                   f"({e!r})") from None
         for name, layer in samplers.items():
             try:
-                layer.load_random_state(layer_rng[name])
+                layer.load_random_state(layer_states[name])
             except (KeyError, TypeError, ValueError) as e:
                 raise ConfigError(f"{path}: key '{where}layer_rng.{name}' is not a random state "
                                   f"({e!r})") from None

@@ -336,7 +336,8 @@ def run_demo(output="demo_output", iters: int | None = None, seed: int = 0,
     say(f"wrote {picture} (the last logged iteration's first image)", stream)
 
     elapsed = time.perf_counter() - t_start
-    summary = {"seed": seed, "detector": detector, "num_images": num_images, "total_seconds": elapsed,
+    summary = {"seed": seed, "detector": detector, "num_images": num_images,
+               "total_seconds": elapsed,
                "same_images_per_step": same_images,
                "settings": [list(s) for s in settings], "methods": _jsonable(results),
                "table": table, "picture": str(picture)}
@@ -355,7 +356,8 @@ def method_dir(method: str) -> str:
 
 
 def demo_command(output="demo_output", iters=None, seed=0, detector="fast-rcnn") -> int:
-    """``readonly-ohem demo [--output DIR] [--iters N] [--seed S] [--detector fast-rcnn|faster-rcnn]``."""
+    """``readonly-ohem demo [--output DIR] [--iters N] [--seed S]
+    [--detector fast-rcnn|faster-rcnn]``."""
     use_caffe_float32()  # Caffe computes in true float32: no TF32 on GPUs
     if iters is not None and iters < 1:
         raise ConfigError(f"--iters must be >= 1, got {iters}")

@@ -169,7 +169,8 @@ def inspect_image(def_path, net_path, image, proposals=None, cfg_files=(), set_p
         _bbox_targets(entry, cfg, num_classes)
     plan = plan_minibatch([entry], cfg, np.random.RandomState(cfg.RNG_SEED), ohem=True)
     blobs = build_minibatch([entry], plan, num_classes, cfg)
-    feed = {top: blobs[name].to(device) for top, name in zip(data[0].param.top, data[0].top_names)}
+    feed = {top: blobs[name].to(device)
+            for top, name in zip(data[0].param.top, data[0].top_names)}
     records = []
     for layer in ohem:
         layer.recorder = records.append

@@ -8,9 +8,10 @@ Every member honours one contract, and the layer calls each the same way:
   [0, context.num_labels).
 - ``context``: a ``MiningContext``: ``rois`` (R, 5) [batch_idx, x1, y1, x2, y2] with its views
   ``image_ids`` (R,) and ``boxes`` (R, 4); ``num_labels`` (C of cls_prob); ``cfg``, the config,
-  read through ``batch_size``, ``use_nms``, ``nms_thresh`` (``ohem_batch_size(cfg)``: TRAIN.OHEM_BATCH_SIZE,
-  else TRAIN.BATCH_SIZE; TRAIN.OHEM_USE_NMS, TRAIN.OHEM_NMS_THRESH); ``options``, the policy's declared param_str options (the layer's values
-  over the declared defaults); ``full``, True when a recorder logs this call and wants NMS decided
+  read through ``batch_size``, ``use_nms``, ``nms_thresh`` (``ohem_batch_size(cfg)``:
+  TRAIN.OHEM_BATCH_SIZE, else TRAIN.BATCH_SIZE; TRAIN.OHEM_USE_NMS, TRAIN.OHEM_NMS_THRESH);
+  ``options``, the policy's declared param_str options (the layer's values over the declared
+  defaults); ``full``, True when a recorder logs this call and wants NMS decided
   for every RoI.
 - The result: ``keep`` (K,) long RoI indices, hardest first (the order of the hard tops), with
   K <= the policy's ``max_kept(R, cfg)``; ``weight`` and ``normalizer`` (the policy's loss, for
@@ -46,12 +47,13 @@ def ohem_batch_size(cfg) -> int:
     (Fast R-CNN OHEM, where the data layer hands over every RoI whatever BATCH_SIZE says).
     End-to-end OHEM sets BATCH_SIZE -1 (the ProposalTargetLayer passes every RoI) and needs
     OHEM_BATCH_SIZE; a count below 1 is a ``ConfigError`` naming both keys."""
-    n = int(cfg.TRAIN.OHEM_BATCH_SIZE) or int(cfg.TRAIN.BATCH_SIZE)
+    t = cfg.TRAIN
+    n = int(t.OHEM_BATCH_SIZE) or int(t.BATCH_SIZE)
     if n < 1:
-        raise ConfigError(f"TRAIN.BATCH_SIZE is {cfg.TRAIN.BATCH_SIZE} (every RoI) and "
-                          f"TRAIN.OHEM_BATCH_SIZE {cfg.TRAIN.OHEM_BATCH_SIZE}: set "
-                          "TRAIN.OHEM_BATCH_SIZE, the hard RoIs OHEM keeps per pass "
-                          "(prototxt/cfgs/faster_rcnn_end2end_ohem.yml: 128)")
+        raise ConfigError(f"TRAIN.OHEM_BATCH_SIZE {t.OHEM_BATCH_SIZE} with TRAIN.BATCH_SIZE "
+                          f"{t.BATCH_SIZE}: the hard RoIs OHEM keeps per pass must be >= 1 (with "
+                          "BATCH_SIZE -1, every RoI, set TRAIN.OHEM_BATCH_SIZE; "
+                          "prototxt/cfgs/faster_rcnn_end2end_ohem.yml: 128)")
     return n
 
 

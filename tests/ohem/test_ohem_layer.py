@@ -490,5 +490,5 @@ def test_end2end_count_key_ohem_batch_size():
     # OHEM_BATCH_SIZE set wins over BATCH_SIZE (Fast R-CNN OHEM leaves it 0)
     tops, _ = run_layer(make_layer(cfg_with(BATCH_SIZE=64, OHEM_BATCH_SIZE=5)), arrays)
     assert tops[0].shape == (5, 5)
-    with pytest.raises(ConfigError, match="BATCH_SIZE is -1 .* set TRAIN.OHEM_BATCH_SIZE"):
+    with pytest.raises(ConfigError, match="OHEM_BATCH_SIZE 0 with TRAIN.BATCH_SIZE -1.*set TRAIN.OHEM_BATCH_SIZE"):
         run_layer(make_layer(cfg_with(BATCH_SIZE=-1)), arrays)
