@@ -77,14 +77,12 @@ def test_end2end_ohem_resumes_exactly_logs_proposals_and_tests_without_proposals
     rec = kept[0]
     assert rec.num_kept == 16 and rec.num_rois > 16
     assert (rec.arrays["roidb_rows"] == -1).all()  # proposals: no roidb rows behind them
-    # test: the net's own RPN; no proposals file is read (remove it to be sure)
-    for f in (voc / "selective_search_data").glob("voc_2007_test.*"):
-        f.unlink()
+    # test: the net's own RPN; no proposals file is read (the one named does not exist)
     out = tmp_path / "test"
     model = tmp_path / "a" / "small_faster_rcnn_ohem_iter_2.caffemodel"
     assert test_command(str(REPO / "prototxt" / "small" / "faster_rcnn_end2end" / "test.prototxt"),
                         str(model), "voc_2007_test", data=str(voc), cfg=CFGS, set_pairs=SMALLER,
-                        output=str(out)) == 0
+                        proposals=str(tmp_path / "missing.mat"), output=str(out)) == 0
     assert len(list(out.glob("comp4_det_test_*.txt"))) == 20
 
 
