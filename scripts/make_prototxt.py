@@ -172,7 +172,7 @@ def frcn_test(frcn, inputs=SMALL_TEST_INPUTS) -> tuple:
 def focal_train(plain) -> tuple:
     """(NetParameter, comments) of the plain train net with the RoI head's SoftmaxWithLoss
     replaced by the focal loss on the same bottoms (``FocalLossLayer``; same name and top)."""
-    _, _, head, losses = split_frcn(plain)
+    losses = split_frcn(plain)[3]
     net = caffe_pb2.NetParameter()
     net.CopyFrom(plain)
     first = len(plain.layer) - len(losses)
@@ -269,16 +269,12 @@ def outputs() -> dict[Path, str]:
         plain = spec.read_net(src)
         for variant, make, what in (("ohem", ohem_train, "OHEM"), ("focal", focal_train, "focal loss")):
             d = PROTOTXT / model / f"faster_rcnn_end2end_{variant}"
-            out[d / "train.prototxt"] = to_text(*_with_source(make(plain), rel))
+            net, notes = make(plain)
+            out[d / "train.prototxt"] = to_text(net, rel, notes)
             out[d / "solver.prototxt"] = variant_solver(plain_dir / "solver.prototxt", variant, what)
         if model == "small":
             out[plain_dir / "test.prototxt"] = to_text(e2e_test(plain)[0], rel)
     return out
-
-
-def _with_source(made: tuple, rel: str) -> tuple:
-    net, notes = made
-    return net, rel, notes
 
 
 def main(argv=None) -> int:
