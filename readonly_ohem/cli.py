@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=None, help="training iterations per model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tensorboard", metavar="DIR", help="TensorBoard events, DIR/<method>_seed<S>")
+    p.add_argument("--detector", choices=["fast-rcnn", "faster-rcnn"], default="fast-rcnn",
+                   help="faster-rcnn: Faster R-CNN end-to-end, with and without OHEM")
     return parser
 
 

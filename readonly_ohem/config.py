@@ -154,9 +154,10 @@ def default_config() -> Config:
         BBOX_NORMALIZE_TARGETS_PRECOMPUTED=False,  # use the MEANS/STDS below, not dataset stats
         BBOX_NORMALIZE_MEANS=(0.0, 0.0, 0.0, 0.0),
         BBOX_NORMALIZE_STDS=(0.1, 0.1, 0.2, 0.2),
-        PROPOSAL_METHOD="selective_search",  # which proposals the imdb loads
+        PROPOSAL_METHOD="selective_search",  # "gt": train on gt boxes only (Faster R-CNN end-to-end,
+        # the RPN makes the RoIs); anything else: gt + the imdb's proposals file
         ASPECT_GROUPING=True,  # pair landscape with landscape, portrait with portrait
-        HAS_RPN=False,  # (Faster R-CNN; unused here)
+        HAS_RPN=False,  # Faster R-CNN end-to-end: the data layer gives data, im_info, gt_boxes
         RPN_POSITIVE_OVERLAP=0.7,  # anchor IoU >= this with a gt box: positive (AnchorTargetLayer)
         RPN_NEGATIVE_OVERLAP=0.3,  # best IoU < this: negative
         RPN_CLOBBER_POSITIVES=False,  # True: an anchor both positive and negative is negative
@@ -174,6 +175,16 @@ def default_config() -> Config:
         USE_OHEM=False,  # the data layer hands over every RoI; OHEMDataLayer picks the hard ones
         OHEM_USE_NMS=True,  # de-duplicate by NMS (per image and label, loss as score) before top-k
         OHEM_NMS_THRESH=0.7,  # suppress IoU > this (+1 pixel areas), as the GPU NMS kernel does
+        # -- ours, Faster R-CNN end-to-end with hard mining (issue 13) --
+        OHEM_BATCH_SIZE=0,  # hard RoIs OHEMDataLayer keeps per pass; 0: TRAIN.BATCH_SIZE (Fast
+        # R-CNN OHEM). End-to-end OHEM sets BATCH_SIZE -1 (the ProposalTargetLayer passes every
+        # RoI, py-R-FCN's convention) and this to 128 (py-R-FCN's roi_per_img)
+        RPN_MINING="random",  # which labelled anchors the RPN learns from: "random" (the original:
+        # RPN_BATCHSIZE drawn at random), "topk_threshold" (every anchor whose RPN classification
+        # loss is >= the RPN_BATCHSIZE-th largest, ties at the cut kept), "topk" (the hardest
+        # RPN_BATCHSIZE), "neg_pos" (every positive + the hardest negatives, RPN_NEG_POS_RATIO per
+        # positive); unkept anchors get label -1, so the RPN losses average over the kept ones
+        RPN_NEG_POS_RATIO=3.0,  # negatives per positive for RPN_MINING "neg_pos"
         # -- bad annotations (issue 16) --
         # a gt box reaching outside its image: "clip" it to the image with a warning naming the
         # XML file and object; "error": refuse the dataset; "keep": train on it as written (the
@@ -190,7 +201,7 @@ def default_config() -> Config:
         NMS=0.3,  # per-class NMS threshold on detections
         SVM=False,  # (R-CNN SVMs; unused)
         BBOX_REG=True,  # apply the predicted box deltas
-        HAS_RPN=False,
+        HAS_RPN=False,  # Faster R-CNN: the test net makes its own RoIs (no proposals file)
         PROPOSAL_METHOD="selective_search",
         RPN_NMS_THRESH=0.7,  # the ProposalLayer's keys in the TEST phase
         RPN_PRE_NMS_TOP_N=6000,

@@ -4,12 +4,14 @@
 (``ohem.layer``), and the Faster R-CNN RPN layers ``rpn.anchor_target_layer.AnchorTargetLayer``,
 ``rpn.proposal_layer.ProposalLayer``, ``rpn.proposal_target_layer.ProposalTargetLayer`` (``rpn``),
 under the original code's module and class names so the original prototxts load
-unmodified. The Caffe engine names no application module; entry points that build nets from
-specs (the commands, ``train``) import this module, and so does a script that builds such a net.
-A package adding Python layers imports its module here and declares it in ``pyproject.toml``'s
+unmodified; and ours, ``ohem.focal_loss_layer.FocalLossLayer`` (``ohem.focal_layer``: the
+focal loss of the ``faster_rcnn_end2end_focal`` nets' RoI head). The Caffe engine names no
+application module; entry points that build nets from specs (the commands, ``train``) import
+this module, and so does a script that builds such a net. A package adding Python layers imports its module here and declares it in ``pyproject.toml``'s
 ``readonly_ohem.caffe.python_layers`` entry points (which the engine's error message reads).
 """
 
+from readonly_ohem.ohem import focal_layer  # noqa: F401  (registers FocalLossLayer)
 from readonly_ohem.ohem import layer as ohem_layer  # noqa: F401  (registers OHEMDataLayer)
 from readonly_ohem.roi_data import layer as roi_data_layer  # noqa: F401  (registers RoIDataLayer)
 from readonly_ohem.rpn import anchor_target_layer  # noqa: F401  (registers AnchorTargetLayer)

@@ -14,9 +14,9 @@ Snapshots (every ``TRAIN.SNAPSHOT_ITERS`` and at the end), in the output directo
   (W ← W·std, b ← b·std + mean, class-major 4-vectors), restored afterwards, as the original
   (``unnormalized_bbox_pred``; ``normalize_bbox_pred`` goes back, as ``inspect --def`` does);
 - ``…_iter_{n}.state.safetensors``: everything ``--resume`` needs (weights as trained, solver
-  history, iteration, torch/numpy/python RNG states, the data layer's order and cursor, the
-  config; per process under torchrun), as tensors and JSON: format in ``readonly_ohem.train_state``,
-  nothing in it can run code (the pickle ``.state.pt`` of earlier versions is refused). Both files
+  history, iteration, torch/numpy/python RNG states, the data layer's order and cursor, the RPN
+  layers' sampling generators, the config; per process under torchrun), as tensors and JSON:
+  format in ``readonly_ohem.train_state``, nothing in it can run code (the pickle ``.state.pt`` of earlier versions is refused). Both files
   are written atomically (a temp file, then ``os.replace``), so a killed write leaves the previous
   snapshot intact, with the mode a plain ``open`` would give.
 
@@ -60,6 +60,7 @@ from readonly_ohem.errors import ConfigError, OhemError, SpecError
 from readonly_ohem.ohem.readonly import apply_readonly_dtype
 from readonly_ohem.progress import Progress, clock
 from readonly_ohem.roi_data.roidb import training_roidb
+from readonly_ohem.rpn.sampling import layer_rng, rng_state
 
 
 # -- small helpers ---------------------------------------------------------------------------------
@@ -74,6 +75,12 @@ def seed_rngs(seed: int) -> None:
 def find_data_layers(net) -> list:
     """Layers that take a roidb (``RoIDataLayer``): the modules with ``set_roidb``."""
     return [rec.module for rec in net.layers if hasattr(rec.module, "set_roidb")]
+
+
+def find_sampling_layers(net) -> dict:
+    """Layers with a random generator of their own (the RPN layers' subsampling): name -> module
+    (those with ``random_state`` / ``load_random_state``)."""
+    return {rec.name: rec.module for rec in net.layers if hasattr(rec.module, "load_random_state")}
 
 
 def find_ohem_layers(net) -> list:
@@ -308,6 +315,7 @@ class Trainer:
             "solver": solver,
             "rng": train_state.rng_state(),
             "data": data_states,
+            "layer_rng": {n: m.random_state() for n, m in find_sampling_layers(self.net).items()},
             "config": config_json(self.cfg),
         }
 
@@ -317,7 +325,8 @@ class Trainer:
         own = self.state()
         if self.ctx is not None:  # every process's RNG and data cursor, in one file
             gathered = [None] * self.ctx.world_size
-            torch.distributed.all_gather_object(gathered, {"rng": own["rng"], "data": own["data"]})
+            torch.distributed.all_gather_object(gathered, {"rng": own["rng"], "data": own["data"],
+                                                           "layer_rng": own["layer_rng"]})
             own["ranks"] = gathered
         model = base.with_name(base.name + ".caffemodel")
         if self.is_main:
@@ -372,6 +381,13 @@ class Trainer:
         if len(data) < len(layers):
             raise ConfigError(f"{path}: key '{where}data' holds {len(data)} data layer state(s), "
                               f"the net has {len(layers)} data layer(s)")
+        samplers = find_sampling_layers(self.net)
+        layer_states = train_state.require(own, "layer_rng", path, dict, prefix=where.rstrip(".")) \
+            if samplers else {}
+        missing_rng = sorted(set(samplers) - set(layer_states))
+        if missing_rng:
+            raise ConfigError(f"{path}: key '{where}layer_rng' has no random state for layer(s) "
+                              f"{missing_rng} of the net")
         _warn_config_changes(path, state.get("config"), self.cfg)
 
         # the file holds all it should: now into the trainer (what is left to fail names its key)
@@ -387,6 +403,12 @@ class Trainer:
                 layer.load_data_order_state(s)
             except (OhemError, KeyError, TypeError, ValueError) as e:
                 raise ConfigError(f"{path}: key '{where}data.{i}' is not a data layer state "
+                                  f"({e!r})") from None
+        for name, layer in samplers.items():
+            try:
+                layer.load_random_state(layer_states[name])
+            except (KeyError, TypeError, ValueError) as e:
+                raise ConfigError(f"{path}: key '{where}layer_rng.{name}' is not a random state "
                                   f"({e!r})") from None
         train_state.set_rng_state(rng, path, key=f"{where}rng")
 
@@ -607,6 +629,8 @@ def setup_training(solver, cfg, imdb, weights=None, output="output", device="cpu
     if ctx is not None:  # dropout etc. differ per replica; the weights were broadcast
         torch.manual_seed(cfg.RNG_SEED + ctx.rank)
         np.random.seed(cfg.RNG_SEED + ctx.rank)
+        for name, layer in find_sampling_layers(trainer.net).items():  # the RPN layers' draws too
+            layer.load_random_state(rng_state(layer_rng(cfg.RNG_SEED + ctx.rank, name)))
     if resume:
         trainer.load_state(resume)
         trainer.log(f"Resumed from {resume} at iteration {trainer.solver.iter}")

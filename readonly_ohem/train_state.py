@@ -11,8 +11,10 @@ anything the file names (a pickle — ``torch.save``, the ``.state.pt`` of earli
   ``{"$tensor": "<its name>"}``: ``iter``; ``solver`` (``iter``, ``current_step``, ``history``, the
   loss windows ``losses``/``blob_losses``); ``rng`` (``numpy``: MT19937 ``name, keys, pos,
   has_gauss, cached_gaussian``; ``python``: ``version, internal, gauss_next``); ``data`` (each data
-  layer's order, cursor and random state); ``config`` (the config tree, for the record and a
-  warning when a resume changes it); ``ranks`` (torchrun: each process's ``rng`` and ``data``).
+  layer's order, cursor and random state); ``layer_rng`` (layer name -> the MT19937 state of each
+  layer with a generator of its own: the RPN layers' subsampling); ``config`` (the config tree,
+  for the record and a warning when a resume changes it); ``ranks`` (torchrun: each process's
+  ``rng``, ``data`` and ``layer_rng``).
 
 Inspect one with ``safetensors.safe_open(path, "pt")`` (``.keys()``, ``.metadata()``) or ``json`` on
 its header. Written atomically (``readonly_ohem.atomic``). Anything else is refused with one line

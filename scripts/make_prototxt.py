@@ -1,17 +1,27 @@
-"""Generate the OHEM train nets, the small net's test net and the COCO nets from the FRCN nets.
+"""Generate the OHEM (and focal) train nets, the small nets' test nets and the COCO nets from the plain nets.
 
-The RoI head is described once, in ``prototxt/<model>/fast_rcnn/train.prototxt`` (the layers from
-the ROIPooling layer to the last layer before the losses). From that description:
+The RoI head is described once, in ``prototxt/<model>/fast_rcnn/train.prototxt`` and
+``prototxt/<model>/faster_rcnn_end2end/train.prototxt`` (the layers from the ROIPooling layer to
+the last layer before the RoI head's losses). From that description:
 
-- ``<model>/fast_rcnn_ohem/train.prototxt`` = data layer + trunk + the **readonly** copy of the head
-  (``*_readonly`` names and blobs, every bottom ``propagate_down: false``, params shared by
-  name ``<layer>_w``/``<layer>_b`` and owned here, without mults) + ``cls_prob_readonly`` +
-  ``hard_roi_mining`` (OHEMDataLayer) + the **trainable** copy on ``rois_hard`` (same param
-  names, supplying the mults: weights lr x1 decay 1, biases lr x2 decay 0) + the losses on the
-  ``*_hard`` blobs, ``propagate_down`` false on everything but the predictions.
-  Both copies come from the same layers, so they cannot drift apart.
-- ``small/fast_rcnn/test.prototxt`` = net inputs ``data``/``rois`` + trunk + head + ``cls_prob``.
-  (The VGG test nets are the original files, whose param specs differ cosmetically.)
+- ``<model>/fast_rcnn_ohem/train.prototxt`` and ``<model>/faster_rcnn_end2end_ohem/train.prototxt``
+  = the plain net up to the RoI head (data layer, trunk; end-to-end: the RPN, its losses, the
+  proposal and proposal-target layers) + the **readonly** copy of the head (``*_readonly`` names
+  and blobs, every bottom ``propagate_down: false``, params shared by name ``<layer>_w``/``<layer>_b``
+  and owned here, without mults) + ``cls_prob_readonly`` + ``hard_roi_mining`` (OHEMDataLayer, on
+  the RoIs and targets of the layer that makes them: RoIDataLayer, or end-to-end the
+  ProposalTargetLayer) + the **trainable** copy on ``rois_hard`` (same param names, supplying
+  the mults: weights lr x1 decay 1, biases lr x2 decay 0) + the losses on the ``*_hard`` blobs,
+  ``propagate_down`` false on everything but the predictions. Both copies come from the same
+  layers, so they cannot drift apart.
+- ``<model>/faster_rcnn_end2end_focal/train.prototxt`` = the plain end-to-end net with the RoI
+  head's SoftmaxWithLoss replaced by the focal loss (``FocalLossLayer``, Python).
+- their solvers: the plain end-to-end solver, snapshots named ``<prefix>_ohem`` / ``<prefix>_focal``.
+- ``small/fast_rcnn/test.prototxt`` = net inputs ``data``/``rois`` + trunk + head + ``cls_prob``;
+  ``small/faster_rcnn_end2end/test.prototxt`` = inputs ``data``/``im_info`` + trunk + RPN +
+  ProposalLayer (top ``rois``) + head + ``cls_prob``: the training-only layers (those fed by
+  ``gt_boxes``, directly or not) left out. (The VGG/ZF test nets are the original files, whose
+  param specs differ cosmetically.)
 - ``coco/<model>/{fast_rcnn,fast_rcnn_ohem}/*`` (VGG16, VGG_CNN_M_1024): the nets and solvers
   above for another dataset (``DATASETS``): the data layers' ``num_classes``, ``cls_score``'s
   K outputs and ``bbox_pred``'s 4K set to the dataset's class count, and, for COCO, the Dropout
@@ -44,9 +54,12 @@ from readonly_ohem.caffe.layers.python import parse_param_str  # noqa: E402
 from readonly_ohem.caffe.proto import caffe_pb2  # noqa: E402
 
 PROTOTXT = ROOT / "prototxt"
-MODELS = ("VGG16", "VGG_CNN_M_1024", "small")
+MODELS = ("VGG16", "VGG_CNN_M_1024", "small")  # fast_rcnn
+E2E_MODELS = ("VGG16", "VGG_CNN_M_1024", "ZF", "small")  # faster_rcnn_end2end
 LOSS_TYPES = ("SoftmaxWithLoss", "SmoothL1Loss")
 SMALL_TEST_INPUTS = (("data", (1, 3, 240, 320)), ("rois", (1, 5)))
+SMALL_E2E_TEST_INPUTS = (("data", (1, 3, 240, 320)), ("im_info", (1, 3)))
+FOCAL_LOSS = ("ohem.focal_loss_layer", "FocalLossLayer", "{'alpha': 0.25, 'gamma': 2.0}")
 
 
 @dataclass(frozen=True)
@@ -71,12 +84,14 @@ COCO_MODELS = ("VGG16", "VGG_CNN_M_1024")  # shipped as prototxt/coco/<model>/, 
 
 
 def split_frcn(net) -> tuple:
-    """A Fast R-CNN train net -> (data layer, trunk layers, head layers, loss layers)."""
+    """A Fast R-CNN or Faster R-CNN end-to-end train net -> (data layer, trunk layers, head
+    layers, loss layers): the trunk runs to the ROIPooling layer (end-to-end: RPN included), the
+    head from there to the first loss after it."""
     layers = list(net.layer)
     if layers[0].type != "Python":
         raise ValueError(f"{net.name}: the first layer must be the Python RoIDataLayer")
     roi = next(i for i, l in enumerate(layers) if l.type == "ROIPooling")
-    first_loss = next(i for i, l in enumerate(layers) if l.type in LOSS_TYPES)
+    first_loss = next(i for i, l in enumerate(layers) if l.type in LOSS_TYPES and i > roi)
     return layers[0], layers[1:roi], layers[roi:first_loss], layers[first_loss:]
 
 
@@ -86,6 +101,15 @@ def head_outputs(frcn) -> tuple[str, str]:
     cls_score = next(l for l in losses if l.type == "SoftmaxWithLoss").bottom[0]
     bbox_pred = next(l for l in losses if l.type == "SmoothL1Loss").bottom[0]
     return cls_score, bbox_pred
+
+
+def roi_source(data, trunk, head):
+    """(layer, its tops from the RoIs on) of the layer making the head's RoIs: the RoIDataLayer
+    (``rois, labels, bbox_targets, ...``) or, end-to-end, the ProposalTargetLayer."""
+    rois = head[0].bottom[1]
+    layer = next(l for l in reversed([data] + list(trunk)) if rois in l.top)
+    tops = list(layer.top)
+    return layer, tops[tops.index(rois):]
 
 
 def _copy(layer) -> caffe_pb2.LayerParameter:
@@ -134,9 +158,10 @@ def trainable_head(head, data_tops) -> list:
 
 
 def ohem_train(frcn) -> tuple:
-    """(NetParameter, [(layer index, comment)]) of the OHEM train net made from a FRCN train net."""
+    """(NetParameter, [(layer index, comment)]) of the OHEM train net made from a FRCN (or Faster
+    R-CNN end-to-end) train net."""
     data, trunk, head, losses = split_frcn(frcn)
-    data_tops = list(data.top)
+    source, data_tops = roi_source(data, trunk, head)
     cls_score, bbox_pred = head_outputs(frcn)
 
     net = caffe_pb2.NetParameter(name=frcn.name)
@@ -148,13 +173,13 @@ def ohem_train(frcn) -> tuple:
         net.layer.add().CopyFrom(layer)
     net.layer.add(name="cls_prob_readonly", type="Softmax", bottom=[cls_score + "_readonly"],
                   top=["cls_prob_readonly"], propagate_down=[False])
-    mining_bottoms = ["cls_prob_readonly", bbox_pred + "_readonly"] + data_tops[1:]
+    mining_bottoms = ["cls_prob_readonly", bbox_pred + "_readonly"] + data_tops
     mining = net.layer.add(name="hard_roi_mining", type="Python", bottom=mining_bottoms,
-                           top=[t + "_hard" for t in data_tops[1:]],
+                           top=[t + "_hard" for t in data_tops],
                            propagate_down=[False] * len(mining_bottoms))
     mining.python_param.module = "roi_data_layer.layer"
     mining.python_param.layer = "OHEMDataLayer"
-    mining.python_param.param_str = data.python_param.param_str
+    mining.python_param.param_str = source.python_param.param_str
     end = len(net.layer)
     for layer in trainable_head(head, data_tops):
         net.layer.add().CopyFrom(layer)
@@ -230,6 +255,70 @@ def header(source: str, note: str = "", checked: bool = True) -> list[str]:
     return lines + ([f"# {note}"] if note else [])
 
 
+def focal_train(plain) -> tuple:
+    """(NetParameter, comments) of the plain train net with the RoI head's SoftmaxWithLoss
+    replaced by the focal loss on the same bottoms (``FocalLossLayer``; same name and top)."""
+    losses = split_frcn(plain)[3]
+    net = caffe_pb2.NetParameter()
+    net.CopyFrom(plain)
+    first = len(plain.layer) - len(losses)
+    i = next(first + k for k, l in enumerate(losses) if l.type == "SoftmaxWithLoss")
+    old = plain.layer[i]
+    focal = caffe_pb2.LayerParameter(name=old.name, type="Python", bottom=old.bottom,
+                                     top=old.top, propagate_down=[True, False],
+                                     loss_weight=list(old.loss_weight) or [1.0])
+    module, layer, param_str = FOCAL_LOSS
+    focal.python_param.module, focal.python_param.layer = module, layer
+    focal.python_param.param_str = param_str
+    net.layer[i].CopyFrom(focal)
+    return net, [(i, "The RoI head's classification loss: focal loss (Lin et al. 2017) on every "
+                     "sampled RoI, in place of SoftmaxWithLoss")]
+
+
+def e2e_test(train, inputs=SMALL_E2E_TEST_INPUTS) -> tuple:
+    """The test net of a Faster R-CNN end-to-end train net: net inputs ``data``/``im_info``, the
+    layers not fed by ``gt_boxes`` (directly or through another), the proposals renamed
+    ``rois`` (the original test nets' name), ``cls_prob``."""
+    data, trunk, head, losses = split_frcn(train)
+    source, _ = roi_source(data, trunk, head)
+    proposals = source.bottom[0]  # rpn_rois: what the ProposalTargetLayer samples from
+    dropped = {"gt_boxes"}
+    net = caffe_pb2.NetParameter(name=train.name)
+    for name, shape in inputs:
+        net.input.append(name)
+        net.input_shape.add(dim=shape)
+    for layer in list(trunk) + list(head):
+        if any(b in dropped for b in layer.bottom):
+            # the proposal target layer's "rois" are the proposals themselves at test time
+            dropped.update(t for t in layer.top if layer is not source or t != "rois")
+            continue
+        out = net.layer.add()
+        out.CopyFrom(layer)
+        for field in ("bottom", "top"):
+            names = [("rois" if n == proposals else n) for n in getattr(layer, field)]
+            out.ClearField(field)
+            getattr(out, field).extend(names)
+    cls_score = next(l for l in losses if l.type == "SoftmaxWithLoss").bottom[0]
+    net.layer.add(name="cls_prob", type="Softmax", bottom=[cls_score], top=["cls_prob"])
+    return net, []
+
+
+def variant_solver(plain_path: Path, suffix: str, what: str) -> str:
+    """A generated variant's solver: the plain one's settings, snapshots ``<prefix>_<suffix>``."""
+    rel = plain_path.relative_to(ROOT).as_posix()
+    lines = [f"# GENERATED by scripts/make_prototxt.py from {rel}: the same solver for {what};",
+             f"# snapshots named <prefix>_{suffix}. train_net resolves relative to the current",
+             "# directory, then to this file's directory."]
+    for line in plain_path.read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        if line.startswith("snapshot_prefix:"):
+            prefix = line.split(":", 1)[1].strip().strip('"')
+            line = f'snapshot_prefix: "{prefix}_{suffix}"'
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def to_text(net, source: str, comments=(), note: str = "", checked: bool = True) -> str:
     """Readable prototxt: a header, the net-level fields, one block per layer, section comments."""
     notes = dict(comments)
@@ -301,6 +390,18 @@ def outputs() -> dict[Path, str]:
             out[PROTOTXT / model / "fast_rcnn" / "test.prototxt"] = to_text(frcn_test(frcn)[0], rel)
     for model in COCO_MODELS:
         out.update(dataset_files(model, DATASETS["coco"], PROTOTXT / "coco" / model, "coco"))
+    for model in E2E_MODELS:
+        plain_dir = PROTOTXT / model / "faster_rcnn_end2end"
+        src = plain_dir / "train.prototxt"
+        rel = src.relative_to(ROOT).as_posix()
+        plain = spec.read_net(src)
+        for variant, make, what in (("ohem", ohem_train, "OHEM"), ("focal", focal_train, "focal loss")):
+            d = PROTOTXT / model / f"faster_rcnn_end2end_{variant}"
+            net, notes = make(plain)
+            out[d / "train.prototxt"] = to_text(net, rel, notes)
+            out[d / "solver.prototxt"] = variant_solver(plain_dir / "solver.prototxt", variant, what)
+        if model == "small":
+            out[plain_dir / "test.prototxt"] = to_text(e2e_test(plain)[0], rel)
     return out
 
 

@@ -60,9 +60,13 @@ def test_generated_files_are_up_to_date():
     coco = {f"coco/{m}/{method}/{kind}.prototxt" for m in ("VGG16", "VGG_CNN_M_1024")
             for method, kinds in (("fast_rcnn", ("train", "test", "solver")),
                                   ("fast_rcnn_ohem", ("train", "solver"))) for kind in kinds}
+    e2e = {f"{m}/faster_rcnn_end2end_{variant}/{kind}.prototxt"
+           for m in ("VGG16", "VGG_CNN_M_1024", "ZF", "small")
+           for variant in ("ohem", "focal") for kind in ("train", "solver")}
     assert {p.relative_to(PROTOTXT).as_posix() for p in outputs} == {
         "VGG16/fast_rcnn_ohem/train.prototxt", "VGG_CNN_M_1024/fast_rcnn_ohem/train.prototxt",
-        "small/fast_rcnn_ohem/train.prototxt", "small/fast_rcnn/test.prototxt"} | coco
+        "small/fast_rcnn_ohem/train.prototxt", "small/fast_rcnn/test.prototxt",
+        "small/faster_rcnn_end2end/test.prototxt"} | coco | e2e
     for path, text in outputs.items():
         assert path.read_text() == text, f"{path} is stale: run python scripts/make_prototxt.py"
 
@@ -117,9 +121,10 @@ def _strip_readonly(layer):
     return out
 
 
-@pytest.mark.parametrize("model", MODELS + COCO_MODELS)
-def test_ohem_heads_agree(model):
-    net = spec.read_net(net_path(model, "fast_rcnn_ohem", "train"))
+@pytest.mark.parametrize("model, method", [(m, "fast_rcnn_ohem") for m in MODELS + COCO_MODELS]
+                         + [(m, "faster_rcnn_end2end_ohem") for m in ("VGG16", "VGG_CNN_M_1024", "ZF", "small")])
+def test_ohem_heads_agree(model, method):
+    net = spec.read_net(net_path(model, method, "train"))
     layers = {l.name: l for l in net.layer}
     readonly = [l for l in net.layer if l.name.endswith("_readonly")]
     assert readonly and "hard_roi_mining" in layers and "cls_prob_readonly" in layers
@@ -260,3 +265,111 @@ def test_generator_writes_any_model_for_any_class_count(tmp_path, capsys):
     with pytest.raises(SystemExit):
         gen.main(["--num-classes", "5"])
     assert not (tmp_path / "x").exists()
+
+
+# -- Faster R-CNN end-to-end ---------------------------------------------------------------------
+E2E_MODELS = ("VGG16", "VGG_CNN_M_1024", "ZF", "small")
+E2E_METHODS = ("faster_rcnn_end2end", "faster_rcnn_end2end_ohem", "faster_rcnn_end2end_focal")
+
+
+@pytest.mark.parametrize("model", E2E_MODELS)
+def test_end2end_files_parse_and_solvers_find_their_nets(model, monkeypatch, tmp_path):
+    for method in E2E_METHODS:
+        for phase in ("TRAIN", "TEST"):
+            n = spec.load_net_spec(net_path(model, method, "train"), phase)
+            assert n.layer[0].type == "Python" and list(n.layer[0].top) == ["data", "im_info", "gt_boxes"]
+    test = spec.load_net_spec(net_path(model, "faster_rcnn_end2end", "test"), "TEST")
+    assert [layer.name for layer in test.layer][-1] == "cls_prob"
+    assert {"data", "im_info"} <= {t for layer in test.layer for t in layer.top}
+    monkeypatch.chdir(tmp_path)
+    prefixes = []
+    for method in E2E_METHODS:
+        s = spec.read_solver(PROTOTXT / model / method / "solver.prototxt")
+        got = spec.solver_net_path(s, PROTOTXT / model / method / "solver.prototxt")
+        assert got.resolve() == net_path(model, method, "train").resolve()
+        prefixes.append(s.snapshot_prefix)
+        s.ClearField("snapshot_prefix")
+        if method == E2E_METHODS[0]:
+            plain = s
+        assert s == plain  # the variants train with the plain end-to-end solver
+    assert prefixes[1:] == [prefixes[0] + "_ohem", prefixes[0] + "_focal"]
+
+
+@pytest.mark.parametrize("model", ["VGG16", "VGG_CNN_M_1024", "ZF"])
+def test_end2end_equivalent_to_reference(model, shared_dir):
+    ref = shared_dir / "reference_prototxt" / "pascal_voc" / model / "faster_rcnn_end2end"
+    for kind in ("train", "test"):
+        ours = net_path(model, "faster_rcnn_end2end", kind)
+        assert spec.read_net(ours) == spec.read_net(ref / f"{kind}.prototxt"), ours
+        for phase in ("TRAIN", "TEST"):
+            assert spec.load_net_spec(ours, phase) == spec.load_net_spec(ref / f"{kind}.prototxt", phase)
+    ours = spec.read_solver(PROTOTXT / model / "faster_rcnn_end2end" / "solver.prototxt")
+    theirs = spec.read_solver(ref / "solver.prototxt")
+    assert Path(theirs.train_net).parts[-2:] == ("faster_rcnn_end2end", "train.prototxt")
+    ours.ClearField("train_net")
+    theirs.ClearField("train_net")
+    assert ours == theirs
+
+
+def _without_learning_settings(net):
+    """A net as a test net reads: no param specs, fillers, propagate_down, or a Softmax's stray
+    loss_param (the original ZF test net's cls_prob carries one)."""
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(net)
+    out.ClearField("input_shape")
+    for layer in out.layer:
+        for field in ("param", "propagate_down"):
+            layer.ClearField(field)
+        if layer.type == "Softmax":
+            layer.ClearField("loss_param")
+        for name in ("convolution_param", "inner_product_param"):
+            if layer.HasField(name):
+                getattr(layer, name).ClearField("weight_filler")
+                getattr(layer, name).ClearField("bias_filler")
+    return out
+
+
+@pytest.mark.parametrize("model", ["VGG16", "VGG_CNN_M_1024", "ZF"])
+def test_end2end_test_net_generator_gives_the_original_test_nets(model):
+    """The generator that writes small/faster_rcnn_end2end/test.prototxt, run on each original
+    train net, gives that model's original test net (layers, blobs, the proposals named rois)."""
+    gen = load_generator()
+    train = spec.read_net(net_path(model, "faster_rcnn_end2end", "train"))
+    made, _ = gen.e2e_test(train, inputs=(("data", (1, 3, 224, 224)), ("im_info", (1, 3))))
+    original = spec.read_net(net_path(model, "faster_rcnn_end2end", "test"))
+    assert list(made.input) == list(original.input) == ["data", "im_info"]
+    assert _without_learning_settings(made) == _without_learning_settings(original)
+
+
+def test_end2end_cfgs(shared_dir):
+    ours = yaml.safe_load((PROTOTXT / "cfgs" / "faster_rcnn_end2end.yml").read_text())
+    theirs = yaml.safe_load((shared_dir / "reference_cfgs" / "faster_rcnn_end2end.yml").read_text())
+    assert ours == theirs
+    cfg = load_config([PROTOTXT / "cfgs" / n for n in ("small.yml", "faster_rcnn_end2end.yml",
+                                                       "faster_rcnn_end2end_ohem.yml")])
+    assert cfg.TRAIN.HAS_RPN and cfg.TEST.HAS_RPN and cfg.TRAIN.PROPOSAL_METHOD == "gt"
+    assert cfg.TRAIN.BATCH_SIZE == -1 and cfg.TRAIN.OHEM_BATCH_SIZE == 128
+    assert cfg.TRAIN.BBOX_NORMALIZE_TARGETS_PRECOMPUTED and cfg.TRAIN.IMS_PER_BATCH == 1
+    assert (cfg.TRAIN.RPN_PRE_NMS_TOP_N, cfg.TRAIN.RPN_POST_NMS_TOP_N) == (2000, 300)
+    assert (cfg.TEST.RPN_PRE_NMS_TOP_N, cfg.TEST.RPN_POST_NMS_TOP_N) == (2000, 300)
+
+
+@pytest.mark.parametrize("model", E2E_MODELS)
+def test_end2end_ohem_and_focal_nets(model):
+    plain = spec.read_net(net_path(model, "faster_rcnn_end2end", "train"))
+    ohem = spec.read_net(net_path(model, "faster_rcnn_end2end_ohem", "train"))
+    layers = {layer.name: layer for layer in ohem.layer}
+    # everything up to the RoI head is the plain net's: RPN, its losses, proposals, targets
+    roi = next(i for i, layer in enumerate(plain.layer) if layer.type == "ROIPooling")
+    assert list(ohem.layer[:roi]) == list(plain.layer[:roi])
+    mining = layers["hard_roi_mining"]
+    assert list(mining.bottom)[2:] == list(layers["roi-data"].top)  # the ProposalTargetLayer's tops
+    assert mining.python_param.param_str == layers["roi-data"].python_param.param_str
+    focal = spec.read_net(net_path(model, "faster_rcnn_end2end_focal", "train"))
+    diff = [(a, b) for a, b in zip(plain.layer, focal.layer) if a != b]
+    assert len(focal.layer) == len(plain.layer) and len(diff) == 1
+    old, new = diff[0]
+    assert old.type == "SoftmaxWithLoss" and old.name == new.name == "loss_cls"
+    assert new.type == "Python" and new.python_param.layer == "FocalLossLayer"
+    assert list(new.bottom) == list(old.bottom) and list(new.top) == list(old.top)
+    assert list(new.propagate_down) == [True, False] and list(new.loss_weight) == [1]

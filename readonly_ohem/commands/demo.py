@@ -24,6 +24,14 @@ What is held equal between the two runs (so the comparison means something):
 What differs is the method: FRCN samples 64 RoIs per image (fg ≥ 0.5 up to 25 %, bg in
 [0.1, 0.5)); OHEM scores every RoI (bg in [0, 0.5)) with the readonly head and trains on the 64
 hardest after NMS 0.7 (``prototxt/cfgs/fast_rcnn_ohem.yml``).
+
+``--detector faster-rcnn``: the same experiment end-to-end (``prototxt/small/faster_rcnn_end2end``
+with ``prototxt/cfgs/faster_rcnn_end2end.yml``: the net's RPN makes the RoIs, trained with it).
+"Faster" samples 64 of its proposals per image as the original ProposalTargetLayer does (fg up
+to 25 %, bg in [0, 0.5)); "Faster+OHEM" (``faster_rcnn_end2end_ohem``, with
+``faster_rcnn_end2end_ohem.yml`` and ``TRAIN.OHEM_BATCH_SIZE`` 64) scores every proposal with the
+readonly head and trains on the 64 hardest. Same seed, initial weights (RPN included), image
+order and images per step; both tested with the net's own proposals (``TEST.HAS_RPN``).
 """
 
 from __future__ import annotations
@@ -57,11 +65,22 @@ PROTOTXT = next((d for d in (_PACKAGE.parent / "prototxt", _PACKAGE / "prototxt"
 SMALL = PROTOTXT / "small"
 SMALL_CFG = PROTOTXT / "cfgs" / "small.yml"
 OHEM_CFG = PROTOTXT / "cfgs" / "fast_rcnn_ohem.yml"
+E2E_CFG = PROTOTXT / "cfgs" / "faster_rcnn_end2end.yml"
+E2E_OHEM_CFG = PROTOTXT / "cfgs" / "faster_rcnn_end2end_ohem.yml"
 METHODS = {  # name -> (solver, extra cfg files after small.yml)
     "FRCN": (SMALL / "fast_rcnn" / "solver.prototxt", []),
     "OHEM": (SMALL / "fast_rcnn_ohem" / "solver.prototxt", [OHEM_CFG]),
+    "Faster": (SMALL / "faster_rcnn_end2end" / "solver.prototxt", [E2E_CFG]),
+    "Faster+OHEM": (SMALL / "faster_rcnn_end2end_ohem" / "solver.prototxt", [E2E_CFG, E2E_OHEM_CFG]),
 }
+# --set pairs of a method beyond RNG_SEED: the small net keeps its 64 RoIs per image with OHEM
+METHOD_SETS = {"Faster+OHEM": [["TRAIN.OHEM_BATCH_SIZE", "64"]]}
 TEST_DEF = SMALL / "fast_rcnn" / "test.prototxt"
+# --detector -> (the plain method, the OHEM method, the test net); the plain method's config tests both
+DETECTORS = {
+    "fast-rcnn": ("FRCN", "OHEM", TEST_DEF),
+    "faster-rcnn": ("Faster", "Faster+OHEM", SMALL / "faster_rcnn_end2end" / "test.prototxt"),
+}
 # (max_per_image, thresh): the equal settings every comparison uses, then the original OHEM script's
 TEST_SETTINGS = ((100, 0.05), (2000, 1e-5))
 
@@ -136,7 +155,8 @@ class StepTimer:
 def method_config(method: str, seed: int):
     """small.yml (+ fast_rcnn_ohem.yml for OHEM) with ``RNG_SEED`` = seed."""
     _, extra = METHODS[method]
-    return load_config([str(SMALL_CFG)] + [str(p) for p in extra], [["RNG_SEED", str(seed)]])
+    return load_config([str(SMALL_CFG)] + [str(p) for p in extra],
+                       [["RNG_SEED", str(seed)]] + METHOD_SETS.get(method, []))
 
 
 def train_method(method: str, data_dir: Path, out_dir: Path, iters: int | None, seed: int,
@@ -194,15 +214,17 @@ def present_classes(imdb) -> list[str]:
 
 
 def test_model(model: Path, data_dir: Path, out_dir: Path, seed: int, settings=TEST_SETTINGS,
-               stream=None) -> dict:
-    """Test one model on the mini-VOC test set at each ``(max_per_image, thresh)``.
+               stream=None, detector: str = "fast-rcnn") -> dict:
+    """Test one model on the mini-VOC test set at each ``(max_per_image, thresh)``, with the
+    ``detector``'s test net and its plain method's config.
 
     Returns ``{(max_per_image, thresh): {"mAP" (over the classes present), "mAP_voc20" (over all
     20, absent classes AP 0), "per_class", "images_per_second", "result_dir"}}``.
     """
     stream = stream if stream is not None else sys.stdout
-    cfg = method_config("FRCN", seed)
-    net = Net.from_file(str(TEST_DEF), phase="TEST", cfg=cfg)
+    plain, _, test_def = DETECTORS[detector]
+    cfg = method_config(plain, seed)
+    net = Net.from_file(str(test_def), phase="TEST", cfg=cfg)
     net.load_caffemodel(str(model))
     imdb = get_imdb("voc_2007_test", data_dir, None, cfg, cache_dir=False)
     classes = present_classes(imdb)
@@ -227,13 +249,14 @@ def test_model(model: Path, data_dir: Path, out_dir: Path, seed: int, settings=T
 def format_table(results: dict, settings=TEST_SETTINGS) -> str:
     """The comparison table: one row per method, mAP at each detection setting."""
     (mp0, th0), rest = settings[0], settings[1:]
-    head = f"{'method':<6} {f'mAP ({mp0}/{th0:g})':>15}"
+    width = max([6] + [len(name) for name in results])
+    head = f"{'method':<{width}} {f'mAP ({mp0}/{th0:g})':>15}"
     head += "".join(f" {f'mAP ({mp}/{th:g})':>17}" for mp, th in rest)
     head += f" {'s/iter':>7} {'fg of trained RoIs':>18} {'RoIs/iter':>9} {'test im/s':>9}"
     lines = [head, "-" * len(head)]
     for name, r in results.items():
         tests = r["test"]
-        row = f"{name:<6} {tests[settings[0]]['mAP']:>15.4f}"
+        row = f"{name:<{width}} {tests[settings[0]]['mAP']:>15.4f}"
         row += "".join(f" {tests[s]['mAP']:>17.4f}" for s in rest)
         row += (f" {r['sec_per_iter']:>7.3f} {100 * r['fg_fraction']:>17.1f}% "
                 f"{r['rois_per_iter']:>9.0f} {tests[settings[0]]['images_per_second']:>9.1f}")
@@ -253,12 +276,16 @@ def _jsonable(results: dict) -> dict:
 
 def run_demo(output="demo_output", iters: int | None = None, seed: int = 0,
              num_images: int = DEFAULT_IMAGES, settings=TEST_SETTINGS, log_every: int = 20,
-             tensorboard=None, stream=None) -> dict:
-    """The whole experiment (see the module docstring); returns the results, also written to
-    ``output/results.json`` and ``output/results.txt``. ``tensorboard``: a folder for TensorBoard
-    events, one run per method (``tensorboard/frcn_seed0``, ``tensorboard/ohem_seed0``)."""
+             tensorboard=None, stream=None, detector: str = "fast-rcnn") -> dict:
+    """The whole experiment (see the module docstring) for ``detector`` (``fast-rcnn`` or
+    ``faster-rcnn``); returns the results, also written to ``output/results.json`` and
+    ``output/results.txt``. ``tensorboard``: a folder for TensorBoard events, one run per method
+    (``tensorboard/frcn_seed0``, ``tensorboard/ohem_seed0``)."""
     stream = stream if stream is not None else sys.stdout
-    needed = [SMALL_CFG, OHEM_CFG, TEST_DEF] + [solver for solver, _ in METHODS.values()]
+    if detector not in DETECTORS:
+        raise ConfigError(f"--detector {detector!r}: one of {', '.join(DETECTORS)}")
+    *methods, test_def = DETECTORS[detector]
+    needed = [SMALL_CFG, test_def] + [p for m in methods for p in [METHODS[m][0], *METHODS[m][1]]]
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
         raise ConfigError(f"the demo needs the shipped nets and configs; not found: {', '.join(missing)} "
@@ -272,12 +299,12 @@ def run_demo(output="demo_output", iters: int | None = None, seed: int = 0,
         make_minivoc(data, seed=seed, num_images=num_images)
 
     results, init = {}, None
-    for k, method in enumerate(METHODS):
+    for k, method in enumerate(methods):
         say(f"\n[{2 + k}/5] training {method} (prototxt/small, "
             f"{'solver max_iter' if iters is None else iters} iterations, seed {seed})", stream)
-        log = out / "kept_rois.jsonl" if method == "OHEM" else None
-        board = run_dir(tensorboard, method, seed) if tensorboard else None
-        r = train_method(method, data, out / method.lower(), iters, seed, init, stream=stream,
+        log = out / "kept_rois.jsonl" if method == methods[1] else None
+        board = run_dir(tensorboard, method_dir(method), seed) if tensorboard else None
+        r = train_method(method, data, out / method_dir(method), iters, seed, init, stream=stream,
                          kept_roi_log=log, log_every=log_every, tensorboard=board)
         init = r["init"]
         say(f"{method}: {r['iters']} iterations, {r['sec_per_iter']:.3f} s/iter, "
@@ -285,7 +312,8 @@ def run_demo(output="demo_output", iters: int | None = None, seed: int = 0,
             f"trained on; model {r['model']}", stream)
         say(f"testing {method} on voc_2007_test at "
             + ", ".join(f"max_per_image {mp} thresh {th:g}" for mp, th in settings), stream)
-        r["test"] = test_model(r["model"], data, out / method.lower(), seed, settings, stream)
+        r["test"] = test_model(r["model"], data, out / method_dir(method), seed, settings, stream,
+                               detector)
         if board is not None:  # mAP over the classes present, and their AP, per test setting
             for k, ((mp, th), t) in enumerate(r["test"].items()):
                 write_test_results(board, {"mAP": t["mAP"], "per_class": {
@@ -293,9 +321,9 @@ def run_demo(output="demo_output", iters: int | None = None, seed: int = 0,
                     prefix="test" if k == 0 else f"test_{mp}_{th:g}")
         results[method] = r
 
-    say("\n[4/5] FRCN vs OHEM on the mini-VOC test set (VOC07 11-point AP, mean over the "
-        f"{len(next(iter(results.values()))['test'][settings[0]]['classes'])} classes present):",
-        stream)
+    n_classes = len(next(iter(results.values()))["test"][settings[0]]["classes"])
+    say(f"\n[4/5] {methods[0]} vs {methods[1]} on the mini-VOC test set (VOC07 11-point AP, "
+        f"mean over the {n_classes} classes present):", stream)
     table = format_table(results, settings)
     say(table, stream)
     mp0, th0 = settings[0]
@@ -319,7 +347,8 @@ def run_demo(output="demo_output", iters: int | None = None, seed: int = 0,
     say(f"wrote {picture} (the last logged iteration's first image)", stream)
 
     elapsed = time.perf_counter() - t_start
-    summary = {"seed": seed, "num_images": num_images, "total_seconds": elapsed,
+    summary = {"seed": seed, "detector": detector, "num_images": num_images,
+               "total_seconds": elapsed,
                "same_images_per_step": same_images,
                "settings": [list(s) for s in settings], "methods": _jsonable(results),
                "table": table, "picture": str(picture)}
@@ -332,10 +361,17 @@ def run_demo(output="demo_output", iters: int | None = None, seed: int = 0,
             "picture": picture, "output": out}
 
 
-def demo_command(output="demo_output", iters=None, seed=0, tensorboard=None) -> int:
-    """``readonly-ohem demo [--output DIR] [--iters N] [--seed S] [--tensorboard DIR]``."""
+def method_dir(method: str) -> str:
+    """The output subdirectory of a method: ``frcn``, ``ohem``, ``faster``, ``faster_ohem``."""
+    return method.lower().replace("+", "_")
+
+
+def demo_command(output="demo_output", iters=None, seed=0, tensorboard=None,
+                 detector="fast-rcnn") -> int:
+    """``readonly-ohem demo [--output DIR] [--iters N] [--seed S] [--tensorboard DIR]
+    [--detector fast-rcnn|faster-rcnn]``."""
     use_caffe_float32()  # Caffe computes in true float32: no TF32 on GPUs
     if iters is not None and iters < 1:
         raise ConfigError(f"--iters must be >= 1, got {iters}")
-    run_demo(output, iters=iters, seed=seed, tensorboard=tensorboard)
+    run_demo(output, iters=iters, seed=seed, tensorboard=tensorboard, detector=detector)
     return 0

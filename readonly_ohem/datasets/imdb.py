@@ -91,21 +91,29 @@ def merge_gt_and_proposals(gt: dict, proposals: np.ndarray | None, num_classes: 
                 flipped=False)
 
 
-def build_imdb_roidb(imdb) -> list[dict]:
+def build_imdb_roidb(imdb, proposals: bool = True) -> list[dict]:
     """The original ``selective_search_roidb`` for one imdb: gt rows then proposals per image (gt
-    left out where ``imdb.has_gt()`` is False), from the disk cache when valid."""
-    cached = cache.load(imdb)
-    if cached is not None:
-        return cached
+    left out where ``imdb.has_gt()`` is False), from the disk cache when valid.
+
+    ``proposals=False``: the original's ``gt`` proposal method (``TRAIN.PROPOSAL_METHOD: gt``,
+    Faster R-CNN end-to-end, whose RPN makes the RoIs): gt rows only, no proposals file read,
+    not cached (it is the annotations alone).
+    """
+    if proposals:
+        cached = cache.load(imdb)
+        if cached is not None:
+            return cached
     gt = imdb.gt_roidb() if imdb.has_gt() else [None] * imdb.num_images
     sizes = imdb.image_sizes
     roidb = []
     for i in range(imdb.num_images):
-        e = merge_gt_and_proposals(gt[i], imdb.proposal_boxes(i), imdb.num_classes, imdb.crowd_thresh)
+        e = merge_gt_and_proposals(gt[i], imdb.proposal_boxes(i) if proposals else None,
+                                   imdb.num_classes, imdb.crowd_thresh)
         e.update(image=imdb.image_path_at(i), image_id=imdb.image_index[i],
                  width=int(sizes[i, 0]), height=int(sizes[i, 1]))
         roidb.append(e)
-    cache.save(imdb, roidb)
+    if proposals:
+        cache.save(imdb, roidb)
     return roidb
 
 

@@ -15,6 +15,11 @@ thresh=0.05`` (``test_net.py``'s defaults, ours too); the OHEM script
 the published FRCN-vs-OHEM comparison did not use the same detection settings. Pass
 ``--max-per-image 2000 --thresh 1e-5`` to reproduce the OHEM numbers as published; compare the
 two methods with equal settings.
+
+Faster R-CNN (``TEST.HAS_RPN``): no proposals are given; the net gets ``data`` and ``im_info``
+``[[h, w, scale]]`` and scores its own ``rois`` (the ProposalLayer's, with the TEST-phase
+``RPN_*`` keys), mapped back to the image by dividing by the scale (``im_detect_rpn``; one
+scale, no dedup, as the original ``test.py``). ``test_net`` then reads no proposals file.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import numpy as np
 import torch
 
 from readonly_ohem.detection.vis import draw_detections
-from readonly_ohem.errors import DataError
+from readonly_ohem.errors import ConfigError, DataError
 from readonly_ohem.ops.boxes import bbox_transform_inv, clip_boxes
 from readonly_ohem.ops.nms import greedy_nms
 from readonly_ohem.progress import Progress
@@ -81,15 +86,21 @@ def _as_2d(t) -> np.ndarray:
     return a.reshape(a.shape[0], -1)
 
 
-def im_detect(net, im_bgr: np.ndarray, boxes: np.ndarray, cfg):
+def im_detect(net, im_bgr: np.ndarray, boxes: np.ndarray | None, cfg):
     """Score the proposals of one image: returns ``(scores (R, C) float32, pred_boxes (R, 4C))``.
 
-    im_bgr: (H, W, 3) uint8 BGR. boxes: (R, 4) float64 0-based proposals.
+    im_bgr: (H, W, 3) uint8 BGR. boxes: (R, 4) float64 0-based proposals (None with
+    ``TEST.HAS_RPN``: the net's own, ``im_detect_rpn``).
     pred_boxes: 0-based per-class boxes (bbox_pred applied to each proposal, clipped to
     [0, W-1] × [0, H-1]), float32 as the original (computed in the deltas' dtype); the float64
     proposals tiled C times when ``TEST.BBOX_REG`` is off. A duplicate
     RoI gets the scores and boxes of the first proposal of its group (the original's mapping).
     """
+    if cfg.TEST.HAS_RPN:
+        if boxes is not None:
+            raise ConfigError("TEST.HAS_RPN: the net scores its own RoIs; im_detect takes no "
+                              "proposals (boxes=None)")
+        return im_detect_rpn(net, im_bgr, cfg)
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     if boxes.shape[0] == 0:
         return np.zeros((0, 0), np.float32), np.zeros((0, 0))
@@ -103,17 +114,43 @@ def im_detect(net, im_bgr: np.ndarray, boxes: np.ndarray, cfg):
 
     with torch.no_grad():
         blobs = net.forward({"data": data.to(device), "rois": torch.from_numpy(rois).to(device)})
+    scores, pred_boxes = _scores_and_boxes(blobs, boxes, im_bgr.shape[:2], cfg)
+    if dedup:
+        scores, pred_boxes = scores[inv_index], pred_boxes[inv_index]
+    return scores, pred_boxes
+
+
+def im_detect_rpn(net, im_bgr: np.ndarray, cfg):
+    """``im_detect`` of a net with its own RPN (``TEST.HAS_RPN``): the net is fed ``data`` and
+    ``im_info`` (1, 3) float32 ``[blob height, blob width, scale]``; the boxes scored are its
+    ``rois`` blob ``[0, x1, y1, x2, y2]`` divided by the scale (float64, as the original's
+    float32 / float64 division). One image scale only, as the original asserts."""
+    if len(cfg.TEST.SCALES) != 1:
+        raise ConfigError(f"TEST.HAS_RPN: the net makes its RoIs on one image scale; "
+                          f"TEST.SCALES has {len(cfg.TEST.SCALES)} ({list(cfg.TEST.SCALES)})")
+    device = getattr(net, "device", torch.device("cpu"))
+    data, im_scales = image_blob(im_bgr, cfg)
+    im_info = torch.tensor([[data.shape[2], data.shape[3], im_scales[0]]], dtype=torch.float32)
+    with torch.no_grad():
+        blobs = net.forward({"data": data.to(device), "im_info": im_info.to(device)})
+    if "rois" not in blobs:
+        raise DataError("TEST.HAS_RPN: the test net has no 'rois' blob (a Faster R-CNN test net "
+                        "names its ProposalLayer's top rois)")
+    rois = _as_2d(blobs["rois"])
+    boxes = rois[:, 1:5] / im_scales[0]
+    return _scores_and_boxes(blobs, boxes, im_bgr.shape[:2], cfg)
+
+
+def _scores_and_boxes(blobs: dict, boxes: np.ndarray, im_hw, cfg):
+    """(scores (R, C) float32, pred_boxes (R, 4C)) of the net's outputs for ``boxes`` (R, 4)."""
     scores = _as_2d(blobs["cls_score"] if cfg.TEST.SVM else blobs["cls_prob"])
     if cfg.TEST.BBOX_REG:
         # float32, as the original: its bbox_transform_inv casts the float64 boxes to the dtype
         # of the deltas (Caffe's float32 bbox_pred) before any arithmetic
         deltas = _as_2d(blobs["bbox_pred"])
-        pred_boxes = clip_boxes(bbox_transform_inv(boxes.astype(deltas.dtype), deltas),
-                                im_bgr.shape[:2])
+        pred_boxes = clip_boxes(bbox_transform_inv(boxes.astype(deltas.dtype), deltas), im_hw)
     else:
         pred_boxes = np.tile(boxes, (1, scores.shape[1]))
-    if dedup:
-        scores, pred_boxes = scores[inv_index], pred_boxes[inv_index]
     return scores, pred_boxes
 
 
@@ -165,7 +202,8 @@ def test_net(net, imdb, cfg, max_per_image: int = 100, thresh: float = 0.05,
         for i in range(num_images):
             im = load_image_bgr(imdb.image_path_at(i))
             t0 = time.perf_counter()
-            scores, pred_boxes = im_detect(net, im, imdb.proposal_boxes(i), cfg)
+            proposals = None if cfg.TEST.HAS_RPN else imdb.proposal_boxes(i)
+            scores, pred_boxes = im_detect(net, im, proposals, cfg)
             if scores.shape[0] and scores.shape[1] != num_classes:
                 raise DataError(f"{getattr(net, 'source', 'the net')}: scores "
                                 f"{scores.shape[1]} classes, the dataset {imdb.name} has "

@@ -14,6 +14,10 @@ selection of the OHEM layer.
   set's target means/stds, which it does not record; we normalize back with
   ``TRAIN.BBOX_NORMALIZE_MEANS/STDS`` (the config's), so the bbox part is approximate unless
   training used those (``BBOX_NORMALIZE_TARGETS_PRECOMPUTED``).
+- Faster R-CNN end-to-end OHEM nets (``TRAIN.HAS_RPN``, e.g. ``--cfg faster_rcnn_end2end.yml
+  --cfg faster_rcnn_end2end_ohem.yml``): the data layer's tops are ``data``, ``im_info`` and
+  ``gt_boxes``; the net's own RPN makes the RoIs (no ``--proposals``), and its proposal target
+  layer labels them, so the bbox targets are the exact precomputed-normalized ones.
 """
 
 from __future__ import annotations
@@ -35,7 +39,6 @@ from readonly_ohem.errors import ConfigError, DataError
 from readonly_ohem.inspect.draw import render_selection
 from readonly_ohem.inspect.log import default_classes, split_record
 from readonly_ohem.roi_data.blob import blob_scale
-from readonly_ohem.roi_data.layer import TOP_NAMES
 from readonly_ohem.roi_data.minibatch import build_minibatch, plan_minibatch
 from readonly_ohem.roi_data.roidb import add_bbox_regression_targets, prepare_roidb
 from readonly_ohem.train import (
@@ -141,13 +144,20 @@ def inspect_image(def_path, net_path, image, proposals=None, cfg_files=(), set_p
         notes.append(f"not in the model file (left at their fillers): {', '.join(missing[:4])}")
     if _normalize_bbox_pred(net, cfg, num_classes):
         notes.append("bbox loss: targets normalized with TRAIN.BBOX_NORMALIZE_MEANS/STDS")
+    rpn = bool(cfg.TRAIN.HAS_RPN)
+    if rpn and proposals:
+        raise ConfigError(f"--proposals {proposals}: with TRAIN.HAS_RPN the net's own RPN makes "
+                          "the RoIs")
 
     width, height = image_size(image)
     xml = find_annotation(image)
     gt = read_gt(xml, classes, (width, height), gt_outside_policy(cfg)) if xml else None
     if gt is None:
         notes.append("no annotation found: every RoI labelled background")
-    if proposals:
+    if rpn:
+        props = None
+        notes.append("RoIs: the net's RPN proposals (+ gt boxes), as in training")
+    elif proposals:
         props = load_image_proposals(Path(proposals), image.stem)
     else:
         props = grid_proposals(width, height)
@@ -155,10 +165,12 @@ def inspect_image(def_path, net_path, image, proposals=None, cfg_files=(), set_p
     entry = merge_gt_and_proposals(gt, props, num_classes)
     entry.update(image=str(image), image_id=image.stem, width=width, height=height)
     prepare_roidb([entry])
-    _bbox_targets(entry, cfg, num_classes)
+    if not rpn:
+        _bbox_targets(entry, cfg, num_classes)
     plan = plan_minibatch([entry], cfg, np.random.RandomState(cfg.RNG_SEED), ohem=True)
     blobs = build_minibatch([entry], plan, num_classes, cfg)
-    feed = {top: blobs[name].to(device) for top, name in zip(data[0].param.top, TOP_NAMES)}
+    feed = {top: blobs[name].to(device)
+            for top, name in zip(data[0].param.top, data[0].top_names)}
     records = []
     for layer in ohem:
         layer.recorder = records.append
@@ -166,10 +178,10 @@ def inspect_image(def_path, net_path, image, proposals=None, cfg_files=(), set_p
     net.forward(feed)
     if not records:
         raise ConfigError(f"--def {def_path}: the OHEM layer did not run")
-    keep = np.asarray(plan["keep"][0])
+    keep = None if rpn else np.asarray(plan["keep"][0])  # RPN: proposals, no roidb rows
     scale = blob_scale(height, width, cfg.TRAIN.SCALES[int(plan["scale_inds"][0])], cfg.TRAIN.MAX_SIZE)
     meta_in = dict(image_id=image.stem, image_path=str(image), flipped=False, width=width, height=height,
-                   scale=scale, roidb_rows=keep, roidb_boxes=entry["boxes"][keep])
+                   scale=scale, roidb_rows=keep, roidb_boxes=None if rpn else entry["boxes"][keep])
     (meta, arrays), = split_record(records[-1], [meta_in])
     meta.update(iter=None, **{"pass": 0})
     title = f"OHEM would keep now  -  image {image.name}  -  scale {scale:.3f}"

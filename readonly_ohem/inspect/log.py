@@ -64,18 +64,20 @@ def default_classes(num_classes: int) -> list[str]:
 
 # -- per-image view of one SelectionRecord ----------------------------------------------------------
 def image_meta_from_plan(data_layer, plan: dict) -> list[dict]:
-    """Per image of a RoIDataLayer minibatch: id, path, flip, size, scale and roidb rows."""
+    """Per image of a RoIDataLayer minibatch: id, path, flip, size, scale and roidb rows (None
+    for a ``TRAIN.HAS_RPN`` minibatch, whose RoIs are the net's own proposals)."""
     cfg = data_layer.cfg
     out = []
     for i, db in enumerate(plan["db_inds"]):
         e = data_layer.roidb[int(db)]
         scale = blob_scale(int(e["height"]), int(e["width"]),
                            cfg.TRAIN.SCALES[int(plan["scale_inds"][i])], cfg.TRAIN.MAX_SIZE)
-        keep = np.asarray(plan["keep"][i], dtype=np.int64)
+        keep = None if plan.get("keep") is None else np.asarray(plan["keep"][i], dtype=np.int64)
         out.append(dict(image_id=str(e.get("image_id", db)), image_path=str(e.get("image", "")),
                         flipped=bool(e.get("flipped", False)), width=int(e["width"]),
                         height=int(e["height"]), scale=float(scale), db_index=int(db),
-                        roidb_rows=keep, roidb_boxes=np.asarray(e["boxes"])[keep]))
+                        roidb_rows=keep,
+                        roidb_boxes=None if keep is None else np.asarray(e["boxes"])[keep]))
     return out
 
 

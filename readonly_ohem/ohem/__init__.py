@@ -13,6 +13,8 @@
 - ``record``    SelectionRecord, what one forward decided (for logs and pictures)
 - ``readonly``  the readonly branch of an OHEM net (from the graph) and its precision
                 (``TRAIN.OHEM_READONLY_DTYPE``)
+- ``focal_layer`` FocalLossLayer, the focal loss as a Python loss layer (the RoI head's other
+                choice; registered when ``readonly_ohem.python_layers`` is imported)
 
 Importing this package registers ``OHEMDataLayer`` as the Python layer
 ``("roi_data_layer.layer", "OHEMDataLayer")``.

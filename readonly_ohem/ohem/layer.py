@@ -6,7 +6,8 @@ layer: "OHEMDataLayer" param_str: "'num_classes': 21" }``. Optional ``param_str`
 the original; also ``ratio``, ``neg_pos``, ``topk_threshold``), and the options that policy
 declares (``keep_ratio`` for ``ratio``, ``neg_pos_ratio`` for ``neg_pos``); any other key is an
 error. Settings from the config (``ctx.cfg``, defaults when None), read at every forward:
-TRAIN.BBOX_REG, and for the policy TRAIN.BATCH_SIZE, TRAIN.OHEM_USE_NMS, TRAIN.OHEM_NMS_THRESH.
+TRAIN.BBOX_REG, and for the policy the hard-RoI count (TRAIN.OHEM_BATCH_SIZE, else TRAIN.BATCH_SIZE:
+``registry.ohem_batch_size``), TRAIN.OHEM_USE_NMS, TRAIN.OHEM_NMS_THRESH.
 
 Bottoms: cls_prob_readonly (R, C), bbox_pred_readonly (R, 4C), rois (R, 5)
 [batch_idx, x1, y1, x2, y2], labels (R,), and with TRAIN.BBOX_REG bbox_targets,
@@ -14,7 +15,7 @@ bbox_inside_weights, bbox_outside_weights (R, 4C). Without BBOX_REG the original
 first four bottoms (more are ignored) and has two tops.
 Tops: rois_hard (B, 5), labels_hard (B,) and with BBOX_REG bbox_targets_hard,
 bbox_inside_weights_hard, bbox_outside_weights_hard (B, 4C): row gathers of the bottoms, hardest
-first, B <= the policy's ``max_kept(R, cfg)`` (min(R, TRAIN.BATCH_SIZE) for ``topk``). No
+first, B <= the policy's ``max_kept(R, cfg)`` (min(R, ohem_batch_size) for ``topk``). No
 gradient goes back (the original's backward is empty).
 
 Every forward is the same for every policy: the per-RoI loss (``ohem.loss``, float64 (R,)), then

@@ -8,9 +8,10 @@ Every member honours one contract, and the layer calls each the same way:
   [0, context.num_labels). The layer passes these and ``context.rois`` as host (CPU) tensors.
 - ``context``: a ``MiningContext``: ``rois`` (R, 5) [batch_idx, x1, y1, x2, y2] with its views
   ``image_ids`` (R,) and ``boxes`` (R, 4); ``num_labels`` (C of cls_prob); ``cfg``, the config,
-  read through ``batch_size``, ``use_nms``, ``nms_thresh`` (TRAIN.BATCH_SIZE, TRAIN.OHEM_USE_NMS,
-  TRAIN.OHEM_NMS_THRESH); ``options``, the policy's declared param_str options (the layer's values
-  over the declared defaults); ``full``, True when a recorder logs this call and wants NMS decided
+  read through ``batch_size``, ``use_nms``, ``nms_thresh`` (``ohem_batch_size(cfg)``:
+  TRAIN.OHEM_BATCH_SIZE, else TRAIN.BATCH_SIZE; TRAIN.OHEM_USE_NMS, TRAIN.OHEM_NMS_THRESH);
+  ``options``, the policy's declared param_str options (the layer's values over the declared
+  defaults); ``full``, True when a recorder logs this call and wants NMS decided
   for every RoI.
 - The result: ``keep`` (K,) long RoI indices, hardest first (the order of the hard tops), with
   K <= the policy's ``max_kept(R, cfg)``; ``weight`` and ``normalizer`` (the policy's loss, for
@@ -36,8 +37,24 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from readonly_ohem.errors import ConfigError
 from readonly_ohem.ohem.policies import MiningResult, neg_pos, ratio, topk_threshold
 from readonly_ohem.ohem.selection import group_ids, nms_survivors, select_hard_rois
+
+
+def ohem_batch_size(cfg) -> int:
+    """The hard RoIs kept per pass: ``TRAIN.OHEM_BATCH_SIZE`` when > 0, else ``TRAIN.BATCH_SIZE``
+    (Fast R-CNN OHEM, where the data layer hands over every RoI whatever BATCH_SIZE says).
+    End-to-end OHEM sets BATCH_SIZE -1 (the ProposalTargetLayer passes every RoI) and needs
+    OHEM_BATCH_SIZE; a count below 1 is a ``ConfigError`` naming both keys."""
+    t = cfg.TRAIN
+    n = int(t.OHEM_BATCH_SIZE) or int(t.BATCH_SIZE)
+    if n < 1:
+        raise ConfigError(f"TRAIN.OHEM_BATCH_SIZE {t.OHEM_BATCH_SIZE} with TRAIN.BATCH_SIZE "
+                          f"{t.BATCH_SIZE}: the hard RoIs OHEM keeps per pass must be >= 1 (with "
+                          "BATCH_SIZE -1, every RoI, set TRAIN.OHEM_BATCH_SIZE; "
+                          "prototxt/cfgs/faster_rcnn_end2end_ohem.yml: 128)")
+    return n
 
 
 @dataclass(frozen=True)
@@ -62,7 +79,7 @@ class MiningContext:
 
     @property
     def batch_size(self) -> int:
-        return int(self.cfg.TRAIN.BATCH_SIZE)
+        return ohem_batch_size(self.cfg)
 
     @property
     def use_nms(self) -> bool:
@@ -127,9 +144,10 @@ def mine_after_nms(loss: torch.Tensor, labels: torch.Tensor, context: MiningCont
 
 
 # -- the registered policies ------------------------------------------------------------------
-@register_policy("topk", max_kept=lambda r, cfg: min(r, int(cfg.TRAIN.BATCH_SIZE)))
+@register_policy("topk", max_kept=lambda r, cfg: min(r, ohem_batch_size(cfg)))
 def original_ohem(loss, labels, context):
-    """The original OHEMDataLayer: NMS per (image, label), then the hardest BATCH_SIZE survivors,
+    """The original OHEMDataLayer: NMS per (image, label), then the hardest BATCH_SIZE survivors
+    (``ohem_batch_size``),
     averaged (``selection.select_hard_rois``, with its fast path when no record is wanted)."""
     sel = select_hard_rois(loss, context.rois, labels, context.batch_size, context.use_nms,
                            context.nms_thresh, num_labels=context.num_labels, full=context.full)
@@ -153,6 +171,6 @@ def neg_pos_after_nms(loss, labels, context):
 
 @register_policy("topk_threshold")
 def topk_threshold_after_nms(loss, labels, context):
-    """Every NMS survivor with loss >= the BATCH_SIZE-th largest (``policies.topk_threshold``)."""
+    """Every NMS survivor with loss >= the ``ohem_batch_size``-th largest (``policies.topk_threshold``)."""
     return mine_after_nms(loss, labels, context,
                           lambda l, y, s: topk_threshold(l, y, k=context.batch_size))

@@ -1,8 +1,10 @@
 """RoIDataLayer: the Python data layer of the Fast R-CNN / OHEM train nets (``roi_data_layer/layer.py``).
 
 ``param_str: "'num_classes': 21"``; tops in prototxt order: data, rois, labels and, with
-``TRAIN.BBOX_REG``, bbox_targets, bbox_inside_weights, bbox_outside_weights. ``set_roidb(roidb)``
-must be called before the first forward (as the original's solver wrapper does).
+``TRAIN.BBOX_REG``, bbox_targets, bbox_inside_weights, bbox_outside_weights. With
+``TRAIN.HAS_RPN`` (Faster R-CNN end-to-end) the tops are data, im_info, gt_boxes instead
+(``minibatch.rpn_blobs``; one image per minibatch). ``set_roidb(roidb)`` must be called before
+the first forward (as the original's solver wrapper does).
 
 Order: a permutation of the roidb per pass (``TRAIN.ASPECT_GROUPING`` pairs landscape with
 landscape and portrait with portrait), reshuffled when ``cur + IMS_PER_BATCH >= len(roidb)`` (so
@@ -29,6 +31,7 @@ from readonly_ohem.errors import DataError
 from readonly_ohem.roi_data.minibatch import build_minibatch, plan_minibatch
 
 TOP_NAMES = ("data", "rois", "labels", "bbox_targets", "bbox_inside_weights", "bbox_outside_weights")
+RPN_TOP_NAMES = ("data", "im_info", "gt_boxes")  # TRAIN.HAS_RPN
 
 
 class MinibatchPlanner:
@@ -135,10 +138,18 @@ class RoIDataLayer(Layer):
         except (KeyError, TypeError, ValueError):
             raise self.error(f"param_str must give num_classes (e.g. \"'num_classes': 21\"), "
                              f"got {param.python_param.param_str!r}") from None
-        want = 6 if self.cfg.TRAIN.BBOX_REG else 3
-        if len(param.top) != want:
-            raise self.error(f"with TRAIN.BBOX_REG {self.cfg.TRAIN.BBOX_REG} the tops are "
-                             f"{', '.join(TOP_NAMES[:want])} ({want}), the spec names {len(param.top)}")
+        if self.cfg.TRAIN.HAS_RPN:
+            if len(param.top) != 3:
+                raise self.error(f"with TRAIN.HAS_RPN the tops are {', '.join(RPN_TOP_NAMES)} (3), "
+                                 f"the spec names {len(param.top)}")
+            if self.cfg.TRAIN.IMS_PER_BATCH != 1:
+                raise self.error(f"with TRAIN.HAS_RPN the RPN layers take one image per minibatch: "
+                                 f"set TRAIN.IMS_PER_BATCH 1 (it is {self.cfg.TRAIN.IMS_PER_BATCH})")
+        else:
+            want = 6 if self.cfg.TRAIN.BBOX_REG else 3
+            if len(param.top) != want:
+                raise self.error(f"with TRAIN.BBOX_REG {self.cfg.TRAIN.BBOX_REG} the tops are "
+                                 f"{', '.join(TOP_NAMES[:want])} ({want}), the spec names {len(param.top)}")
         self.register_buffer("_device_marker", torch.zeros(0), persistent=False)
         self.roidb = None
         self.planner = None
@@ -157,7 +168,7 @@ class RoIDataLayer(Layer):
         """
         if not roidb:
             raise DataError(f"layer {self.name!r}: set_roidb got an empty roidb")
-        if self.cfg.TRAIN.BBOX_REG and "bbox_targets" not in roidb[0]:
+        if self.cfg.TRAIN.BBOX_REG and not self.cfg.TRAIN.HAS_RPN and "bbox_targets" not in roidb[0]:
             raise DataError(f"layer {self.name!r}: the roidb has no bbox_targets "
                             f"(run add_bbox_regression_targets, or set TRAIN.BBOX_REG False)")
         self.close()
@@ -219,13 +230,22 @@ class RoIDataLayer(Layer):
         self.planner.load_data_order_state(state)
 
     # -- layer contract -------------------------------------------------------------------------
+    @property
+    def top_names(self) -> tuple[str, ...]:
+        """The blobs this layer's tops carry, in order."""
+        names = RPN_TOP_NAMES if self.cfg.TRAIN.HAS_RPN else TOP_NAMES
+        return names[: len(self.param.top)]
+
     def forward(self, bottoms, params):
         blobs = self.next_minibatch()
         dev = self._device_marker.device
-        return [blobs[n].to(dev, non_blocking=True) for n in TOP_NAMES[: len(self.param.top)]]
+        return [blobs[n].to(dev, non_blocking=True) for n in self.top_names]
 
     def top_shapes(self, bottom_shapes):
+        """The original's setup shapes (the real ones are known after a forward)."""
         t = self.cfg.TRAIN
-        shapes = [(t.IMS_PER_BATCH, 3, max(t.SCALES), t.MAX_SIZE), (1, 5), (1,)]
-        shapes += [(1, 4 * self.num_classes)] * 3
+        data = (t.IMS_PER_BATCH, 3, max(t.SCALES), t.MAX_SIZE)
+        if t.HAS_RPN:
+            return [data, (1, 3), (1, 4)]
+        shapes = [data, (1, 5), (1,)] + [(1, 4 * self.num_classes)] * 3
         return shapes[: len(self.param.top)]

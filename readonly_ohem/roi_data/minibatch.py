@@ -1,4 +1,5 @@
-"""Minibatches from the roidb: plain Fast R-CNN sampling and OHEM's "all RoIs" (``roi_data_layer/minibatch.py``).
+"""Minibatches from the roidb: plain Fast R-CNN sampling, OHEM's "all RoIs", and Faster R-CNN's
+image + gt boxes (``roi_data_layer/minibatch.py``).
 
 A minibatch is made in two steps so that background workers cannot change the random stream:
 ``plan_minibatch`` (main process) draws everything random, with the original's calls in the
@@ -9,6 +10,11 @@ and assembles the blobs from the plan, deterministically.
 Blobs (torch, float32): ``data`` (N, 3, H, W); ``rois`` (R, 5) ``[batch_idx, x1 s, y1 s, x2 s, y2 s]``
 unrounded; ``labels`` (R,); with ``TRAIN.BBOX_REG``: ``bbox_targets``, ``bbox_inside_weights``,
 ``bbox_outside_weights`` (R, 4K), the 4 values of class c in columns 4c..4c+3.
+
+With ``TRAIN.HAS_RPN`` (Faster R-CNN end-to-end: the RoIs come from the net's own RPN) the plan
+draws only the scale, and the blobs are ``data`` (1, 3, H, W), ``im_info`` (1, 3) ``[H, W,
+scale]`` of the blob and ``gt_boxes`` (G, 5) ``[x1 s, y1 s, x2 s, y2 s, class]``, the image's gt
+rows (``gt_classes != 0``) scaled, float32; one image per minibatch, as the original.
 """
 
 from __future__ import annotations
@@ -59,11 +65,22 @@ def rois_per_image(cfg, num_images: int) -> tuple[int, int]:
     return per, int(np.round(cfg.TRAIN.FG_FRACTION * per))
 
 
+def check_rpn_batch(cfg, num_images: int) -> None:
+    """``TRAIN.HAS_RPN`` takes one image per minibatch (the original asserts "Single batch only")."""
+    if num_images != 1:
+        raise ConfigError(f"TRAIN.HAS_RPN: the RPN layers take one image per minibatch "
+                          f"(TRAIN.IMS_PER_BATCH 1), got {num_images}")
+
+
 def plan_minibatch(entries: list[dict], cfg, rng: np.random.RandomState, ohem: bool | None = None) -> dict:
-    """All random choices of one minibatch: ``scale_inds`` (N,), ``keep`` [(R_i,)], ``num_fg`` [int]."""
+    """All random choices of one minibatch: ``scale_inds`` (N,), ``keep`` [(R_i,)], ``num_fg`` [int]
+    (with ``TRAIN.HAS_RPN`` the scales only: ``keep`` and ``num_fg`` are None)."""
     ohem = cfg.TRAIN.USE_OHEM if ohem is None else ohem
     n = len(entries)
     scale_inds = rng.randint(0, high=len(cfg.TRAIN.SCALES), size=n)
+    if cfg.TRAIN.HAS_RPN:
+        check_rpn_batch(cfg, n)
+        return dict(scale_inds=scale_inds, keep=None, num_fg=None)
     per, fg_per = rois_per_image(cfg, n)
     keep, num_fg = [], []
     for e in entries:
@@ -86,9 +103,24 @@ def bbox_regression_labels(bbox_target_data: np.ndarray, num_classes: int, insid
     return targets, inside
 
 
+def rpn_blobs(entry: dict, data: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
+    """``im_info`` (1, 3) and ``gt_boxes`` (G, 5) of one image blob (the ``HAS_RPN`` branch of the
+    original ``get_minibatch``): gt rows are those with ``gt_classes != 0``, boxes times the scale
+    in float64, stored float32."""
+    gt = np.nonzero(entry["gt_classes"] != 0)[0]
+    gt_boxes = np.empty((gt.size, 5), dtype=np.float32)
+    gt_boxes[:, :4] = entry["boxes"][gt] * scale
+    gt_boxes[:, 4] = entry["gt_classes"][gt]
+    im_info = np.array([[data.shape[2], data.shape[3], scale]], dtype=np.float32)
+    return dict(im_info=torch.from_numpy(im_info), gt_boxes=torch.from_numpy(gt_boxes))
+
+
 def build_minibatch(entries: list[dict], plan: dict, num_classes: int, cfg) -> dict[str, torch.Tensor]:
     """The blobs of a planned minibatch (see the module docstring)."""
     data, scales = get_image_blob(entries, plan["scale_inds"], cfg)
+    if cfg.TRAIN.HAS_RPN:
+        check_rpn_batch(cfg, len(entries))
+        return dict(data=data, **rpn_blobs(entries[0], data, scales[0]))
     rois, labels, targets, inside = [], [], [], []
     for i, (e, k, nf) in enumerate(zip(entries, plan["keep"], plan["num_fg"])):
         boxes = e["boxes"][k] * scales[i]

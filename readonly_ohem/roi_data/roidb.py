@@ -17,7 +17,8 @@ import warnings
 
 import numpy as np
 
-from readonly_ohem.errors import DataError
+from readonly_ohem.datasets.imdb import build_imdb_roidb
+from readonly_ohem.errors import ConfigError, DataError
 from readonly_ohem.ops.boxes import bbox_overlaps, bbox_transform
 
 
@@ -44,10 +45,14 @@ def prepare_roidb(roidb: list[dict]) -> list[dict]:
 
 
 def get_training_roidb(imdb, cfg) -> list[dict]:
-    """Per part: roidb, flipped copies appended (``TRAIN.USE_FLIPPED``), prepared; parts concatenated."""
+    """Per part: roidb, flipped copies appended (``TRAIN.USE_FLIPPED``), prepared; parts concatenated.
+
+    ``TRAIN.PROPOSAL_METHOD: gt`` (the original's ``imdb.set_proposal_method('gt')``, Faster R-CNN
+    end-to-end): each part's gt rows only (``build_imdb_roidb(part, proposals=False)``).
+    """
     out = []
     for p in imdb.parts:
-        r = list(p.roidb)
+        r = build_imdb_roidb(p, proposals=False) if cfg.TRAIN.PROPOSAL_METHOD == "gt" else list(p.roidb)
         if cfg.TRAIN.USE_FLIPPED:
             r = r + [flipped_entry(e) for e in r]
         out.extend(prepare_roidb([dict(e) for e in r]))
@@ -145,11 +150,23 @@ def add_bbox_regression_targets(roidb: list[dict], cfg, num_classes: int | None 
     return means.ravel(), stds.ravel()
 
 
+def check_rpn_normalization(cfg) -> None:
+    """``TRAIN.HAS_RPN`` regresses targets normalized by the precomputed means/stds (the
+    ProposalTargetLayer's), so normalizing needs ``BBOX_NORMALIZE_TARGETS_PRECOMPUTED``, as the
+    original asserts (there are no dataset statistics of RoIs made while training)."""
+    t = cfg.TRAIN
+    if t.HAS_RPN and t.BBOX_REG and t.BBOX_NORMALIZE_TARGETS and not t.BBOX_NORMALIZE_TARGETS_PRECOMPUTED:
+        raise ConfigError("TRAIN.HAS_RPN with TRAIN.BBOX_NORMALIZE_TARGETS needs "
+                          "TRAIN.BBOX_NORMALIZE_TARGETS_PRECOMPUTED True (the RoIs are made while "
+                          "training; prototxt/cfgs/faster_rcnn_end2end.yml sets it)")
+
+
 def training_roidb(imdb, cfg, verbose: bool = True) -> tuple[list[dict], np.ndarray | None, np.ndarray | None]:
     """The whole ``train_net.py`` data preparation: (roidb, bbox_means (84,), bbox_stds (84,)).
 
     means/stds are None when ``TRAIN.BBOX_REG`` is off (no targets, as the original).
     """
+    check_rpn_normalization(cfg)
     roidb = filter_roidb(get_training_roidb(imdb, cfg), cfg, verbose=verbose)
     if not roidb:
         raise DataError(f"{imdb.name}: no image has a foreground or background RoI")

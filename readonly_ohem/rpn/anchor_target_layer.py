@@ -24,7 +24,8 @@ The rules (config ``TRAIN.RPN_*``), as the original:
   of the best-anchor rule;
 - at most ``int(RPN_FG_FRACTION * RPN_BATCHSIZE)`` positives, then at most ``RPN_BATCHSIZE`` minus
   the positives kept negatives: the surplus, drawn at random (``sampling.choice``, the original's
-  ``npr.choice``), becomes -1;
+  ``npr.choice``), becomes -1 (``TRAIN.RPN_MINING``, ours: the hardest anchors by the RPN's own
+  classification loss instead, ``ohem.anchor_mining``);
 - targets: ``bbox_transform`` (float64, cast to float32) from every inside anchor to its best
   gt box (negatives included; their weights are 0); inside weights ``RPN_BBOX_INSIDE_WEIGHTS`` on
   positives; outside weights 1 / (labels >= 0) on positives and negatives when
@@ -43,6 +44,7 @@ from readonly_ohem.caffe.layers.base import Layer, register_python
 from readonly_ohem.caffe.layers.python import parse_param_str
 from readonly_ohem.config import default_config
 from readonly_ohem.errors import ConfigError
+from readonly_ohem.ohem.anchor_mining import anchor_sampler
 from readonly_ohem.ops.boxes import bbox_overlaps, bbox_transform
 from readonly_ohem.rpn.anchors import layer_anchors, shifted_anchors
 from readonly_ohem.rpn.checks import check_gt_boxes, check_im_info, check_unknown_keys
@@ -99,9 +101,11 @@ def outside_weights(labels: torch.Tensor, train_cfg) -> torch.Tensor:
 
 def anchor_targets(anchors: torch.Tensor, height: int, width: int, feat_stride: float,
                    gt_boxes: torch.Tensor, im_info: torch.Tensor, train_cfg,
-                   rng: np.random.RandomState, allowed_border: float = 0) -> list[torch.Tensor]:
+                   rng: np.random.RandomState, allowed_border: float = 0,
+                   subsample=None) -> list[torch.Tensor]:
     """The four tops for one image (see the module docstring): anchors (A, 4) float64, gt_boxes
-    (G, 5), im_info (>= 1, 3); everything on gt_boxes' device. ``train_cfg``: ``cfg.TRAIN``."""
+    (G, 5), im_info (>= 1, 3); everything on gt_boxes' device. ``train_cfg``: ``cfg.TRAIN``.
+    ``subsample(labels (N,), inside (N,) long) -> labels``: in place of the random draw (None)."""
     dev = gt_boxes.device
     A = anchors.shape[0]
     all_anchors = shifted_anchors(anchors.to(dev), height, width, feat_stride)  # (K*A, 4) float64
@@ -129,7 +133,8 @@ def anchor_targets(anchors: torch.Tensor, height: int, width: int, feat_stride: 
         is_best = torch.zeros(n, dtype=torch.bool, device=dev)
         targets = torch.zeros((n, 4), dtype=torch.float32, device=dev)
 
-    labels = subsample_labels(anchor_labels(max_overlaps, is_best, train_cfg), train_cfg, rng)
+    labels = anchor_labels(max_overlaps, is_best, train_cfg)
+    labels = subsample_labels(labels, train_cfg, rng) if subsample is None else subsample(labels, inside)
     inside_w = torch.zeros((n, 4), dtype=torch.float32, device=dev)
     inside_w[labels == 1] = torch.tensor(train_cfg.RPN_BBOX_INSIDE_WEIGHTS, dtype=torch.float32,
                                          device=dev)
@@ -187,7 +192,7 @@ class AnchorTargetLayer(Layer):
         with torch.no_grad():
             return anchor_targets(self.anchors, height, width, self.feat_stride,
                                   gt_boxes.to(score.device), im_info, self.cfg.TRAIN, self.rng,
-                                  self.allowed_border)
+                                  self.allowed_border, anchor_sampler(self.cfg.TRAIN, score))
 
     def random_state(self) -> dict:
         """The sampling generator's state (JSON-friendly), for training snapshots."""

@@ -38,3 +38,20 @@ def test_every_reference_prototxt_parses(shared_dir):
             inputs = 1 if len(n.input) else 0  # net-level inputs become one Input layer
             for phase in ("TRAIN", "TEST"):
                 assert len(spec.load_net_spec(p, phase).layer) == len(n.layer) + inputs
+
+
+def test_every_reference_end2end_prototxt_parses(shared_dir):
+    files = sorted(p for p in (shared_dir / "reference_prototxt").rglob("*.prototxt")
+                   if p.parent.name == "faster_rcnn_end2end")  # VGG16, VGG_CNN_M_1024, ZF
+    assert len(files) == 9
+    for p in files:
+        if p.name == "solver.prototxt":
+            s = spec.read_solver(p)
+            assert s.train_net and s.base_lr > 0 and s.stepsize == 50000, p
+            continue
+        n = spec.read_net(p)
+        types = [layer.type for layer in n.layer]
+        assert types.count("Reshape") == 2 and "ROIPooling" in types, p
+        inputs = 1 if len(n.input) else 0  # the test nets' data and im_info become one Input layer
+        for phase in ("TRAIN", "TEST"):
+            assert len(spec.load_net_spec(p, phase).layer) == len(n.layer) + inputs

@@ -146,3 +146,28 @@ def test_demo_names_missing_shipped_files(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "SMALL_CFG", tmp_path / "nowhere" / "small.yml")
     with pytest.raises(ConfigError, match="small.yml"):
         demo.run_demo(tmp_path / "out", iters=1, num_images=2)
+
+
+def test_short_faster_rcnn_demo(tmp_path):
+    """``--detector faster-rcnn``: the same table for Faster R-CNN end-to-end and + OHEM, with
+    the comparison held equal (images per step, initial weights, RoIs per image)."""
+    log = tmp_path / "stdout.txt"
+    with open(log, "w") as stream:
+        run = demo.run_demo(tmp_path / "out", iters=1, seed=1, num_images=8, log_every=1,
+                            stream=stream, detector="faster-rcnn")
+    text = log.read_text()
+    plain, ohem = run["results"]["Faster"], run["results"]["Faster+OHEM"]
+    assert list(run["results"]) == ["Faster", "Faster+OHEM"]
+    assert run["table"].splitlines()[0].split()[:3] == ["method", "mAP", "(100/0.05)"]
+    assert "[4/5] Faster vs Faster+OHEM" in text and "kept-RoI log" in text
+    assert plain["images"] == ohem["images"] and len(plain["images"]) == 1 * 2  # iter_size 2
+    assert plain["init"] == ohem["init"] == tmp_path / "out" / "init.caffemodel"
+    # both heads learn from 64 RoIs per image: sampled proposals, or the 64 hardest of them all
+    assert plain["rois_per_iter"] == ohem["rois_per_iter"] == 128
+    for method, r in run["results"].items():
+        assert r["model"].parent == tmp_path / "out" / demo.method_dir(method)
+        assert all(0.0 <= t["mAP"] <= 1.0 for t in r["test"].values())
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["detector"] == "faster-rcnn" and saved["same_images_per_step"] is True
+    with pytest.raises(ConfigError, match="--detector 'yolo'"):
+        demo.run_demo(tmp_path / "x", iters=1, detector="yolo")

@@ -206,3 +206,44 @@ def test_fed_data_layers_that_are_not_built(source, tmp_path, capsys):
     path.write_text(source + 'layer { name: "r" type: "ReLU" bottom: "data" top: "r" }\n')
     assert main(["net", str(path), "--shape", "data=1,3,8,8"]) == 0
     assert "top r: 1 3 8 8 (192)" in capsys.readouterr().out
+
+
+E2E_SHAPES = ["--shape", "data=1,3,600,1000", "--shape", "im_info=1,3", "--shape", "gt_boxes=3,5"]
+
+
+def test_every_reference_end2end_net_is_summarized(shared_dir, tmp_path, capsys):
+    """The original Faster R-CNN end-to-end train and test nets (RPN Python layers, Reshape,
+    SoftmaxWithLoss ignore_label -1, SmoothL1Loss sigma 3): tops and shapes at set-up."""
+    nets = sorted(p for p in (shared_dir / "reference_prototxt").rglob("*.prototxt")
+                  if p.name in ("train.prototxt", "test.prototxt")
+                  and p.parent.name == "faster_rcnn_end2end")
+    assert len(nets) == 6
+    for path in nets:
+        train = path.name == "train.prototxt"
+        s = summarize(path, tmp_path, E2E_SHAPES if train else ["--phase", "TEST"])
+        table = capsys.readouterr().out
+        assert "Totals:" in table
+        blobs = s["blobs"]
+        model = path.parent.parent.name
+        # the RPN's map (conv5, stride 16 by each trunk's own rounding) at 600 x 1000 and at the
+        # test nets' declared 224 x 224. ZF by hand: conv1 7/2 p3 -> 300 x 500, pool1 3/2 p1
+        # (ceil) -> 151 x 251, conv2 5/2 p2 -> 76 x 126, pool2 3/2 p1 -> 39 x 64; at 224:
+        # 112, 57, 29, 15. VGG16: 600 -> 300 -> 150 -> 75 -> 38, 1000 -> ... -> 63; 224 -> 14.
+        hw = {("VGG16", True): [38, 63], ("VGG16", False): [14, 14],
+              ("VGG_CNN_M_1024", True): [36, 61], ("VGG_CNN_M_1024", False): [13, 13],
+              ("ZF", True): [39, 64], ("ZF", False): [15, 15]}[(model, train)]
+        assert blobs["rpn_cls_score"] == [1, 18] + hw, (path, blobs["rpn_cls_score"])
+        assert blobs["rpn_bbox_pred"] == [1, 36] + hw
+        assert blobs["rpn_cls_score_reshape"] == [1, 2, 9 * hw[0], hw[1]]  # dim: 0 2 -1 0
+        assert blobs["rpn_cls_prob_reshape"] == [1, 18] + hw
+        assert blobs["cls_prob" if not train else "cls_score"][1] == 21
+        layers = {layer["name"]: layer for layer in s["layers"]}
+        if train:
+            assert blobs["rpn_labels"] == [1, 1, 9 * hw[0], hw[1]]
+            assert blobs["rpn_bbox_targets"] == [1, 36] + hw
+            # the ProposalLayer's and ProposalTargetLayer's set-up shapes, as the original's
+            assert blobs["rpn_rois"] == [1, 5] and blobs["rois"] == [1, 5] and blobs["labels"] == [1, 1]
+            assert blobs["bbox_targets"] == [1, 84]
+            assert len([n for n in layers if "loss" in n]) == 4
+        else:
+            assert blobs["rois"] == [1, 5] and blobs["im_info"] == [1, 3]

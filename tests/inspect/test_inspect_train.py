@@ -11,8 +11,10 @@ from PIL import Image
 import readonly_ohem.inspect as inspect_pkg
 from readonly_ohem.commands.inspect import inspect_command
 from readonly_ohem.commands.train import train_command
+from readonly_ohem.config import load_config
 from readonly_ohem.datasets.minivoc import make_minivoc
 from readonly_ohem.datasets.voc_eval import parse_voc_xml
+from readonly_ohem.errors import ConfigError
 from readonly_ohem.inspect import figure_size, read_log, selection_stats
 from readonly_ohem.inspect.log import make_recorder
 
@@ -82,10 +84,10 @@ def test_log_written_by_training_equals_the_layer_selection(minivoc, tmp_path, m
     assert Image.open(out).size == figure_size(m["width"], m["height"])
 
 
-def _random_model(tmp_path):
+def _random_model(tmp_path, net_path=TRAIN_NET, cfg=None):
     from readonly_ohem.caffe.net import Net
 
-    net = Net.from_file(str(TRAIN_NET), phase="TRAIN")
+    net = Net.from_file(str(net_path), phase="TRAIN", cfg=cfg)
     path = tmp_path / "random.caffemodel"
     net.save_caffemodel(str(path))
     return path
@@ -119,3 +121,28 @@ def test_inspect_a_model_on_a_demo_image(shared_dir, tmp_path):
     assert "kept 3 of 3 RoIs (0 fg" in stream.getvalue()
     px = np.asarray(Image.open(out).convert("RGB"))
     assert px.std() > 20
+
+
+def test_inspect_an_end2end_ohem_model_on_one_image(minivoc, tmp_path):
+    """Faster R-CNN end-to-end + OHEM: the RoIs are the net's RPN proposals (+ gt), labelled by
+    its proposal target layer; boxes back in the image by the scale (no roidb rows)."""
+    from readonly_ohem.inspect.live import inspect_image
+
+    e2e_net = REPO / "prototxt" / "small" / "faster_rcnn_end2end_ohem" / "train.prototxt"
+    cfgs = [REPO / "prototxt" / "cfgs" / n for n in ("faster_rcnn_end2end.yml", "faster_rcnn_end2end_ohem.yml")]
+    sets = SMALL + [["TRAIN.OHEM_BATCH_SIZE", "16"]]
+    model = _random_model(tmp_path, e2e_net, load_config(cfgs, sets))
+    image = minivoc / "VOCdevkit" / "VOC2007" / "JPEGImages" / "000001.jpg"
+    res = inspect_image(e2e_net, model, image, cfg_files=cfgs, set_pairs=sets, out=tmp_path / "e2e.png")
+    m, a = res["meta"], res["arrays"]
+    assert m["num_kept"] == min(16, m["num_rois"]) and m["num_fg"] > 0
+    assert (a["roidb_rows"] == -1).all() and "RPN proposals" in res["summary"]
+    gt = [o for o in parse_voc_xml(image.parent.parent / "Annotations" / "000001.xml")
+          if not o["difficult"]]
+    # the gt boxes are appended to the proposals: each is a RoI, back at its (0-based) place
+    for o in gt:
+        box = np.array([o["bbox"][0] - 1, o["bbox"][1] - 1, o["bbox"][2] - 1, o["bbox"][3] - 1])
+        assert np.abs(a["boxes"] - box).max(1).min() < 1e-3
+    with pytest.raises(ConfigError, match="HAS_RPN the net's own RPN makes the RoIs"):
+        inspect_image(e2e_net, model, image, proposals=tmp_path / "p.npz", cfg_files=cfgs,
+                      set_pairs=sets)

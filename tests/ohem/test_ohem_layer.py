@@ -8,7 +8,7 @@ from google.protobuf import text_format
 
 import readonly_ohem.ops.nms as nms_mod
 from readonly_ohem.config import default_config, load_config
-from readonly_ohem.errors import DataError, SpecError
+from readonly_ohem.errors import ConfigError, DataError, SpecError
 from readonly_ohem.caffe.layers.base import PYTHON_LAYERS, LayerContext
 from readonly_ohem.ohem.layer import OHEMDataLayer
 from readonly_ohem.ohem.loss import bbox_loss, cls_loss
@@ -576,3 +576,21 @@ def test_device_gathers_and_counts_equal_the_in_place_host_reads(monkeypatch):
                                    rtol=1e-15, atol=0)
     monkeypatch.setattr(loss_mod, "_FORCE_DEVICE_PATH", True)
     check_against_reference(make_inputs(rng, 2, 400), cfg_with(BATCH_SIZE=64))
+
+
+def test_end2end_count_key_ohem_batch_size():
+    """End-to-end OHEM: BATCH_SIZE -1 (the ProposalTargetLayer passes every RoI) and the hard
+    count in TRAIN.OHEM_BATCH_SIZE; the same rows as the original with that BATCH_SIZE."""
+    rng = np.random.default_rng(7)
+    arrays = make_inputs(rng, 1, 90)
+    e2e = cfg_with(BATCH_SIZE=-1, OHEM_BATCH_SIZE=20)
+    tops, _ = run_layer(make_layer(e2e), arrays)
+    plain, _ = run_layer(make_layer(cfg_with(BATCH_SIZE=20)), arrays)
+    assert tops[0].shape == (20, 5) and all(torch.equal(a, b) for a, b in zip(tops, plain))
+    assert make_layer(e2e).top_shapes([(90, C)] + [(90, 4 * C)] * 6)[0] == (20, 5)
+    check_against_reference(arrays, cfg_with(BATCH_SIZE=20))
+    # OHEM_BATCH_SIZE set wins over BATCH_SIZE (Fast R-CNN OHEM leaves it 0)
+    tops, _ = run_layer(make_layer(cfg_with(BATCH_SIZE=64, OHEM_BATCH_SIZE=5)), arrays)
+    assert tops[0].shape == (5, 5)
+    with pytest.raises(ConfigError, match="OHEM_BATCH_SIZE 0 with TRAIN.BATCH_SIZE -1.*set TRAIN.OHEM_BATCH_SIZE"):
+        run_layer(make_layer(cfg_with(BATCH_SIZE=-1)), arrays)

@@ -1,6 +1,7 @@
 """RoIDataLayer: tops, order rules, determinism with prefetch workers, resume state."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,10 +12,11 @@ from readonly_ohem.config import default_config
 from readonly_ohem.roi_data.layer import MinibatchPlanner, RoIDataLayer
 from readonly_ohem.datasets import get_imdb
 from readonly_ohem.roi_data.roidb import training_roidb
-from readonly_ohem.errors import DataError, SpecError
+from readonly_ohem.errors import ConfigError, DataError, SpecError
 from readonly_ohem.caffe.layers.base import PYTHON_LAYERS, LayerContext
 from readonly_ohem.caffe.proto import caffe_pb2
 
+REPO = Path(__file__).resolve().parents[2]
 TOPS = ("data", "rois", "labels", "bbox_targets", "bbox_inside_weights", "bbox_outside_weights")
 
 
@@ -133,3 +135,72 @@ def test_state_dict_is_nn_modules_and_data_order_is_explicit(setup):
     assert set(st) == {"perm", "cur", "rng"} and st == MinibatchPlanner(roidb, cfg).data_order_state()
     layer.load_data_order_state({})  # an empty state changes nothing
     assert layer.data_order_state() == st
+
+
+# -- the HAS_RPN form (Faster R-CNN end-to-end) -------------------------------------------------
+RPN_TOPS = ("data", "im_info", "gt_boxes")
+
+
+@pytest.fixture
+def rpn_setup(fixtures_dir):
+    """The original's end-to-end config (HAS_RPN, PROPOSAL_METHOD gt) on the fixture VOC set,
+    which has no proposals file in reach: the gt-only roidb must not need one."""
+    cfg = default_config()
+    cfg.merge_file(REPO / "prototxt" / "cfgs" / "faster_rcnn_end2end.yml")
+    cfg.TRAIN.SCALES = (300, 250)
+    cfg.TRAIN.MAX_SIZE = 500
+    d = fixtures_dir / "original_pipeline" / "train"
+    imdb = get_imdb("voc_2007_trainval", d, proposals=d / "missing.mat", cfg=cfg, cache_dir=False)
+    roidb, means, stds = training_roidb(imdb, cfg, verbose=False)
+    return cfg, imdb, roidb, means, stds
+
+
+def test_gt_proposal_method_trains_on_gt_rows_only(rpn_setup):
+    cfg, imdb, roidb, means, stds = rpn_setup
+    gt = imdb.gt_roidb()
+    # 6 images x 2 (flipped), two without a non-difficult object filtered: as the original
+    assert len(roidb) == 10 and sum(e["flipped"] for e in roidb) == 5
+    for e in roidb:
+        i = imdb.image_index.index(e["image_id"])
+        assert (e["gt_classes"] > 0).all() and (e["max_overlaps"] == 1).all()
+        expect = gt[i]["boxes"]
+        if e["flipped"]:
+            expect = np.stack([e["width"] - expect[:, 2] - 1, expect[:, 1],
+                               e["width"] - expect[:, 0] - 1, expect[:, 3]], 1)
+        np.testing.assert_array_equal(e["boxes"], expect)
+    # BBOX_NORMALIZE_TARGETS_PRECOMPUTED: the means/stds the snapshot un-normalizes with
+    np.testing.assert_array_equal(means, np.zeros(84))
+    np.testing.assert_array_equal(stds, np.tile([0.1, 0.1, 0.2, 0.2], 21))
+
+
+def test_rpn_tops_are_the_image_its_info_and_scaled_gt(rpn_setup):
+    cfg, _, roidb, _, _ = rpn_setup
+    layer = make_layer(cfg, RPN_TOPS)
+    assert layer.top_shapes([]) == [(1, 3, 300, 500), (1, 3), (1, 4)]  # the original's setup shapes
+    layer.set_roidb(roidb)
+    for _ in range(3):
+        data, im_info, gt_boxes = layer([], [])
+        plan = layer.last_plan
+        e = roidb[plan["db_inds"][0]]
+        s = cfg.TRAIN.SCALES[plan["scale_inds"][0]] / min(e["height"], e["width"])  # < MAX_SIZE here
+        assert data.shape == (1, 3, round(e["height"] * s), round(e["width"] * s))
+        assert im_info.dtype == gt_boxes.dtype == torch.float32
+        np.testing.assert_array_equal(im_info.numpy(),
+                                      np.array([[data.shape[2], data.shape[3], s]], np.float32))
+        rows = np.nonzero(e["gt_classes"] != 0)[0]
+        want = np.hstack([e["boxes"][rows] * s, e["gt_classes"][rows, None]]).astype(np.float32)
+        np.testing.assert_array_equal(gt_boxes.numpy(), want)
+    assert plan["keep"] is None and plan["num_fg"] is None  # nothing sampled: the RPN makes the RoIs
+
+
+def test_rpn_form_errors(rpn_setup):
+    cfg, _, roidb, _, _ = rpn_setup
+    with pytest.raises(SpecError, match="'data'.*HAS_RPN the tops are data, im_info, gt_boxes"):
+        make_layer(cfg, TOPS)
+    cfg.TRAIN.IMS_PER_BATCH = 2
+    with pytest.raises(SpecError, match="IMS_PER_BATCH 1"):
+        make_layer(cfg, RPN_TOPS)
+    cfg.TRAIN.IMS_PER_BATCH = 1
+    cfg.TRAIN.BBOX_NORMALIZE_TARGETS_PRECOMPUTED = False
+    with pytest.raises(ConfigError, match="HAS_RPN.*BBOX_NORMALIZE_TARGETS_PRECOMPUTED True"):
+        training_roidb(None, cfg, verbose=False)
