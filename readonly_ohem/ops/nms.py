@@ -48,7 +48,7 @@ _MAX_FULL_CHUNK = 512  # largest chunk of an unbounded NMS (its cost is mostly t
 _FORCE_STEPS = False  # tests set True to check the any-device path on CPU
 _WINDOW_MIN_BOXES = 2048  # ops.nms_window from this many boxes (tests lower it) ...
 _WINDOW_MIN_THRESH = 0.5  # ... and thresholds (its windows grow as (1 - t) / t) ...
-_WINDOW_MIN_KEEP = 512  # ... unless max_keep is below this
+_WINDOW_MIN_KEEP = 128  # ... unless max_keep is below this
 
 
 def descending_order(scores):

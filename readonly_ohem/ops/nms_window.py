@@ -34,10 +34,9 @@ import math
 import numpy as np
 
 CHUNK = 2048  # the largest chunk of boxes decided together (tests lower it)
-FIRST = 2  # the first chunk ...
+FIRST = 4  # the first chunk ...
 GROWTH = 1.5  # ... and each next one this much larger
-DENSE = 256  # chunks up to this size: dense IoU matrix, then rows of the kept boxes only
-PIECE = 8  # candidates are tested in pieces of this many consecutive slots of the index
+PIECE = 4  # candidates are tested in pieces of this many consecutive slots of the index
 PREFIX = 4  # with max_keep: the first pass covers PREFIX * max_keep boxes (at least MIN_PREFIX)
 MIN_PREFIX = 1024
 _SLACK = 1e-4  # the bounds hold for IoU > t (1 - _SLACK): float rounding stays inside them
@@ -67,12 +66,18 @@ class _Boxes:
         self.bin = max(-math.log(t) * (1 + 1e-6), span / (_MAX_CLASSES - 1))
         self.cw = np.floor(lw / self.bin).astype(np.int64)
         self.ch = np.floor(lh / self.bin).astype(np.int64)
-        self.reach = 1 - t  # a pair's centers are closer than reach * min(w) (and heights)
-        self.rx, self.ry = self.reach * w, self.reach * h
+        self.t = t
+        self.reach = (1 - t) / (2 * (1 + t))  # centers closer than reach * (wa + wb)
+        self.w, self.h = w, h
 
-    def class_reach(self, c: np.ndarray) -> np.ndarray:
-        """The largest reach of size class ``c``: reach * its upper bound, with a margin."""
-        return self.reach * np.exp((c + 1) * self.bin) * (1 + 1e-6) + 1e-6
+    def class_top(self, c: np.ndarray) -> np.ndarray:
+        """Upper bounds of the sizes in size classes ``c``, with a margin."""
+        return np.exp((c + 1) * self.bin) * (1 + 1e-6)
+
+    def class_cell(self, c: np.ndarray) -> np.ndarray:
+        """A cell of size class ``c``: the largest reach of a pair with a box of the class (the
+        other box is at most top / t): a window spans at most 3 cells."""
+        return self.reach * self.class_top(c) * (1 + 1 / self.t) + 1e-6
 
 
 class _Index:
@@ -87,12 +92,13 @@ class _Index:
         cw, ch = boxes.cw[positions], boxes.ch[positions]
         self.cw0, self.ch0 = int(cw.min()), int(ch.min())
         self.ncw, self.nch = int(cw.max()) - self.cw0 + 1, int(ch.max()) - self.ch0 + 1
-        self.rx = boxes.class_reach(np.arange(self.cw0, self.cw0 + self.ncw))
-        self.ry = boxes.class_reach(np.arange(self.ch0, self.ch0 + self.nch))
+        self.wtop = boxes.class_top(np.arange(self.cw0, self.cw0 + self.ncw))
+        self.htop = boxes.class_top(np.arange(self.ch0, self.ch0 + self.nch))
         cx, cy = boxes.cx[positions], boxes.cy[positions]
         self.x0, self.y0 = float(cx.min()), float(cy.min())
         xspan, yspan = float(cx.max()) - self.x0, float(cy.max()) - self.y0
-        self.dx, self.dy = self.rx.copy(), self.ry / 2
+        self.dx = boxes.class_cell(np.arange(self.cw0, self.cw0 + self.ncw))
+        self.dy = boxes.class_cell(np.arange(self.ch0, self.ch0 + self.nch)) / 2
         limit = 8 * positions.size + 4096  # table size: coarser cells for far-spread small boxes
         while True:
             self.nx = (xspan // self.dx).astype(np.int64) + 1
@@ -122,6 +128,10 @@ class _Index:
         self.live[:s] = True
         self.starts = np.zeros(self.ncells + 1, np.int64)
         np.cumsum(np.bincount(cell, minlength=self.ncells), out=self.starts[1:])
+        # which size classes hold boxes, with an empty border of 2
+        self.occupied = np.zeros((self.ncw + 4, self.nch + 4), bool)
+        per_class = np.diff(self.starts[self.base])
+        self.occupied[2:-2, 2:-2] = (per_class > 0).reshape(self.ncw, self.nch)
         self.slot_of[pos] = np.arange(s)
 
     @property
@@ -141,14 +151,16 @@ class _Index:
         """The candidates of boxes at positions ``q`` (K,): (owner row in q, first slot, count)
         of the non-empty slot ranges holding every indexed box each could overlap."""
         b = self.boxes
-        kw = (b.cw[q] - self.cw0)[:, None] + _DW
-        kh = (b.ch[q] - self.ch0)[:, None] + _DH
-        ok = (kw >= 0) & (kw < self.ncw) & (kh >= 0) & (kh < self.nch)
+        # the 3 x 3 classes around each box's own, 2 more in the table (a border of 2)
+        kw = np.clip(b.cw[q] - (self.cw0 - 2), 1, self.ncw + 2)[:, None] + _DW
+        kh = np.clip(b.ch[q] - (self.ch0 - 2), 1, self.nch + 2)[:, None] + _DH
+        ok = self.occupied[kw, kh]  # ... that hold undecided boxes
         who = np.nonzero(ok)[0]
-        kw, kh = kw[ok], kh[ok]
+        kw, kh = kw[ok] - 2, kh[ok] - 2
         qq = q[who]
-        rx = np.minimum(b.rx[qq], self.rx[kw])
-        ry = np.minimum(b.ry[qq], self.ry[kh])
+        wq, hq = b.w[qq], b.h[qq]  # the other box is below its class top and wq / t
+        rx = b.reach * (wq + np.minimum(self.wtop[kw], wq / b.t)) * (1 + 1e-6) + 1e-6
+        ry = b.reach * (hq + np.minimum(self.htop[kh], hq / b.t)) * (1 + 1e-6) + 1e-6
         qx, qy = b.cx[qq] - self.x0, b.cy[qq] - self.y0
         dx, dy, ny = self.dx[kw], self.dy[kh], self.ny[kh]
         xlo = np.maximum((qx - rx) // dx, 0).astype(np.int64)
@@ -243,72 +255,39 @@ def _window_pass(boxes: np.ndarray, thresh: float, suppress_equal: bool,
         return np.zeros(0, np.int64), 0
     b = _Boxes(boxes, thresh)
     thr = b.data.dtype.type(thresh)  # compared in the boxes' dtype, as the kernel's float
-    slot_of = np.empty(n, np.int64)
-    index = _Index(b, np.arange(n), slot_of)
+    index = _Index(b, np.arange(n), np.empty(n, np.int64))
     undecided = np.ones(n, bool)
     kept, n_kept, pos, size = [], 0, 0, float(FIRST)
-    while pos < n:
+    while True:
         chunk = np.flatnonzero(undecided[pos:])[:int(size)] + pos
-        if not chunk.size:
-            break
         end = int(chunk[-1])
         size = min(size * GROWTH, CHUNK)
-        undecided[chunk] = False
-        if chunk.size <= DENSE:
-            index.decide(chunk)
-            new = chunk[_dense_greedy(b.data[:, chunk], thr, suppress_equal)]
-        else:  # the chunk's pairs among themselves and with the later boxes, from the index
-            owner, start, count = index.ranges(chunk)
-            src, slot = index.suppressed(chunk, owner, start, count, thr, suppress_equal)
-            index.decide(chunk)
-            dst = index.pos[slot]
-            later = dst > chunk[src]
-            src, dst = src[later], dst[later]
-            inside = dst <= end
-            local = np.empty(end + 1 - pos, np.int64)
-            local[chunk - pos] = np.arange(chunk.size)
-            keep = _fixed_point(src[inside], local[dst[inside] - pos], chunk.size)
-            new = chunk[keep]
-            out = ~inside
-            hit = dst[out][keep[src[out]]]
-        kept.append(new)
-        n_kept += new.size
+        # the chunk's pairs, among themselves and with the later undecided boxes
+        owner, start, count = index.ranges(chunk)
+        src, slot = index.suppressed(chunk, owner, start, count, thr, suppress_equal)
+        dst = index.pos[slot]
+        later = dst > chunk[src]
+        src, dst = src[later], dst[later]
+        inside = dst <= end
+        local = np.empty(end + 1 - pos, np.int64)  # position -> row in the chunk
+        local[chunk - pos] = np.arange(chunk.size)
+        keep = _fixed_point(src[inside], local[dst[inside] - pos], chunk.size)
+        kept.append(chunk[keep])
+        n_kept += kept[-1].size
         pos = end + 1
         if max_keep is not None and n_kept >= max_keep:
             return np.concatenate(kept), pos
-        if chunk.size <= DENSE:  # the rows of the kept boxes only
-            owner, start, count = index.ranges(new)
-            _, slot = index.suppressed(new, owner, start, count, thr, suppress_equal)
-            hit = index.pos[slot]
+        out = ~inside
+        hit = dst[out][keep[src[out]]]  # later boxes a kept one suppresses
+        undecided[chunk] = False
         undecided[hit] = False
+        index.decide(chunk)
         index.decide(hit)
         live = int(np.count_nonzero(index.live))
         if not live:
-            break
+            return np.concatenate(kept), n  # every box decided
         if live < _COMPACT * index.size:
             index.compact()
-    return np.concatenate(kept) if kept else np.zeros(0, np.int64), n  # every box decided
-
-
-def _dense_greedy(data: np.ndarray, thr, suppress_equal: bool) -> np.ndarray:
-    """Greedy NMS of K boxes (``data`` (5, K): x1, y1, x2, y2, area) in order: (K,) bool kept,
-    from their K x K IoU in ``bbox_overlaps``' arithmetic."""
-    a, b = data[:, :, None], data[:, None, :]  # rows: the suppressing box; columns: the other
-    iw = np.minimum(a[2], b[2])
-    iw -= np.maximum(a[0], b[0])
-    iw += 1
-    np.maximum(iw, 0, out=iw)
-    ih = np.minimum(a[3], b[3])
-    ih -= np.maximum(a[1], b[1])
-    ih += 1
-    np.maximum(ih, 0, out=ih)
-    iw *= ih
-    union = a[4] + b[4]
-    union -= iw
-    iw /= union
-    over = iw >= thr if suppress_equal else iw > thr
-    src, dst = np.nonzero(np.triu(over, 1))
-    return _fixed_point(src, dst, data.shape[1])
 
 
 def _fixed_point(src: np.ndarray, dst: np.ndarray, k: int) -> np.ndarray:

@@ -87,7 +87,12 @@ def proposals(scores: torch.Tensor, bbox_deltas: torch.Tensor, im_info: torch.Te
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rois (R, 5), scores (R, 1)) float32 for one image: scores (1, A, H, W) foreground
     probabilities, bbox_deltas (1, 4A, H, W), im_info (>= 1, 3), anchors (A, 4) float64; on
-    the device of ``scores`` (numpy steps on the CPU, torch steps on a GPU)."""
+    the device of ``scores`` (numpy steps on the CPU, torch steps on a GPU).
+
+    The boxes are sorted first and decoded in score order only as far as the first
+    ``pre_nms_top_n`` that pass the size filter: the filter keeps the order, so this is the
+    original's filter-then-sort, without decoding the boxes it would drop after sorting.
+    """
     dev = scores.device
     height, width = scores.shape[-2:]
     if dev.type == "cpu":
@@ -101,27 +106,37 @@ def proposals(scores: torch.Tensor, bbox_deltas: torch.Tensor, im_info: torch.Te
         d = bbox_deltas.permute(0, 2, 3, 1).reshape(-1, 4)
         info = im_info[0].double().cpu().numpy()
         all_anchors = shifted_anchors(anchors.to(dev), height, width, feat_stride)
-    boxes = bbox_transform_inv(all_anchors, d)  # anchors cast to the deltas' dtype
-    boxes = clip_boxes(boxes, info[:2])
-    keep = filter_small(boxes, min_size * info[2])  # a float64 product, as the numpy of 2015
-    boxes, s = boxes[keep], s[keep]
-
-    order = descending_order(s)
-    if pre_nms_top_n > 0:
-        order = order[:pre_nms_top_n]
-    boxes, s = boxes[order], s[order]
+    n = s.shape[0]
+    order = descending_order(s)  # ties: higher index first
+    need = pre_nms_top_n if 0 < pre_nms_top_n < n else n
+    m = min(n, need + need // 8 + 256)
+    while True:  # decode -> clip -> size filter, in score order, until `need` boxes pass
+        first = order[:m]
+        boxes = bbox_transform_inv(_rows(all_anchors, first), _rows(d, first))  # anchors cast
+        boxes = clip_boxes(boxes, info[:2])  # to the deltas' dtype
+        ok = filter_small(boxes, min_size * info[2])  # a float64 product, as the numpy of 2015
+        if ok.shape[0] >= need or m == n:
+            break
+        m = min(n, 2 * m)
+    ok = ok[:need]
+    boxes, s = _rows(boxes, ok), s[first[ok]]
 
     visit = resorted_order(s)
     max_keep = post_nms_top_n if post_nms_top_n > 0 else None
     if dev.type == "cpu":
-        boxes, s, visit = (torch.from_numpy(np.ascontiguousarray(x)) for x in (boxes, s, visit))
+        boxes, s, visit = (torch.from_numpy(x) for x in (boxes, s, visit))
     keep, _ = greedy_nms(boxes, nms_thresh, order=visit, max_keep=max_keep)
     if max_keep is not None:
         keep = keep[:max_keep]
-    boxes, s = boxes[keep], s[keep]
-    rois = torch.cat((torch.zeros((boxes.shape[0], 1), dtype=torch.float32, device=dev),
-                      boxes.to(torch.float32)), dim=1)
-    return rois, s.to(torch.float32)[:, None]
+    rois = torch.zeros((keep.shape[0], 5), dtype=torch.float32, device=dev)
+    rois[:, 1:] = boxes[keep]
+    return rois, s[keep].to(torch.float32)[:, None]
+
+
+def _rows(x, idx):
+    """Rows ``idx`` of a numpy array or a tensor (numpy's take: its fancy indexing of rows is
+    several times slower)."""
+    return np.take(x, idx, axis=0) if isinstance(x, np.ndarray) else x.index_select(0, idx)
 
 
 @lru_cache(maxsize=8)
