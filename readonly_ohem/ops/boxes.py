@@ -152,7 +152,8 @@ def clip_boxes(boxes, im_shape):
     if isinstance(boxes, np.ndarray):
         n = boxes.shape[0]
         hi = np.array([w - 1, h - 1, w - 1, h - 1], dtype=boxes.dtype)
-        return np.clip(boxes.reshape(n, -1, 4), 0, hi).reshape(boxes.shape)
+        out = np.minimum(boxes.reshape(n, -1, 4), hi)  # the original's maximum(minimum(...), 0)
+        return np.maximum(out, 0, out=out).reshape(boxes.shape)
     out = boxes.clone()
     out[:, 0::4] = boxes[:, 0::4].clamp(0, w - 1)
     out[:, 1::4] = boxes[:, 1::4].clamp(0, h - 1)

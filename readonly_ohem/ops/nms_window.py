@@ -33,17 +33,16 @@ import math
 
 import numpy as np
 
-CHUNK = 2048  # the largest chunk of boxes decided together (tests lower it)
-FIRST = 4  # the first chunk ...
-GROWTH = 1.5  # ... and each next one this much larger
+CHUNK = 4096  # the largest chunk of boxes decided together (tests lower it)
+FIRST = 8  # the first chunk ...
+GROWTH = 1.7  # ... and each next one this much larger
 PIECE = 4  # candidates are tested in pieces of this many consecutive slots of the index
 PREFIX = 4  # with max_keep: the first pass covers PREFIX * max_keep boxes (at least MIN_PREFIX)
 MIN_PREFIX = 1024
 _SLACK = 1e-4  # the bounds hold for IoU > t (1 - _SLACK): float rounding stays inside them
 _COMPACT = 0.8  # drop decided boxes from the index when fewer than this share are undecided
 _MAX_CLASSES = 64  # size bins per axis, at most (wider bins for extreme size ranges)
-_DW = np.array([-1, -1, -1, 0, 0, 0, 1, 1, 1])  # the 3 x 3 neighbouring size classes
-_DH = np.array([-1, 0, 1, -1, 0, 1, -1, 0, 1])
+_NEAR = np.array([-1, 0, 1])  # a size class and its neighbours
 _LANES = np.arange(PIECE)[:, None]
 
 
@@ -92,30 +91,30 @@ class _Index:
         cw, ch = boxes.cw[positions], boxes.ch[positions]
         self.cw0, self.ch0 = int(cw.min()), int(ch.min())
         self.ncw, self.nch = int(cw.max()) - self.cw0 + 1, int(ch.max()) - self.ch0 + 1
-        self.wtop = boxes.class_top(np.arange(self.cw0, self.cw0 + self.ncw))
-        self.htop = boxes.class_top(np.arange(self.ch0, self.ch0 + self.nch))
+        # per-class tables have a border of 2 rows (edge values: their classes hold no box)
+        kw = self.cw0 + np.minimum(np.maximum(np.arange(-2, self.ncw + 2), 0), self.ncw - 1)
+        kh = self.ch0 + np.minimum(np.maximum(np.arange(-2, self.nch + 2), 0), self.nch - 1)
+        self.wtop, self.htop = boxes.class_top(kw), boxes.class_top(kh)
         cx, cy = boxes.cx[positions], boxes.cy[positions]
         self.x0, self.y0 = float(cx.min()), float(cy.min())
         xspan, yspan = float(cx.max()) - self.x0, float(cy.max()) - self.y0
-        self.dx = boxes.class_cell(np.arange(self.cw0, self.cw0 + self.ncw))
-        self.dy = boxes.class_cell(np.arange(self.ch0, self.ch0 + self.nch)) / 2
+        self.dx, self.dy = boxes.class_cell(kw), boxes.class_cell(kh) / 2
         limit = 8 * positions.size + 4096  # table size: coarser cells for far-spread small boxes
         while True:
             self.nx = (xspan // self.dx).astype(np.int64) + 1
             self.ny = (yspan // self.dy).astype(np.int64) + 1
-            total = int(self.nx.sum()) * int(self.ny.sum())
-            if total <= limit:
+            nx, ny = self.nx[2:-2], self.ny[2:-2]  # the classes of the index, without border
+            if int(nx.sum()) * int(ny.sum()) <= limit:
                 break
-            scale = math.sqrt(total / limit) * 1.01  # wider cells keep every window within 3
+            scale = math.sqrt(nx.sum() * ny.sum() / limit) * 1.01  # a window still spans <= 3
             self.dx, self.dy = self.dx * scale, self.dy * scale
-        sizes = (self.nx[:, None] * self.ny[None, :]).ravel()
-        self.base = np.zeros(sizes.size + 1, np.int64)
-        np.cumsum(sizes, out=self.base[1:])
+        self.base = np.zeros(nx.size * ny.size + 1, np.int64)  # first cell of each class
+        np.cumsum((nx[:, None] * ny[None, :]).ravel(), out=self.base[1:])
         self.ncells = int(self.base[-1])
         kw, kh = cw - self.cw0, ch - self.ch0
-        xc = ((cx - self.x0) // self.dx[kw]).astype(np.int64)
-        yc = ((cy - self.y0) // self.dy[kh]).astype(np.int64)
-        cell = self.base[kw * self.nch + kh] + xc * self.ny[kh] + yc
+        xc = ((cx - self.x0) // self.dx[kw + 2]).astype(np.int64)
+        yc = ((cy - self.y0) // self.dy[kh + 2]).astype(np.int64)
+        cell = self.base[kw * self.nch + kh] + xc * self.ny[kh + 2] + yc
         order = _radix_argsort(cell, self.ncells)
         self._fill(positions[order], cell[order])
 
@@ -151,32 +150,36 @@ class _Index:
         """The candidates of boxes at positions ``q`` (K,): (owner row in q, first slot, count)
         of the non-empty slot ranges holding every indexed box each could overlap."""
         b = self.boxes
-        # the 3 x 3 classes around each box's own, 2 more in the table (a border of 2)
-        kw = np.clip(b.cw[q] - (self.cw0 - 2), 1, self.ncw + 2)[:, None] + _DW
-        kh = np.clip(b.ch[q] - (self.ch0 - 2), 1, self.nch + 2)[:, None] + _DH
-        ok = self.occupied[kw, kh]  # ... that hold undecided boxes
-        who = np.nonzero(ok)[0]
-        kw, kh = kw[ok] - 2, kh[ok] - 2
-        qq = q[who]
-        wq, hq = b.w[qq], b.h[qq]  # the other box is below its class top and wq / t
-        rx = b.reach * (wq + np.minimum(self.wtop[kw], wq / b.t)) * (1 + 1e-6) + 1e-6
-        ry = b.reach * (hq + np.minimum(self.htop[kh], hq / b.t)) * (1 + 1e-6) + 1e-6
-        qx, qy = b.cx[qq] - self.x0, b.cy[qq] - self.y0
-        dx, dy, ny = self.dx[kw], self.dy[kh], self.ny[kh]
-        xlo = np.maximum((qx - rx) // dx, 0).astype(np.int64)
-        xhi = np.minimum((qx + rx) // dx, self.nx[kw] - 1).astype(np.int64)
-        ylo = np.maximum((qy - ry) // dy, 0).astype(np.int64)
-        yhi = np.minimum((qy + ry) // dy, ny - 1).astype(np.int64)
-        n_x = xhi - xlo + 1
-        n_x[(ylo > yhi) | (n_x < 0)] = 0
-        row = np.repeat(np.arange(n_x.size), n_x)  # one per (box, class, x cell)
+        # (K, 3) the width classes around each box's own, and its x cells in each; rows of the
+        # per-class tables are shifted by the table border of 2 (clipped: far classes are empty)
+        kw = np.minimum(np.maximum(b.cw[q] - (self.cw0 - 2), 1), self.ncw + 2)[:, None] + _NEAR
+        xlo, n_x = self._cells(b.w[q], b.cx[q] - self.x0, kw, self.wtop, self.dx, self.nx)
+        kh = np.minimum(np.maximum(b.ch[q] - (self.ch0 - 2), 1), self.nch + 2)[:, None] + _NEAR
+        ylo, n_y = self._cells(b.h[q], b.cy[q] - self.y0, kh, self.htop, self.dy, self.ny)
+        ok = self.occupied[kw[:, :, None], kh[:, None, :]]  # (K, 3, 3) classes with boxes ...
+        ok &= (n_x > 0)[:, :, None] & (n_y > 0)[:, None, :]  # ... and cells in the window
+        who, i, j = np.nonzero(ok)
+        kw, kh = kw[who, i], kh[who, j]
+        n_x, ny, span = n_x[who, i], self.ny[kh], n_y[who, j]
+        first = self.base[(kw - 2) * self.nch + (kh - 2)] + xlo[who, i] * ny + ylo[who, j]
+        row = np.repeat(np.arange(who.size), n_x)  # one per (box, class, x cell)
         k = np.arange(row.size) - (np.cumsum(n_x) - n_x)[row]
-        first = self.base[kw * self.nch + kh] + xlo * ny + ylo  # the cell (xlo, ylo)
-        cell = first[row] + k * ny[row]
+        cell = first[row] + k * ny[row]  # its first y cell; the range runs over span[row] cells
         lo = self.starts[cell]
-        count = self.starts[cell + (yhi - ylo + 1)[row]] - lo
+        count = self.starts[cell + span[row]] - lo
         some = count > 0
         return who[row[some]], lo[some], count[some]
+
+    def _cells(self, size, center, k, top, cell, n_cells):
+        """One axis of the windows: (first cell, number of cells) (K, 3) int64 of boxes of
+        ``size`` and ``center`` (K,) in the classes ``k`` (K, 3) (table rows)."""
+        size, center = size[:, None], center[:, None]
+        b = self.boxes
+        reach = b.reach * (size + np.minimum(top[k], size / b.t)) * (1 + 1e-6) + 1e-6
+        c = cell[k]
+        lo = np.maximum((center - reach) // c, 0)
+        hi = np.minimum((center + reach) // c, n_cells[k] - 1)
+        return lo.astype(np.int64), (hi - lo + 1).astype(np.int64)
 
     def suppressed(self, q: np.ndarray, owner: np.ndarray, start: np.ndarray, count: np.ndarray,
                    thr, suppress_equal: bool) -> tuple[np.ndarray, np.ndarray]:
