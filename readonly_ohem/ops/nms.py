@@ -20,7 +20,8 @@ boxes kept so far can suppress later ones, so callers that need just the first `
 survivors (OHEM) stop early. Works on any device; nothing is copied to the host but counts.
 
 Many boxes on the CPU in one group, at a threshold of at least 0.5 (the RPN's proposals):
-``ops.nms_window``, the same greedy pass comparing each kept box only with the boxes near it.
+``ops.nms_window``, the same greedy pass comparing each kept box only with the boxes near it, in
+numpy.
 
 ``prefix_nms`` is the same greedy NMS for a few hundred boxes given in visiting order (OHEM's
 highest-loss candidates): IoU only over same-group pairs (``bbox_overlaps_paired``, the arithmetic of
@@ -48,7 +49,7 @@ _MAX_FULL_CHUNK = 512  # largest chunk of an unbounded NMS (its cost is mostly t
 _FORCE_STEPS = False  # tests set True to check the any-device path on CPU
 _WINDOW_MIN_BOXES = 2048  # ops.nms_window from this many boxes (tests lower it) ...
 _WINDOW_MIN_THRESH = 0.5  # ... and thresholds (its windows grow as (1 - t) / t) ...
-_WINDOW_MIN_KEEP = 128  # ... unless max_keep is below this
+_WINDOW_MIN_KEEP = 128  # ... unless max_keep is below this (the chunked pass stops soon enough)
 
 
 def descending_order(scores):
@@ -210,15 +211,20 @@ def _visit(boxes, visit, thresh, groups, suppress_equal, max_keep, tie_scores, g
 
 def _windowed(boxes: torch.Tensor, n: int, thresh: float, max_keep: int | None) -> bool:
     """Whether the windowed pass applies: CPU, many boxes of which many may be kept, 0.5 <=
-    thresh < 1, and boxes with finite coordinates and positive +1 widths and heights (the bound
-    assumes both). A small ``max_keep`` stops the chunked pass early enough."""
+    thresh < 1, float32/float64 boxes (its bounds leave room for their rounding) with finite
+    coordinates and positive +1 widths and heights (the bound assumes both). A small
+    ``max_keep`` stops the chunked pass early enough."""
     if boxes.device.type != "cpu" or n < _WINDOW_MIN_BOXES or not _WINDOW_MIN_THRESH <= thresh < 1:
+        return False
+    if boxes.dtype not in (torch.float32, torch.float64):
         return False
     if max_keep is not None and max_keep < _WINDOW_MIN_KEEP:
         return False
     b = boxes.detach().numpy()
-    with np.errstate(invalid="ignore"):
-        return bool(np.isfinite(b).all()) and bool((b[:, 2:4] - b[:, 0:2] + 1 > 0).all())
+    if not np.isfinite(b).all():
+        return False
+    with np.errstate(over="ignore"):  # 3e38 - -3e38 is inf: a positive width still
+        return bool((b[:, 2:4] - b[:, 0:2] + 1 > 0).all())
 
 
 def _greedy_chunk(over: torch.Tensor, p: int) -> torch.Tensor:

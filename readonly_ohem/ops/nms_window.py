@@ -2,29 +2,33 @@
 
 Same result as the plain greedy pass (visit in order, keep a box unless a kept one overlaps it
 by IoU > t, or >= t), far fewer comparisons when the boxes spread over an image, as RPN
-proposals do. numpy throughout: the pass is many small array operations, and a numpy call costs
-a fraction of a torch call.
+proposals do. numpy throughout: the pass is many operations on small arrays, where a numpy call
+costs a fraction of a torch call.
 
-The bound. With +1 widths (w = x2 - x1 + 1, center c = x1 + w / 2) and t >= 0.5, IoU(a, b) > t
-implies, per axis, iw > t max(wa, wb): so min(wa, wb) > t max(wa, wb), and (as iw <= (wa + wb) / 2
-- |ca - cb|) |ca - cb| < (wa + wb) / 2 - t max(wa, wb) <= (1 - t) min(wa, wb); heights alike.
+The bound. With +1 widths w and centers c = x1 + w / 2, IoU(a, b) > t means I (1 + t) >
+t (Aa + Ab) for the intersection I = iw ih. As ih <= min(ha, hb), Aa + Ab >= min(ha, hb) (wa +
+wb): so iw > t / (1 + t) (wa + wb), hence min(wa, wb) > t max(wa, wb) and, as iw <= (wa + wb) / 2
+- |ca - cb|, |ca - cb| < (1 - t) / (2 (1 + t)) (wa + wb); heights alike.
 
 The index (``_Index``): the undecided boxes sorted by cell: size class (log w and log h in bins of
-log(1/t)), x cell (as wide as the reach (1 - t) w of the class's widest box), y cell (half of its
-reach). A box's candidates: in the 3 x 3 size classes around its own, the up to 3 x cells its
-window covers, each one range of slots over the y cells (``_Index.ranges``). The bounds use a
-threshold 1e-4 below t, so float rounding of the IoU cannot push a pair out of them; every
-candidate gets the exact IoU test in ``bbox_overlaps``' arithmetic, in pieces of ``PIECE``
-consecutive slots (``_Index.suppressed``).
+log(1/t)), x cell (as wide as the largest center distance of a pair with a box of the class),
+y cell (half that), with a CSR row of cell starts. A box's candidates (``_Index.ranges``): in the
+3 x 3 size classes around its own that hold boxes, the x cells its window covers (at most 3),
+each one range of slots over the y cells. The bounds use a threshold 1e-4 below t, so float
+rounding of the IoU cannot push a pair out of them; every candidate gets the exact IoU test in
+``bbox_overlaps``' arithmetic, in pieces of ``PIECE`` consecutive slots (``_Index.suppressed``).
 
 The pass (``window_nms``): rounds over the undecided boxes in visiting order, in chunks growing
-from ``FIRST`` by ``GROWTH`` up to ``CHUNK``. A chunk of up to ``DENSE`` boxes is resolved from
-its dense IoU matrix, then only its kept boxes look for the later boxes they suppress; a larger
-chunk (by then few boxes are left) finds all its pairs in the index at once and is resolved from
-the pairs inside it. Small early chunks keep the first kept boxes of a dense cluster from testing
-boxes an earlier one has already removed. Decided boxes leave the index once they are a fifth of
-it. With ``max_keep`` the pass runs on a prefix of the order first (greedy NMS decides the boxes
-of a prefix as the whole does), four times longer while it keeps too few.
+from ``FIRST`` by ``GROWTH`` up to ``CHUNK``. A chunk finds its pairs in the index at once, among
+its own boxes and with the later ones; the pairs inside it decide it (``_fixed_point``), then its
+kept boxes remove the later boxes they overlap. Small early chunks keep the first kept boxes of
+a dense cluster from testing boxes an earlier one has already removed. Decided boxes leave the
+index once they are a fifth of it (no new sort). With ``max_keep`` the pass runs on a prefix of
+the order first (greedy NMS decides the boxes of a prefix as the whole does) and goes on past it
+only if it keeps too few.
+
+On the 12,000 proposals of ``scripts/bench_rpn.py`` (1,291 kept) a kept box meets ~150 candidates;
+a comparison costs tens of nanoseconds in numpy, so this pass takes ~10 ms there (one core).
 """
 
 from __future__ import annotations
@@ -100,14 +104,15 @@ class _Index:
         xspan, yspan = float(cx.max()) - self.x0, float(cy.max()) - self.y0
         self.dx, self.dy = boxes.class_cell(kw), boxes.class_cell(kh) / 2
         limit = 8 * positions.size + 4096  # table size: coarser cells for far-spread small boxes
-        while True:
-            self.nx = (xspan // self.dx).astype(np.int64) + 1
-            self.ny = (yspan // self.dy).astype(np.int64) + 1
-            nx, ny = self.nx[2:-2], self.ny[2:-2]  # the classes of the index, without border
-            if int(nx.sum()) * int(ny.sum()) <= limit:
+        while True:  # cells per class on each axis (floats until they are few enough)
+            nx, ny = xspan // self.dx + 1, yspan // self.dy + 1
+            total = float(nx[2:-2].sum()) * float(ny[2:-2].sum())  # without the border
+            if total <= limit:
                 break
-            scale = math.sqrt(nx.sum() * ny.sum() / limit) * 1.01  # a window still spans <= 3
+            scale = math.sqrt(total / limit) * 1.01  # wider cells: a window still spans <= 3
             self.dx, self.dy = self.dx * scale, self.dy * scale
+        self.nx, self.ny = nx.astype(np.int64), ny.astype(np.int64)
+        nx, ny = self.nx[2:-2], self.ny[2:-2]
         self.base = np.zeros(nx.size * ny.size + 1, np.int64)  # first cell of each class
         np.cumsum((nx[:, None] * ny[None, :]).ravel(), out=self.base[1:])
         self.ncells = int(self.base[-1])
