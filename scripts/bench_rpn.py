@@ -6,9 +6,9 @@ The outputs look like a half-trained RPN's: foreground probabilities high on anc
 overlap a few objects and low elsewhere (with noise), deltas toward the nearest object plus
 noise. For each phase's keys (TRAIN: top 12000 -> NMS 0.7 -> 2000; TEST: 6000 -> 300) it
 asserts both give the same proposals and scores (on the CPU bit for bit: both compute in numpy),
-then prints the best of --repeat times of each (the thread's CPU time; on a GPU, wall-clock). Both run
-on one CPU thread (``--threads``), numpy and torch alike. The last line is the ratio of the
-summed times of both phases: ``speedup X.X``.
+then prints the best of --repeat times of each (the thread's CPU time; on a GPU, wall-clock).
+Both run on one CPU thread (``--threads``), numpy and torch alike. The last line is the ratio of
+the summed times of both phases: ``speedup X.X``.
 
 The reference is timed as transcribed: setup (``generate_anchors``, ~0.1 ms) and forward.
 Nearly all of the time of both is the NMS: the original visits the 1,291 (TRAIN) survivors one

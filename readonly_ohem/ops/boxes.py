@@ -125,7 +125,7 @@ def bbox_transform_inv(boxes, deltas):
             return np.zeros((0, d.shape[1]), dtype=d.dtype)
         b, exp, out = boxes.astype(d.dtype, copy=False), np.exp, np.empty_like(d)
     else:
-        d = deltas
+        d = deltas if isinstance(deltas, torch.Tensor) else torch.from_numpy(np.asarray(deltas))
         if boxes.shape[0] == 0:
             return torch.zeros((0, d.shape[1]), dtype=d.dtype)
         b, exp, out = boxes.to(d.dtype), torch.exp, torch.empty_like(d)
@@ -150,9 +150,9 @@ def clip_boxes(boxes, im_shape):
     Returns a new array / tensor of the same kind and dtype."""
     h, w = float(im_shape[0]), float(im_shape[1])
     if isinstance(boxes, np.ndarray):
-        n = boxes.shape[0]
+        n, k = boxes.shape[0], boxes.shape[1] // 4
         hi = np.array([w - 1, h - 1, w - 1, h - 1], dtype=boxes.dtype)
-        out = np.minimum(boxes.reshape(n, -1, 4), hi)  # the original's maximum(minimum(...), 0)
+        out = np.minimum(boxes.reshape(n, k, 4), hi)  # the original's maximum(minimum(...), 0)
         return np.maximum(out, 0, out=out).reshape(boxes.shape)
     out = boxes.clone()
     out[:, 0::4] = boxes[:, 0::4].clamp(0, w - 1)

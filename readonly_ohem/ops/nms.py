@@ -63,13 +63,13 @@ def descending_order(scores):
     if not isinstance(scores, np.ndarray):
         return torch.sort(scores, stable=True).indices.flip(0)
     if scores.dtype not in (np.float32, np.float64) or scores.size < 2:
-        return np.argsort(scores, kind="stable")[::-1]
+        return np.ascontiguousarray(np.argsort(scores, kind="stable")[::-1])
     key = _sortable_bits(scores)
     order = np.argsort((key & 0xFFFF).astype(np.uint16), kind="stable")
     for shift in range(16, 8 * key.itemsize, 16):
         digit = ((key[order] >> shift) & 0xFFFF).astype(np.uint16)
         order = order[np.argsort(digit, kind="stable")]
-    return order[::-1]
+    return np.ascontiguousarray(order[::-1])
 
 
 def _sortable_bits(x: np.ndarray) -> np.ndarray:

@@ -96,11 +96,11 @@ def proposals(scores: torch.Tensor, bbox_deltas: torch.Tensor, im_info: torch.Te
     dev = scores.device
     height, width = scores.shape[-2:]
     if dev.type == "cpu":
-        s = scores.numpy().transpose(0, 2, 3, 1).reshape(-1)  # rows (h, w, a), as the anchors
-        d = bbox_deltas.numpy().transpose(0, 2, 3, 1).reshape(-1, 4)
-        info = im_info.numpy()[0].astype(np.float64)
-        all_anchors = _cpu_anchors(anchors.numpy().tobytes(), height, width, float(feat_stride),
-                                   d.dtype.str)
+        s = scores.detach().numpy().transpose(0, 2, 3, 1).reshape(-1)  # rows (h, w, a), as
+        d = bbox_deltas.detach().numpy().transpose(0, 2, 3, 1).reshape(-1, 4)  # the anchors
+        info = im_info.detach().cpu().numpy()[0].astype(np.float64)
+        all_anchors = _cpu_anchors(anchors.cpu().numpy().tobytes(), height, width,
+                                   float(feat_stride), d.dtype.str)
     else:
         s = scores.permute(0, 2, 3, 1).reshape(-1)
         d = bbox_deltas.permute(0, 2, 3, 1).reshape(-1, 4)
