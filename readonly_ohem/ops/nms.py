@@ -139,10 +139,10 @@ def greedy_nms(boxes: torch.Tensor, thresh: float, *, order: torch.Tensor | None
     if visit.n == 0 or (max_keep is not None and max_keep <= 0):
         return empty, empty
     if groups is None and tie_scores is None and _windowed(boxes, visit.n, thresh, max_keep):
-        order = visit.prefix(visit.n)
-        keep, visited = window_nms(boxes.detach().index_select(0, order).numpy(), thresh,
+        full = visit.prefix(visit.n)
+        keep, visited = window_nms(boxes.detach().index_select(0, full).numpy(), thresh,
                                    suppress_equal, max_keep)
-        return order[torch.from_numpy(keep)], order[:visited]
+        return full[torch.from_numpy(keep)], full[:visited]
     if max_keep is None and groups is not None:
         # Visit group by group (each group in its own order: same result), so that a chunk is
         # compared only with boxes kept earlier in its own group; then restore the order.

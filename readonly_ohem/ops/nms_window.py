@@ -52,11 +52,10 @@ _LANES = np.arange(PIECE)[:, None]
 
 class _Boxes:
     """The boxes (N, 4) of one pass, in visiting order: ``data`` (5, N) x1, y1, x2, y2 and the
-    area (x2 - x1 + 1) * (y2 - y1 + 1) in their dtype; float64 centers, size classes, reaches."""
+    area (x2 - x1 + 1) * (y2 - y1 + 1) in their dtype; float64 sizes, centers, size classes."""
 
     def __init__(self, boxes: np.ndarray, thresh: float):
-        self.n = boxes.shape[0]
-        self.data = np.empty((5, self.n), boxes.dtype)
+        self.data = np.empty((5, boxes.shape[0]), boxes.dtype)
         self.data[:4] = boxes.T
         x1, y1, x2, y2 = self.data[:4]
         np.multiply(x2 - x1 + 1, y2 - y1 + 1, out=self.data[4])

@@ -6,6 +6,8 @@ import torch
 from readonly_ohem.ops.boxes import (bbox_overlaps, bbox_transform, bbox_transform_inv,
                                      box_areas, clip_boxes)
 
+from original_code import np_bbox_transform_inv, np_clip_boxes
+
 
 def _iou_loop(a, b):
     out = np.zeros((len(a), len(b)))
@@ -71,8 +73,6 @@ def test_clip():
 def test_numpy_transform_inv_and_clip_are_the_originals_bit_for_bit():
     """numpy in: numpy's arithmetic (its float32 exp), the original's ``bbox_transform_inv`` and
     ``clip_boxes`` to the bit; torch in: the same to float32 rounding of exp."""
-    from original_code import np_bbox_transform_inv, np_clip_boxes
-
     rng = np.random.default_rng(1)
     boxes = _random_boxes(rng, 500) - 20  # float64, as the anchors
     for dtype in (np.float32, np.float64):
