@@ -5,9 +5,15 @@ on the RPN outputs of one 600 x 1000 image: a 38 x 63 map, 9 anchors per cell, 2
 The outputs look like a half-trained RPN's: foreground probabilities high on anchors that
 overlap a few objects and low elsewhere (with noise), deltas toward the nearest object plus
 noise. For each phase's keys (TRAIN: top 12000 -> NMS 0.7 -> 2000; TEST: 6000 -> 300) it
-asserts both give the same proposals and scores, then prints the best of --repeat times (the
-thread's CPU time; on a GPU, wall-clock). Both run on one CPU thread (``--threads``), numpy and
-torch alike. The last line is the ratio of the summed times of both phases: ``speedup X.X``.
+asserts both give the same proposals and scores (on the CPU bit for bit: both compute in numpy),
+then prints the best of --repeat times of each (the thread's CPU time; on a GPU, wall-clock).
+Both run on one CPU thread (``--threads``), numpy and torch alike. The last line is the ratio of
+the summed times of both phases: ``speedup X.X``.
+
+The reference is timed as transcribed: setup (``generate_anchors``, ~0.1 ms) and forward.
+Nearly all of the time of both is the NMS: the original visits the 1,291 (TRAIN) survivors one
+by one, each against every box left; ours compares a kept box only with the boxes near it
+(``ops/nms_window.py``), in chunks, in numpy.
 
     python scripts/bench_rpn.py [--repeat 10] [--threads 1] [--device cpu|cuda]
 """
@@ -103,10 +109,12 @@ def main(argv=None) -> float:
         ref_rois, ref_scores = proposal_layer_forward(*arrays, cfg, phase,
                                                       argsort_desc=argsort_desc_stable)
         assert rois.shape == ref_rois.shape, (phase, rois.shape, ref_rois.shape)
-        np.testing.assert_allclose(rois, ref_rois, rtol=1e-6, atol=1e-4)
+        if device.type == "cpu":
+            np.testing.assert_array_equal(rois, ref_rois)
+        else:  # torch's float32 exp may differ from numpy's in the last bit
+            np.testing.assert_allclose(rois, ref_rois, rtol=1e-6, atol=1e-4)
         np.testing.assert_array_equal(scores, ref_scores)
-        t_ref = best_time(lambda: proposal_layer_forward(*arrays, cfg, phase),
-                          max(3, args.repeat // 3))
+        t_ref = best_time(lambda: proposal_layer_forward(*arrays, cfg, phase), args.repeat)
         t_ours = best_time(lambda: layer(bottoms, []), args.repeat, sync)
         total_ref += t_ref
         total_ours += t_ours

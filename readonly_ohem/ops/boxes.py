@@ -146,13 +146,20 @@ def bbox_transform_inv(boxes, deltas):
     """Apply per-class deltas to boxes: (N, 4), (N, 4K) -> (N, 4K) predicted boxes.
 
     ctr' = d * w + ctr, w' = exp(dw) * w; x1 = ctr' - 0.5 w', x2 = ctr' + 0.5 w' (the original's
-    test-time transform; note it has no -1 on x2, as the original).
+    test-time transform; note it has no -1 on x2, as the original). numpy arrays are computed by
+    numpy (its exp, as the original's), torch tensors by torch; the boxes are cast to the deltas'
+    dtype first, as the original's ``astype(deltas.dtype)``.
     """
-    b, np_in = _to_torch(boxes)
-    d, _ = _to_torch(deltas)
-    if b.shape[0] == 0:
-        return _back(torch.zeros((0, d.shape[1]), dtype=d.dtype), np_in)
-    b = b.to(d.dtype)
+    if isinstance(boxes, np.ndarray):
+        d = np.asarray(deltas)
+        if boxes.shape[0] == 0:
+            return np.zeros((0, d.shape[1]), dtype=d.dtype)
+        b, exp, out = boxes.astype(d.dtype, copy=False), np.exp, np.empty_like(d)
+    else:
+        d = deltas if isinstance(deltas, torch.Tensor) else torch.from_numpy(np.asarray(deltas))
+        if boxes.shape[0] == 0:
+            return torch.zeros((0, d.shape[1]), dtype=d.dtype)
+        b, exp, out = boxes.to(d.dtype), torch.exp, torch.empty_like(d)
     w = b[:, 2] - b[:, 0] + 1.0
     h = b[:, 3] - b[:, 1] + 1.0
     cx = b[:, 0] + 0.5 * w
@@ -160,23 +167,27 @@ def bbox_transform_inv(boxes, deltas):
     dx, dy, dw, dh = d[:, 0::4], d[:, 1::4], d[:, 2::4], d[:, 3::4]
     pcx = dx * w[:, None] + cx[:, None]
     pcy = dy * h[:, None] + cy[:, None]
-    pw = torch.exp(dw) * w[:, None]
-    ph = torch.exp(dh) * h[:, None]
-    out = torch.empty_like(d)
+    pw = exp(dw) * w[:, None]
+    ph = exp(dh) * h[:, None]
     out[:, 0::4] = pcx - 0.5 * pw
     out[:, 1::4] = pcy - 0.5 * ph
     out[:, 2::4] = pcx + 0.5 * pw
     out[:, 3::4] = pcy + 0.5 * ph
-    return _back(out, np_in)
+    return out
 
 
 def clip_boxes(boxes, im_shape):
-    """Clip (N, 4K) boxes to the image: x in [0, W - 1], y in [0, H - 1]; ``im_shape`` = (H, W)."""
-    b, np_in = _to_torch(boxes)
+    """Clip (N, 4K) boxes to the image: x in [0, W - 1], y in [0, H - 1]; ``im_shape`` = (H, W).
+    Returns a new array / tensor of the same kind and dtype."""
     h, w = float(im_shape[0]), float(im_shape[1])
-    out = b.clone()
-    out[:, 0::4] = b[:, 0::4].clamp(0, w - 1)
-    out[:, 1::4] = b[:, 1::4].clamp(0, h - 1)
-    out[:, 2::4] = b[:, 2::4].clamp(0, w - 1)
-    out[:, 3::4] = b[:, 3::4].clamp(0, h - 1)
-    return _back(out, np_in)
+    if isinstance(boxes, np.ndarray):
+        n, k = boxes.shape[0], boxes.shape[1] // 4
+        hi = np.array([w - 1, h - 1, w - 1, h - 1], dtype=boxes.dtype)
+        out = np.minimum(boxes.reshape(n, k, 4), hi)  # the original's maximum(minimum(...), 0)
+        return np.maximum(out, 0, out=out).reshape(boxes.shape)
+    out = boxes.clone()
+    out[:, 0::4] = boxes[:, 0::4].clamp(0, w - 1)
+    out[:, 1::4] = boxes[:, 1::4].clamp(0, h - 1)
+    out[:, 2::4] = boxes[:, 2::4].clamp(0, w - 1)
+    out[:, 3::4] = boxes[:, 3::4].clamp(0, h - 1)
+    return out

@@ -18,10 +18,17 @@ Sorting as the original: once here and once more inside NMS (``argsort()[::-1]``
 deterministic with ``ops.nms.descending_order`` (ties: higher index first in each sort, so
 equal scores end up visited in ascending index order). NMS stops as soon as
 ``RPN_POST_NMS_TOP_N`` boxes are kept: the rest could not be output.
+
+On the CPU every step runs in numpy, as the original's (its float32 exp too); on a GPU in torch.
+The CPU steps are many operations on arrays of ~20,000 boxes, where numpy's calls cost a fraction
+of torch's (``scripts/bench_rpn.py`` times them against the original).
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
+
+import numpy as np
 import torch
 
 from readonly_ohem.caffe.layers.base import Layer, register_python
@@ -33,18 +40,35 @@ from readonly_ohem.rpn.anchors import layer_anchors, shifted_anchors
 from readonly_ohem.rpn.checks import check_im_info, check_unknown_keys
 
 
-def filter_small(boxes: torch.Tensor, min_size: float) -> torch.Tensor:
-    """Indices of (N, 4) boxes whose sides ``x2 - x1 + 1`` are both >= ``min_size``, compared
-    in the boxes' dtype (numpy casts the scalar to the float32 array's dtype)."""
+def filter_small(boxes, min_size: float):
+    """Indices of (N, 4) boxes (numpy or torch) whose sides ``x2 - x1 + 1`` are both >=
+    ``min_size``, compared in the boxes' dtype (numpy casts the scalar to the float32 array's
+    dtype)."""
     ws = boxes[:, 2] - boxes[:, 0] + 1
     hs = boxes[:, 3] - boxes[:, 1] + 1
+    if isinstance(boxes, np.ndarray):
+        thr = boxes.dtype.type(min_size)
+        return np.flatnonzero((ws >= thr) & (hs >= thr))
     thr = torch.tensor(min_size, dtype=boxes.dtype, device=boxes.device)
     return torch.nonzero((ws >= thr) & (hs >= thr)).squeeze(1)
 
 
-def resorted_order(sorted_scores: torch.Tensor) -> torch.Tensor:
+def resorted_order(sorted_scores):
     """``descending_order`` of scores already in descending order, as the NMS's own
-    ``argsort()[::-1]`` sees them: each run of equal scores reversed, in O(n) (no second sort)."""
+    ``argsort()[::-1]`` sees them: each run of equal scores reversed, in O(n) (no second sort).
+    numpy or torch (N,) in, the same kind of int64 indices out."""
+    if isinstance(sorted_scores, np.ndarray):
+        n = sorted_scores.size
+        if n == 0 or np.isnan(sorted_scores).any():
+            return descending_order(sorted_scores)
+        starts = np.ones(n, bool)
+        np.not_equal(sorted_scores[1:], sorted_scores[:-1], out=starts[1:])
+        first = np.flatnonzero(starts)
+        if first.size == n:  # no ties
+            return np.arange(n)
+        run = np.cumsum(starts) - 1
+        last = np.append(first[1:], n) - 1
+        return first[run] + last[run] - np.arange(n)
     n = sorted_scores.numel()
     if n == 0 or bool(torch.isnan(sorted_scores).any()):
         return descending_order(sorted_scores)
@@ -62,31 +86,68 @@ def proposals(scores: torch.Tensor, bbox_deltas: torch.Tensor, im_info: torch.Te
               post_nms_top_n: int, nms_thresh: float, min_size: float
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rois (R, 5), scores (R, 1)) float32 for one image: scores (1, A, H, W) foreground
-    probabilities, bbox_deltas (1, 4A, H, W), im_info (>= 1, 3), anchors (A, 4) float64."""
+    probabilities, bbox_deltas (1, 4A, H, W), im_info (>= 1, 3), anchors (A, 4) float64; on
+    the device of ``scores`` (numpy steps on the CPU, torch steps on a GPU).
+
+    The boxes are sorted first and decoded in score order only as far as the first
+    ``pre_nms_top_n`` that pass the size filter: the filter keeps the order, so this is the
+    original's filter-then-sort, without decoding the boxes it would drop after sorting.
+    """
     dev = scores.device
     height, width = scores.shape[-2:]
-    all_anchors = shifted_anchors(anchors.to(dev), height, width, feat_stride)
-    deltas = bbox_deltas.permute(0, 2, 3, 1).reshape(-1, 4)  # rows (h, w, a), as the anchors
-    scores = scores.permute(0, 2, 3, 1).reshape(-1)
-    boxes = bbox_transform_inv(all_anchors, deltas)  # anchors cast to the deltas' dtype
-    info = im_info[0].double().tolist()
-    boxes = clip_boxes(boxes, info[:2])
-    keep = filter_small(boxes, min_size * info[2])  # a float64 product, as the numpy of 2015
-    boxes, scores = boxes[keep], scores[keep]
+    if dev.type == "cpu":
+        s = scores.detach().numpy().transpose(0, 2, 3, 1).reshape(-1)  # rows (h, w, a), as
+        d = bbox_deltas.detach().numpy().transpose(0, 2, 3, 1).reshape(-1, 4)  # the anchors
+        info = im_info.detach().cpu().numpy()[0].astype(np.float64)
+        all_anchors = _cpu_anchors(anchors.cpu().numpy().tobytes(), height, width,
+                                   float(feat_stride), d.dtype.str)
+    else:
+        s = scores.permute(0, 2, 3, 1).reshape(-1)
+        d = bbox_deltas.permute(0, 2, 3, 1).reshape(-1, 4)
+        info = im_info[0].double().cpu().numpy()
+        all_anchors = shifted_anchors(anchors.to(dev), height, width, feat_stride)
+    n = s.shape[0]
+    order = descending_order(s)  # ties: higher index first
+    need = pre_nms_top_n if 0 < pre_nms_top_n < n else n
+    m = min(n, need + need // 8 + 256)
+    while True:  # decode -> clip -> size filter, in score order, until `need` boxes pass
+        first = order[:m]
+        boxes = bbox_transform_inv(_rows(all_anchors, first), _rows(d, first))  # anchors cast
+        boxes = clip_boxes(boxes, info[:2])  # to the deltas' dtype
+        ok = filter_small(boxes, min_size * info[2])  # a float64 product, as the numpy of 2015
+        if ok.shape[0] >= need or m == n:
+            break
+        m = min(n, 2 * m)
+    ok = ok[:need]
+    boxes, s = _rows(boxes, ok), s[first[ok]]
 
-    order = descending_order(scores)
-    if pre_nms_top_n > 0:
-        order = order[:pre_nms_top_n]
-    boxes, scores = boxes[order], scores[order]
-
+    visit = resorted_order(s)
     max_keep = post_nms_top_n if post_nms_top_n > 0 else None
-    keep, _ = greedy_nms(boxes, nms_thresh, order=resorted_order(scores), max_keep=max_keep)
+    if dev.type == "cpu":
+        boxes, s, visit = (torch.from_numpy(x) for x in (boxes, s, visit))
+    keep, _ = greedy_nms(boxes, nms_thresh, order=visit, max_keep=max_keep)
     if max_keep is not None:
         keep = keep[:max_keep]
-    boxes, scores = boxes[keep], scores[keep]
-    rois = torch.cat((torch.zeros((boxes.shape[0], 1), dtype=torch.float32, device=dev),
-                      boxes.to(torch.float32)), dim=1)
-    return rois, scores.to(torch.float32)[:, None]
+    rois = torch.zeros((keep.shape[0], 5), dtype=torch.float32, device=dev)
+    rois[:, 1:] = boxes[keep]
+    return rois, s[keep].to(torch.float32)[:, None]
+
+
+def _rows(x, idx):
+    """Rows ``idx`` of a numpy array or a tensor (numpy's take: its fancy indexing of rows is
+    several times slower)."""
+    return np.take(x, idx, axis=0) if isinstance(x, np.ndarray) else x.index_select(0, idx)
+
+
+@lru_cache(maxsize=8)
+def _cpu_anchors(anchors: bytes, height: int, width: int, feat_stride: float,
+                 dtype: str) -> np.ndarray:
+    """The shifted anchors of an H x W map as numpy in the deltas' ``dtype`` (cached: maps of a
+    size repeat from image to image)."""
+    base = torch.from_numpy(np.frombuffer(anchors, np.float64).reshape(-1, 4).copy())
+    out = shifted_anchors(base, height, width, feat_stride).numpy().astype(np.dtype(dtype))
+    out.flags.writeable = False
+    return out
 
 
 @register_python("rpn.proposal_layer", "ProposalLayer")

@@ -6,6 +6,8 @@ import torch
 from readonly_ohem.ops.boxes import (bbox_overlaps, bbox_transform, bbox_transform_inv,
                                      box_areas, clip_boxes)
 
+from original_code import np_bbox_transform_inv, np_clip_boxes
+
 
 def _iou_loop(a, b):
     out = np.zeros((len(a), len(b)))
@@ -66,3 +68,22 @@ def test_clip():
     b = torch.tensor([[-5.0, -1.0, 120.0, 50.0, 3.0, 4.0, 99.5, 200.0]])
     out = clip_boxes(b, (60, 100))
     assert out.tolist() == [[0.0, 0.0, 99.0, 50.0, 3.0, 4.0, 99.0, 59.0]]
+
+
+def test_numpy_transform_inv_and_clip_are_the_originals_bit_for_bit():
+    """numpy in: numpy's arithmetic (its float32 exp), the original's ``bbox_transform_inv`` and
+    ``clip_boxes`` to the bit; torch in: the same to float32 rounding of exp."""
+    rng = np.random.default_rng(1)
+    boxes = _random_boxes(rng, 500) - 20  # float64, as the anchors
+    for dtype in (np.float32, np.float64):
+        deltas = (rng.standard_normal((500, 8)) * 0.5).astype(dtype)
+        got = bbox_transform_inv(boxes, deltas)
+        want = np_bbox_transform_inv(boxes, deltas)
+        assert got.dtype == dtype and np.array_equal(got, want)
+        im_shape = np.array([70.0, 90.0], dtype)  # the original clips with im_info's floats
+        clipped = clip_boxes(got, im_shape)
+        assert np.array_equal(clipped, np_clip_boxes(want.copy(), im_shape))
+        assert not np.array_equal(clipped, got)  # it clipped something
+        t = bbox_transform_inv(torch.from_numpy(boxes), torch.from_numpy(deltas))
+        np.testing.assert_allclose(t.numpy(), want, rtol=1e-6, atol=1e-4)
+        np.testing.assert_array_equal(clip_boxes(t, im_shape).numpy() <= [89, 69] * 4, True)

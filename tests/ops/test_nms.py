@@ -224,3 +224,24 @@ def test_prefix_nms_matrix_rounds_equal_bincount_rounds(monkeypatch):
     monkeypatch.setattr(nms_mod, "_FORCE_STEPS", True)  # the any-device (CUDA) rounds
     assert nms_mod.prefix_nms(boxes, groups, 0.6).tolist() == want.tolist()
     assert want.tolist() == per_group_loop(boxes.numpy(), groups.numpy(), 0.6).tolist()
+
+
+def test_descending_order_of_numpy_arrays_is_numpys_stable_argsort_reversed():
+    """numpy scores: 16-bit radix passes over the floats' bits, in numpy's own order (ties by
+    index, -0.0 == 0.0, NaN last whatever its payload and sign), reversed."""
+    rng = np.random.default_rng(11)
+    for dtype in (np.float32, np.float64):
+        x = rng.normal(0, 3, 3000).astype(dtype)
+        x[rng.integers(0, 3000, 600)] = np.round(x[:600])  # many ties
+        x[:40] = [0.0, -0.0] * 20
+        x[40:50] = [np.inf, -np.inf, np.nan, -np.nan, 1e-40, -1e-40, 7.0, np.nan, -0.0, 0.0]
+        bits = (np.array([0x7FC00123], np.uint32) if dtype == np.float32
+                else np.array([0x7FF8000000000123], np.uint64))
+        x[50] = bits.view(dtype)[0]  # a NaN with another payload
+        got = descending_order(x)
+        assert isinstance(got, np.ndarray)
+        assert got.tolist() == np.argsort(x, kind="stable")[::-1].tolist()
+        assert descending_order(torch.from_numpy(x)).tolist() == got.tolist()
+    ints = rng.integers(0, 9, 100)
+    assert descending_order(ints).tolist() == np.argsort(ints, kind="stable")[::-1].tolist()
+    assert descending_order(np.zeros(0, np.float32)).tolist() == []

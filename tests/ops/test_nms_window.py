@@ -130,3 +130,89 @@ def test_fallbacks_to_the_dense_pass(windowed):
     check(flipped, scores, 0.7)
     greedy_nms(torch.from_numpy(boxes), 0.7, scores=torch.from_numpy(scores), max_keep=100)
     assert not windowed  # nor with a small max_keep
+
+
+def near_threshold_pairs(rng, n_pairs, thresh):
+    """Pairs of boxes far apart from the other pairs, each with an IoU within 0.02 of
+    ``thresh``: wide and narrow, shifted along x, y or both, nested with a shared side."""
+    pairs = []
+    while len(pairs) < n_pairs:
+        w, h = rng.uniform(1, 300, 2)
+        a = np.array([0.0, 0.0, w - 1, h - 1])
+        r = rng.uniform(thresh, 1.0, 2) if rng.random() < 0.5 else np.ones(2)
+        wb, hb = w * r[0], h * r[1]
+        dx, dy = rng.uniform(-1, 1, 2) * (1 - thresh) * np.array([w, h]) * rng.integers(0, 2, 2)
+        b = np.array([dx, dy, dx + wb - 1, dy + hb - 1])
+        iw = min(a[2], b[2]) - max(a[0], b[0]) + 1
+        ih = min(a[3], b[3]) - max(a[1], b[1]) + 1
+        if iw <= 0 or ih <= 0:
+            continue
+        iou = iw * ih / (w * h + wb * hb - iw * ih)
+        if abs(iou - thresh) < 0.02:
+            pairs.append((a, b))
+    k = np.arange(n_pairs)
+    offset = np.stack((k % 40, k // 40, k % 40, k // 40), 1) * 1000.0
+    boxes = np.concatenate([np.stack(p) + off for p, off in zip(pairs, offset)])
+    return boxes.astype(np.float32)
+
+
+@pytest.mark.parametrize("thresh,suppress_equal", [(0.5, True), (0.7, False), (0.95, False)])
+def test_pairs_at_the_threshold_equal_the_loop(thresh, suppress_equal):
+    """The bound's edge: pairs whose IoU is within 0.02 of the threshold (about half of them
+    above it) are all found; called directly on numpy boxes in visiting order."""
+    rng = np.random.default_rng(int(thresh * 100))
+    boxes = near_threshold_pairs(rng, 600, thresh)
+    scores = rng.random(len(boxes)).astype(np.float32)
+    order = np.argsort(scores, kind="stable")[::-1]
+    want = loop_nms(np.concatenate((boxes, scores[:, None]), 1), thresh, suppress_equal)
+    keep, visited = window_mod.window_nms(boxes[order], thresh, suppress_equal)
+    assert order[keep].tolist() == want and visited == len(boxes)
+    assert 0.3 * 600 < len(boxes) - len(want) < 0.7 * 600  # both sides of the threshold
+
+
+def test_extreme_sizes_and_far_spread_boxes():
+    """Sizes from 1 pixel to 1e5 (at t = 0.98: wider size bins than log(1/t)) and small boxes
+    spread over 1e7 pixels (coarser cells than their reach): the same result."""
+    rng = np.random.default_rng(12)
+    size = np.exp(rng.uniform(0, np.log(1e5), (1500, 2)))
+    xy = rng.uniform(-1e5, 1e5, (1500, 2))
+    big = np.concatenate((xy, xy + size - 1), 1)
+    xy = rng.uniform(-5e6, 5e6, (1500, 2))
+    small = np.concatenate((xy, xy + rng.uniform(1, 8, (1500, 2))), 1)
+    for boxes in (big, small):
+        # each with a near twin: 10% of its size off, or 0.3% (IoU > 0.98)
+        spread = np.where(np.arange(len(boxes)) % 2, 0.1, 0.003)[:, None]
+        size = (boxes[:, 2:] - boxes[:, :2] + 1).repeat(2, 1)
+        noise = rng.normal(0, 1, boxes.shape) * spread * size
+        boxes = np.concatenate((boxes, boxes + noise))
+        boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2])
+        for dtype, thresh in ((np.float64, 0.6), (np.float32, 0.6), (np.float32, 0.98)):
+            b = boxes.astype(dtype)
+            scores = rng.random(len(b)).astype(dtype)
+            order = np.argsort(scores, kind="stable")[::-1]
+            want = loop_nms(np.concatenate((b, scores[:, None]), 1), thresh)
+            keep, _ = window_mod.window_nms(b[order], thresh)
+            assert order[keep].tolist() == want
+            assert len(want) < (0.9 if thresh < 0.9 else 0.99) * len(b)
+
+
+def test_prefix_pass_goes_on_when_it_keeps_too_few(monkeypatch):
+    """With max_keep the pass runs on a prefix; when that keeps too few, the boxes after it are
+    first tested against the kept ones, then decided in a pass of their own."""
+    monkeypatch.setattr(window_mod, "MIN_PREFIX", 8)
+    rng = np.random.default_rng(13)
+    boxes = clustered_boxes(rng, 3000, n_clusters=4)  # few survivors per box
+    scores = rng.random(len(boxes)).astype(np.float32)
+    order = np.argsort(scores, kind="stable")[::-1]
+    want = loop_nms(np.concatenate((boxes, scores[:, None]), 1), 0.7)
+    for max_keep in (3, 20, len(want) - 1, len(want), len(want) + 5):
+        keep, visited = window_mod.window_nms(boxes[order], 0.7, max_keep=max_keep)
+        assert order[keep[:max_keep]].tolist() == want[:max_keep]
+        # the first `visited` boxes are decided: as many kept there as in the full result
+        rank = np.empty(len(boxes), int)
+        rank[order] = np.arange(len(boxes))
+        assert len(keep) == sum(rank[i] < visited for i in want)
+        if max_keep < len(want):
+            assert visited < len(boxes)  # it stopped early
+        if max_keep > len(want):
+            assert visited == len(boxes) and len(keep) == len(want)

@@ -118,3 +118,33 @@ def test_shape_errors_name_the_layer_and_blob():
     with pytest.raises(SpecError, match=r"'rpn_bbox_pred' must be \(1, 36, 3, 3\)"):
         layer([torch.zeros(1, 18, 3, 3), torch.zeros(1, 36, 3, 4), info], [])
     assert layer.top_shapes([(1, 18, 3, 3), (1, 36, 3, 3), (1, 3)]) == [(1, 5)]
+
+
+@pytest.mark.parametrize("seed,phase,keys", [
+    (6, "TRAIN", {}),
+    (7, "TEST", {"TEST.RPN_POST_NMS_TOP_N": 150}),
+    # most boxes under the minimum size: decoding in score order has to go on past its
+    # first guess to find RPN_PRE_NMS_TOP_N boxes that pass
+    (8, "TEST", {"TEST.RPN_PRE_NMS_TOP_N": 2500, "TEST.RPN_MIN_SIZE": 140}),
+    (9, "TRAIN", {"TRAIN.RPN_PRE_NMS_TOP_N": 3000, "TRAIN.RPN_MIN_SIZE": 110}),
+])
+def test_cpu_tops_are_the_originals_bit_for_bit(seed, phase, keys):
+    """On the CPU every step is numpy's, as the original's: the same floats, not just close."""
+    cfg = config()
+    cfg.set_list(list(keys.items()))
+    layer = make_layer("ProposalLayer", "'feat_stride': 16", cfg, phase=phase,
+                       tops=["rois", "scores"])
+    prob, deltas, im_info = _case(seed, h=30, w=40)
+    rois, scores = (n(x) for x in layer([t(prob), t(deltas), t(im_info)], []))
+    ref_rois, ref_scores = proposal_layer_forward(prob, deltas, im_info, cfg, phase,
+                                                  argsort_desc=argsort_desc_stable)
+    assert len(rois) > 100
+    np.testing.assert_array_equal(rois, ref_rois)
+    np.testing.assert_array_equal(scores, ref_scores)
+    if "RPN_MIN_SIZE" in str(keys):  # the case is as described: most boxes are too small
+        c = cfg[phase]
+        everything = config(**{f"{phase}__RPN_PRE_NMS_TOP_N": -1, f"{phase}__RPN_NMS_THRESH": 1.0,
+                               f"{phase}__RPN_POST_NMS_TOP_N": -1,
+                               f"{phase}__RPN_MIN_SIZE": c.RPN_MIN_SIZE})
+        passing, _ = proposal_layer_forward(prob, deltas, im_info, everything, phase)
+        assert len(passing) < 0.4 * prob[0, 9:].size and len(passing) > c.RPN_PRE_NMS_TOP_N
