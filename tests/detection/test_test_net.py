@@ -17,7 +17,7 @@ from readonly_ohem.datasets import voc_eval
 from readonly_ohem.progress import Progress
 from readonly_ohem.detection.vis import draw_detections
 
-from original_code import py_cpu_nms
+from original_code import np_bbox_transform_inv, np_clip_boxes, py_cpu_nms
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "original_test"
 CLASSES = ("__background__", "cat", "dog", "person")
@@ -61,36 +61,6 @@ def _ref_transform_clip(box, d, H, W):
     return [min(max(out[0], 0), W - 1), min(max(out[1], 0), H - 1),
             min(max(out[2], 0), W - 1), min(max(out[3], 0), H - 1)]
 
-
-def _orig_bbox_transform_inv(boxes, deltas):
-    """The original ``fast_rcnn/bbox_transform.py: bbox_transform_inv``, line for line."""
-    if boxes.shape[0] == 0:
-        return np.zeros((0, deltas.shape[1]), dtype=deltas.dtype)
-    boxes = boxes.astype(deltas.dtype, copy=False)
-    widths = boxes[:, 2] - boxes[:, 0] + 1.0
-    heights = boxes[:, 3] - boxes[:, 1] + 1.0
-    ctr_x = boxes[:, 0] + 0.5 * widths
-    ctr_y = boxes[:, 1] + 0.5 * heights
-    dx, dy, dw, dh = deltas[:, 0::4], deltas[:, 1::4], deltas[:, 2::4], deltas[:, 3::4]
-    pred_ctr_x = dx * widths[:, np.newaxis] + ctr_x[:, np.newaxis]
-    pred_ctr_y = dy * heights[:, np.newaxis] + ctr_y[:, np.newaxis]
-    pred_w = np.exp(dw) * widths[:, np.newaxis]
-    pred_h = np.exp(dh) * heights[:, np.newaxis]
-    pred_boxes = np.zeros(deltas.shape, dtype=deltas.dtype)
-    pred_boxes[:, 0::4] = pred_ctr_x - 0.5 * pred_w
-    pred_boxes[:, 1::4] = pred_ctr_y - 0.5 * pred_h
-    pred_boxes[:, 2::4] = pred_ctr_x + 0.5 * pred_w
-    pred_boxes[:, 3::4] = pred_ctr_y + 0.5 * pred_h
-    return pred_boxes
-
-
-def _orig_clip_boxes(boxes, im_shape):
-    """The original ``clip_boxes``."""
-    boxes[:, 0::4] = np.maximum(np.minimum(boxes[:, 0::4], im_shape[1] - 1), 0)
-    boxes[:, 1::4] = np.maximum(np.minimum(boxes[:, 1::4], im_shape[0] - 1), 0)
-    boxes[:, 2::4] = np.maximum(np.minimum(boxes[:, 2::4], im_shape[1] - 1), 0)
-    boxes[:, 3::4] = np.maximum(np.minimum(boxes[:, 3::4], im_shape[0] - 1), 0)
-    return boxes
 
 
 def test_detect_classes_equal_scores_follow_numpys_argsort():
@@ -178,7 +148,7 @@ def test_im_detect_dedup_transform_clip_against_plain_loops():
                                        rtol=1e-5, atol=1e-4)
         # the original computes in float32 (boxes cast to the deltas' dtype): equal up to the
         # last bit of exp (numpy's and torch's float32 exp may differ by an ulp)
-        orig = _orig_clip_boxes(_orig_bbox_transform_inv(boxes[rep][None], d32), (H, W, 3))
+        orig = np_clip_boxes(np_bbox_transform_inv(boxes[rep][None], d32), (H, W, 3))
         assert orig.dtype == np.float32
         np.testing.assert_allclose(pred[r], orig[0], rtol=3e-7, atol=1e-5)  # 1 ulp at 100
     assert pred.dtype == np.float32
