@@ -202,6 +202,9 @@ def default_config() -> Config:
         SVM=False,  # (R-CNN SVMs; unused)
         BBOX_REG=True,  # apply the predicted box deltas
         HAS_RPN=False,  # Faster R-CNN: the test net makes its own RoIs (no proposals file)
+        # +M with an RPN (not in the original, which asserts one scale with HAS_RPN): with several
+        # TEST.SCALES run the net at each and merge the scales' detections (test.im_detect_rpn_multiscale)
+        MULTISCALE_RPN=False,
         PROPOSAL_METHOD="selective_search",
         RPN_NMS_THRESH=0.7,  # the ProposalLayer's keys in the TEST phase
         RPN_PRE_NMS_TOP_N=6000,

@@ -20,6 +20,9 @@ Faster R-CNN (``TEST.HAS_RPN``): no proposals are given; the net gets ``data`` a
 ``[[h, w, scale]]`` and scores its own ``rois`` (the ProposalLayer's, with the TEST-phase
 ``RPN_*`` keys), mapped back to the image by dividing by the scale (``im_detect_rpn``; one
 scale, no dedup, as the original ``test.py``). ``test_net`` then reads no proposals file.
+With ``TEST.MULTISCALE_RPN`` (ours, +M; the original refuses several scales with an RPN) the net
+runs at every ``TEST.SCALES`` entry and the scales' detections are concatenated before the usual
+per-class NMS (``im_detect_rpn_multiscale``).
 """
 
 from __future__ import annotations
@@ -100,6 +103,8 @@ def im_detect(net, im_bgr: np.ndarray, boxes: np.ndarray | None, cfg):
         if boxes is not None:
             raise ConfigError("TEST.HAS_RPN: the net scores its own RoIs; im_detect takes no "
                               "proposals (boxes=None)")
+        if cfg.TEST.MULTISCALE_RPN:  # +M with an RPN: each scale's own proposals, merged
+            return im_detect_rpn_multiscale(net, im_bgr, cfg)
         return im_detect_rpn(net, im_bgr, cfg)
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     if boxes.shape[0] == 0:
@@ -127,7 +132,8 @@ def im_detect_rpn(net, im_bgr: np.ndarray, cfg):
     float32 / float64 division). One image scale only, as the original asserts."""
     if len(cfg.TEST.SCALES) != 1:
         raise ConfigError(f"TEST.HAS_RPN: the net makes its RoIs on one image scale; "
-                          f"TEST.SCALES has {len(cfg.TEST.SCALES)} ({list(cfg.TEST.SCALES)})")
+                          f"TEST.SCALES has {len(cfg.TEST.SCALES)} ({list(cfg.TEST.SCALES)}); "
+                          f"TEST.MULTISCALE_RPN True runs the net at each and merges them")
     device = getattr(net, "device", torch.device("cpu"))
     data, im_scales = image_blob(im_bgr, cfg)
     im_info = torch.tensor([[data.shape[2], data.shape[3], im_scales[0]]], dtype=torch.float32)
@@ -139,6 +145,27 @@ def im_detect_rpn(net, im_bgr: np.ndarray, cfg):
     rois = _as_2d(blobs["rois"])
     boxes = rois[:, 1:5] / im_scales[0]
     return _scores_and_boxes(blobs, boxes, im_bgr.shape[:2], cfg)
+
+
+def im_detect_rpn_multiscale(net, im_bgr: np.ndarray, cfg):
+    """+M for Faster R-CNN (``TEST.MULTISCALE_RPN``; no original code): ``im_detect_rpn`` at each
+    ``TEST.SCALES`` entry in turn (capped by ``TEST.MAX_SIZE``), each scale with its own proposals
+    (its ProposalLayer run on that scale's features, up to ``TEST.RPN_POST_NMS_TOP_N`` each),
+    scored and regressed there and divided by that scale; the rows concatenated in
+    ``TEST.SCALES`` order: ``(scores (R_1+..+R_S, C) float32, pred_boxes (R_1+..+R_S, 4C))``.
+
+    Detectron's ``im_detect_bbox_aug`` with the UNION heuristic, the one it allows for Faster
+    R-CNN: no cross-scale dedup, re-scoring or averaging; ``test_net``'s per-class thresh, NMS and
+    ``max_per_image`` merge the scales. One scale: exactly ``im_detect_rpn``.
+    """
+    scores, pred_boxes = [], []
+    for target in cfg.TEST.SCALES:
+        one = cfg.clone()
+        one.TEST.SCALES = (target,)
+        s, b = im_detect_rpn(net, im_bgr, one)
+        scores.append(s)
+        pred_boxes.append(b)
+    return np.vstack(scores), np.vstack(pred_boxes)
 
 
 def _scores_and_boxes(blobs: dict, boxes: np.ndarray, im_hw, cfg):
