@@ -132,15 +132,17 @@ class StepTimer:
         return self.seconds / self.steps if self.steps else float("nan")
 
 
-def method_config(method: str, seed: int):
-    """small.yml (+ fast_rcnn_ohem.yml for OHEM) with ``RNG_SEED`` = seed."""
+def method_config(method: str, seed: int, extra_cfg=()):
+    """small.yml (+ fast_rcnn_ohem.yml for OHEM) (+ ``extra_cfg`` files, e.g. +M / +B) with
+    ``RNG_SEED`` = seed."""
     _, extra = METHODS[method]
-    return load_config([str(SMALL_CFG)] + [str(p) for p in extra], [["RNG_SEED", str(seed)]])
+    files = [str(SMALL_CFG)] + [str(p) for p in extra] + [str(p) for p in extra_cfg]
+    return load_config(files, [["RNG_SEED", str(seed)]])
 
 
 def train_method(method: str, data_dir: Path, out_dir: Path, iters: int | None, seed: int,
                  init_weights: Path | None = None, stream=None, kept_roi_log: Path | None = None,
-                 log_every: int = 20) -> dict:
+                 log_every: int = 20, extra_cfg=()) -> dict:
     """Train one arm of the comparison on the mini-VOC's trainval set (the training sequence of
     ``readonly-ohem train``: ``setup_training``, ``run_training``).
 
@@ -152,7 +154,7 @@ def train_method(method: str, data_dir: Path, out_dir: Path, iters: int | None, 
     """
     stream = stream if stream is not None else sys.stdout
     solver_path, _ = METHODS[method]
-    cfg = method_config(method, seed)
+    cfg = method_config(method, seed, extra_cfg)
     imdb = get_imdb("voc_2007_trainval", data_dir, None, cfg, cache_dir=False)
     trainer = setup_training(solver_path, cfg, imdb,
                              weights=str(init_weights) if init_weights else None,
@@ -190,14 +192,14 @@ def present_classes(imdb) -> list[str]:
 
 
 def test_model(model: Path, data_dir: Path, out_dir: Path, seed: int, settings=TEST_SETTINGS,
-               stream=None) -> dict:
+               stream=None, extra_cfg=()) -> dict:
     """Test one model on the mini-VOC test set at each ``(max_per_image, thresh)``.
 
     Returns ``{(max_per_image, thresh): {"mAP" (over the classes present), "mAP_voc20" (over all
     20, absent classes AP 0), "per_class", "images_per_second", "result_dir"}}``.
     """
     stream = stream if stream is not None else sys.stdout
-    cfg = method_config("FRCN", seed)
+    cfg = method_config("FRCN", seed, extra_cfg)
     net = Net.from_file(str(TEST_DEF), phase="TEST", cfg=cfg)
     net.load_caffemodel(str(model))
     imdb = get_imdb("voc_2007_test", data_dir, None, cfg, cache_dir=False)
