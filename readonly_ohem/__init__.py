@@ -16,7 +16,8 @@ The detection application on top, in pipeline order:
 - ``ohem``         ``OHEMDataLayer``, per-RoI loss, selection, mining policies, selection records
 - ``python_layers`` importing it registers the application's Python layers with the engine
 - ``train``        the training sequence and loop (snapshots, resume, DDP via ``distributed``)
-- ``detection``    ``im_detect`` / ``test_net`` (the original ``fast_rcnn/test.py``), drawing
+- ``detection``    ``im_detect`` / ``test_net`` (the original ``fast_rcnn/test.py``; several
+  ``TEST.SCALES``: the +M pyramid), +B (``iterative``), drawing
 - ``inspect``      kept-RoI logs, pictures, statistics
 - ``commands``     one module per ``readonly-ohem`` sub-command; ``cli`` parses arguments only
 """
