@@ -168,8 +168,11 @@ def test_detect_classes_with_r2_and_voting_matches_a_plain_loop(vote):
         ref = _ref_detect_b(scores, pred, second, C, 0.05, 0.3, max_per_image, vote)
         for j in range(C):
             np.testing.assert_allclose(got[j], ref[j], rtol=1e-6, atol=1e-4, err_msg=f"class {j}")
-    # without R2 and voting the original path: unchanged
+    # without R2 and voting the original path: unchanged; an empty R2 changes nothing
     plain = T.detect_classes(scores, pred, C, 0.05, 0.3, 0)
+    empty = B.SecondPass(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros((0, 4), np.float32))
+    for a, b in zip(plain, T.detect_classes(scores, pred, C, 0.05, 0.3, 0, empty)):
+        np.testing.assert_array_equal(a, b)
     for j in range(1, C):
         cand = np.hstack([pred[:, 4 * j:4 * j + 4], scores[:, j:j + 1]])[scores[:, j] > 0.05]
         np.testing.assert_array_equal(plain[j], cand[py_cpu_nms(cand, 0.3)])
