@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from readonly_ohem.caffe import use_caffe_float32
 from readonly_ohem.commands import demo
@@ -82,11 +83,14 @@ def main(argv=None) -> int:
     p.add_argument("--output", default="msb_runs")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--iters", type=int, default=None, help="default: the small solvers' max_iter")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on a loaded machine 2 threads ran 3x slower here)")
     a = p.parse_args(argv)
     use_caffe_float32()
+    torch.set_num_threads(a.threads)
     out = Path(a.output)
     t0 = time.perf_counter()
-    print(f"start: {load()}, {os.cpu_count()} CPUs", flush=True)
+    print(f"start: {load()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads", flush=True)
     all_res = {}
     for s in a.seeds:
         all_res[s] = run_seed(s, out / f"seed{s}", a.iters)
