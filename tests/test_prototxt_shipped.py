@@ -157,7 +157,8 @@ def test_multiscale_and_bbox_vote_cfgs_load():
     cfg = load_config([PROTOTXT / "cfgs" / "fast_rcnn_multiscale.yml"])
     assert cfg.TRAIN.SCALES == (480, 576, 688, 864, 900) and cfg.TRAIN.MAX_SIZE == 1000
     assert cfg.TEST.SCALES == paper_test and cfg.TEST.MAX_SIZE == 1000
-    both = load_config([PROTOTXT / "cfgs" / "fast_rcnn_ohem.yml", PROTOTXT / "cfgs" / "fast_rcnn_multiscale.yml"])
+    both = load_config([PROTOTXT / "cfgs" / "fast_rcnn_ohem.yml",
+                        PROTOTXT / "cfgs" / "fast_rcnn_multiscale.yml"])
     assert both.TRAIN.USE_OHEM and both.TRAIN.SCALES == cfg.TRAIN.SCALES
     # the small net's: the paper's scales times 240/600 (small.yml's scale), max side 400
     small = load_config([PROTOTXT / "cfgs" / "small.yml", PROTOTXT / "cfgs" / "small_multiscale.yml"])

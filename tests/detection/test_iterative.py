@@ -61,7 +61,8 @@ def _ref_voting(kept, pool, t):
             if iw <= 0 or ih <= 0:
                 continue
             inter = iw * ih
-            iou = inter / ((a[2] - a[0] + 1) * (a[3] - a[1] + 1) + (b[2] - b[0] + 1) * (b[3] - b[1] + 1) - inter)
+            union = (a[2] - a[0] + 1) * (a[3] - a[1] + 1) + (b[2] - b[0] + 1) * (b[3] - b[1] + 1) - inter
+            iou = inter / union
             if iou >= t:
                 w = max(b[4], 0.0)
                 num += w * b[:4]
@@ -74,10 +75,12 @@ def _ref_voting(kept, pool, t):
 def test_voting_matches_a_plain_loop():
     rng = np.random.default_rng(0)
     xy = rng.uniform(0, 60, size=(80, 2))
-    pool = np.hstack([xy, xy + rng.uniform(5, 30, size=(80, 2)), rng.uniform(-0.1, 1, (80, 1))]).astype(np.float32)
+    pool = np.hstack([xy, xy + rng.uniform(5, 30, size=(80, 2)), rng.uniform(-0.1, 1, (80, 1))])
+    pool = pool.astype(np.float32)
     kept = pool[py_cpu_nms(pool, 0.3)]
     for t in (0.3, 0.5, 0.8):
-        np.testing.assert_allclose(B.box_voting(kept, pool, t), _ref_voting(kept, pool, t), rtol=1e-6, atol=1e-4)
+        np.testing.assert_allclose(B.box_voting(kept, pool, t), _ref_voting(kept, pool, t),
+                                   rtol=1e-6, atol=1e-4)
 
 
 # -- the R2 pass ------------------------------------------------------------------------------------
@@ -140,7 +143,8 @@ def test_config_checks():
 def _ref_detect_b(scores, pred, second, C, thresh, nms, max_per_image, vote):
     out = [np.zeros((0, 5), np.float32)]
     for j in range(1, C):
-        rows = [det(*pred[r, 4 * j:4 * j + 4], scores[r, j]) for r in range(len(scores)) if scores[r, j] > thresh]
+        rows = [det(*pred[r, 4 * j:4 * j + 4], scores[r, j])
+                for r in range(len(scores)) if scores[r, j] > thresh]
         rows += [det(*second.boxes[m], second.scores[m]) for m in range(len(second.cls))
                  if second.cls[m] == j and second.scores[m] > thresh]
         cand = np.array(rows, np.float32).reshape(-1, 5)
