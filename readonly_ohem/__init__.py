@@ -21,7 +21,8 @@ The detection application on top, in pipeline order:
   ``ProposalTargetLayer``) and ``generate_anchors``
 - ``python_layers`` importing it registers the application's Python layers with the engine
 - ``train``        the training sequence and loop (snapshots, resume, DDP via ``distributed``)
-- ``detection``    ``im_detect`` / ``test_net`` (the original ``fast_rcnn/test.py``), drawing
+- ``detection``    ``im_detect`` / ``test_net`` (the original ``fast_rcnn/test.py``; several
+  ``TEST.SCALES``: the +M pyramid), +B (``iterative``), drawing
 - ``inspect``      kept-RoI logs, pictures, statistics
 - ``tensorboard``  TensorBoard events: training scalars, OHEM selections, test AP (optional extra)
 - ``commands``     one module per ``readonly-ohem`` sub-command; ``cli`` parses arguments only

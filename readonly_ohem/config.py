@@ -210,6 +210,12 @@ def default_config() -> Config:
         RPN_PRE_NMS_TOP_N=6000,
         RPN_POST_NMS_TOP_N=300,
         RPN_MIN_SIZE=16,
+        # +B, the paper's iterative bbox regression and weighted voting (after MR-CNN; not in the
+        # released code, off by default; readonly_ohem/detection/iterative.py)
+        ITER_BBOX_REG=False,  # R2: re-score and re-regress the R1 boxes, detect on R1 ∪ R2
+        ITER_BBOX_REG_THRESH=0.05,  # an R1 box goes to the R2 pass if its class score > this
+        BBOX_VOTE=False,  # each box kept by NMS -> score-weighted mean of its candidates' boxes
+        BBOX_VOTE_THRESH=0.5,  # candidates with IoU >= this with a kept box vote for it
     )
     return Config(
         TRAIN=TRAIN,

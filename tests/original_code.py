@@ -5,7 +5,8 @@ COCO imdb's roidb (``load_coco_annotation``, ``create_roidb_from_box_list``, ``m
 ``filter_crowd_proposals``) and results (``coco_results_one_category``); the RPN layers'
 forwards (``anchor_target_layer_forward``, ``proposal_layer_forward``,
 ``proposal_target_layer_forward``, with ``generate_anchors``; the Cython ``bbox_overlaps`` is
-``bbox_overlaps_loop``).
+``bbox_overlaps_loop``); the test-time image pyramid and RoI levels of ``fast_rcnn/test.py``, and
+the random calls of a minibatch.
 
 Kept line for line (only made parametrizable where tests need a deterministic variant, e.g.
 ``argsort_desc``), so a test's reference is the original algorithm, not a second implementation
@@ -675,3 +676,118 @@ def _sample_rois(all_rois, gt_boxes, fg_rois_per_image, rois_per_image, num_clas
     bbox_targets, bbox_inside_weights = \
         _get_bbox_regression_labels(bbox_target_data, num_classes, cfg)
     return labels, rois, bbox_targets, bbox_inside_weights
+
+
+# -- fast_rcnn/test.py: the test-time image pyramid and RoI levels (+M), SPEC §6 -------------------
+# Names end in ``_test`` (test.py's, not pytest's). ``cv2.resize(im, None, None, fx=s, fy=s,
+# interpolation=cv2.INTER_LINEAR)`` is a parameter (``resize(im, s)``): OpenCV is not a test dependency.
+
+def im_list_to_blob(ims):
+    """``utils/blob.py: im_list_to_blob``: (H, W, 3) images -> (N, 3, max H, max W), zero-padded."""
+    max_shape = np.array([im.shape for im in ims]).max(axis=0)
+    num_images = len(ims)
+    blob = np.zeros((num_images, max_shape[0], max_shape[1], 3), dtype=np.float32)
+    for i in range(num_images):
+        im = ims[i]
+        blob[i, 0:im.shape[0], 0:im.shape[1], :] = im
+    channel_swap = (0, 3, 1, 2)
+    blob = blob.transpose(channel_swap)
+    return blob
+
+
+def get_image_blob_test(im, test_scales, test_max_size, pixel_means, resize):
+    """``_get_image_blob``: one image per TEST.SCALES entry, and the scale factors."""
+    im_orig = im.astype(np.float32, copy=True)
+    im_orig -= pixel_means
+
+    im_shape = im_orig.shape
+    im_size_min = np.min(im_shape[0:2])
+    im_size_max = np.max(im_shape[0:2])
+
+    processed_ims = []
+    im_scale_factors = []
+
+    for target_size in test_scales:
+        im_scale = float(target_size) / float(im_size_min)
+        # Prevent the biggest axis from being more than MAX_SIZE
+        if np.round(im_scale * im_size_max) > test_max_size:
+            im_scale = float(test_max_size) / float(im_size_max)
+        im = resize(im_orig, im_scale)
+        im_scale_factors.append(im_scale)
+        processed_ims.append(im)
+
+    # Create a blob to hold the input images
+    blob = im_list_to_blob(processed_ims)
+
+    return blob, np.array(im_scale_factors)
+
+
+def project_im_rois_test(im_rois, scales):
+    """``_project_im_rois``: each RoI to the level where its scaled area is nearest 224²."""
+    im_rois = im_rois.astype(np.float64, copy=False)
+
+    if len(scales) > 1:
+        widths = im_rois[:, 2] - im_rois[:, 0] + 1
+        heights = im_rois[:, 3] - im_rois[:, 1] + 1
+
+        areas = widths * heights
+        scaled_areas = areas[:, np.newaxis] * (scales[np.newaxis, :] ** 2)
+        diff_areas = np.abs(scaled_areas - 224 * 224)
+        levels = diff_areas.argmin(axis=1)[:, np.newaxis]
+    else:
+        levels = np.zeros((im_rois.shape[0], 1), dtype=np.int64)
+
+    rois = im_rois * scales[levels]
+
+    return rois, levels
+
+
+def get_rois_blob_test(im_rois, im_scale_factors):
+    """``_get_rois_blob``: (R, 5) float32 ``[level, x1, y1, x2, y2]`` in the pyramid."""
+    rois, levels = project_im_rois_test(im_rois, im_scale_factors)
+    rois_blob = np.hstack((levels, rois))
+    return rois_blob.astype(np.float32, copy=False)
+
+
+def dedup_rois_test(rois_blob, dedup_boxes):
+    """``im_detect``'s duplicate removal: (rois_blob[index], index, inv_index)."""
+    v = np.array([1, 1e3, 1e6, 1e9, 1e12])
+    hashes = np.round(rois_blob * dedup_boxes).dot(v)
+    _, index, inv_index = np.unique(hashes, return_index=True, return_inverse=True)
+    return rois_blob[index, :], index, inv_index
+
+
+# -- roi_data_layer/minibatch.py: the random calls of one minibatch (+M training), SPEC §4 ---------
+# ``npr`` is a parameter (the original uses the global ``numpy.random``); ``scale_count`` is
+# len(cfg.TRAIN.SCALES). Returns what the calls decided: the scale indices and each image's
+# kept RoI indices (fg first) and fg count.
+
+def minibatch_random_calls(roidb, scale_count, batch_size, fg_fraction, fg_thresh, bg_thresh_hi,
+                           bg_thresh_lo, use_ohem, npr):
+    num_images = len(roidb)
+    # Sample random scales to use for each image in this batch
+    random_scale_inds = npr.randint(0, high=scale_count, size=num_images)
+    rois_per_image = batch_size // num_images
+    fg_rois_per_image = np.round(fg_fraction * rois_per_image)
+    keeps, num_fgs = [], []
+    for im_i in range(num_images):
+        overlaps = roidb[im_i]["max_overlaps"]
+        fg_inds = np.where(overlaps >= fg_thresh)[0]
+        if use_ohem:  # _all_rois
+            bg_inds = np.where(overlaps < bg_thresh_hi)[0]
+            keep_inds = np.append(fg_inds, bg_inds)
+            num_fg = len(fg_inds)
+        else:  # _sample_rois
+            fg_rois_per_this_image = int(np.minimum(fg_rois_per_image, fg_inds.size))
+            if fg_inds.size > 0:
+                fg_inds = npr.choice(fg_inds, size=fg_rois_per_this_image, replace=False)
+            bg_inds = np.where((overlaps < bg_thresh_hi) & (overlaps >= bg_thresh_lo))[0]
+            bg_rois_per_this_image = rois_per_image - fg_rois_per_this_image
+            bg_rois_per_this_image = np.minimum(bg_rois_per_this_image, bg_inds.size)
+            if bg_inds.size > 0:
+                bg_inds = npr.choice(bg_inds, size=bg_rois_per_this_image, replace=False)
+            keep_inds = np.append(fg_inds, bg_inds)
+            num_fg = fg_rois_per_this_image
+        keeps.append(keep_inds)
+        num_fgs.append(num_fg)
+    return random_scale_inds, keeps, num_fgs

@@ -373,3 +373,23 @@ def test_end2end_ohem_and_focal_nets(model):
     assert new.type == "Python" and new.python_param.layer == "FocalLossLayer"
     assert list(new.bottom) == list(old.bottom) and list(new.top) == list(old.top)
     assert list(new.propagate_down) == [True, False] and list(new.loss_weight) == [1]
+
+
+def test_multiscale_and_bbox_vote_cfgs_load():
+    paper_test = (480, 576, 688, 864, 1000)
+    cfg = load_config([PROTOTXT / "cfgs" / "fast_rcnn_multiscale.yml"])
+    assert cfg.TRAIN.SCALES == (480, 576, 688, 864, 900) and cfg.TRAIN.MAX_SIZE == 1000
+    assert cfg.TEST.SCALES == paper_test and cfg.TEST.MAX_SIZE == 1000
+    both = load_config([PROTOTXT / "cfgs" / "fast_rcnn_ohem.yml",
+                        PROTOTXT / "cfgs" / "fast_rcnn_multiscale.yml"])
+    assert both.TRAIN.USE_OHEM and both.TRAIN.SCALES == cfg.TRAIN.SCALES
+    # the small net's: the paper's scales times 240/600 (small.yml's scale), max side 400
+    small = load_config([PROTOTXT / "cfgs" / "small.yml", PROTOTXT / "cfgs" / "small_multiscale.yml"])
+    assert small.TRAIN.SCALES == tuple(round(s * 0.4) for s in cfg.TRAIN.SCALES) == (192, 230, 275, 346, 360)
+    assert small.TEST.SCALES == tuple(round(s * 0.4) for s in paper_test) and small.TEST.MAX_SIZE == 400
+    assert small.TRAIN.MAX_SIZE == 400 and small.TRAIN.IMS_PER_BATCH == 1  # small.yml's keys stay
+    plain = load_config([])
+    assert not (plain.TEST.ITER_BBOX_REG or plain.TEST.BBOX_VOTE)  # +B is off by default
+    b = load_config([PROTOTXT / "cfgs" / "iter_bbox_reg_vote.yml"])
+    assert b.TEST.ITER_BBOX_REG and b.TEST.BBOX_VOTE and b.TEST.BBOX_VOTE_THRESH == 0.5
+    assert b.TEST.NMS == 0.3 and b.TEST.SCALES == (600,)  # +B changes nothing else

@@ -152,16 +152,17 @@ class StepTimer:
         return self.seconds / self.steps if self.steps else float("nan")
 
 
-def method_config(method: str, seed: int):
-    """small.yml (+ fast_rcnn_ohem.yml for OHEM) with ``RNG_SEED`` = seed."""
+def method_config(method: str, seed: int, extra_cfg=()):
+    """small.yml (+ fast_rcnn_ohem.yml for OHEM) (+ ``extra_cfg`` files, e.g. +M / +B) with
+    ``RNG_SEED`` = seed."""
     _, extra = METHODS[method]
-    return load_config([str(SMALL_CFG)] + [str(p) for p in extra],
+    return load_config([str(SMALL_CFG)] + [str(p) for p in extra] + [str(p) for p in extra_cfg],
                        [["RNG_SEED", str(seed)]] + METHOD_SETS.get(method, []))
 
 
 def train_method(method: str, data_dir: Path, out_dir: Path, iters: int | None, seed: int,
                  init_weights: Path | None = None, stream=None, kept_roi_log: Path | None = None,
-                 log_every: int = 20, tensorboard: Path | None = None) -> dict:
+                 log_every: int = 20, tensorboard: Path | None = None, extra_cfg=()) -> dict:
     """Train one arm of the comparison on the mini-VOC's trainval set (the training sequence of
     ``readonly-ohem train``: ``setup_training``, ``run_training``).
 
@@ -174,7 +175,7 @@ def train_method(method: str, data_dir: Path, out_dir: Path, iters: int | None, 
     """
     stream = stream if stream is not None else sys.stdout
     solver_path, _ = METHODS[method]
-    cfg = method_config(method, seed)
+    cfg = method_config(method, seed, extra_cfg)
     imdb = get_imdb("voc_2007_trainval", data_dir, None, cfg, cache_dir=False)
     trainer = setup_training(solver_path, cfg, imdb,
                              weights=str(init_weights) if init_weights else None,
@@ -214,7 +215,7 @@ def present_classes(imdb) -> list[str]:
 
 
 def test_model(model: Path, data_dir: Path, out_dir: Path, seed: int, settings=TEST_SETTINGS,
-               stream=None, detector: str = "fast-rcnn") -> dict:
+               stream=None, detector: str = "fast-rcnn", extra_cfg=()) -> dict:
     """Test one model on the mini-VOC test set at each ``(max_per_image, thresh)``, with the
     ``detector``'s test net and its plain method's config.
 
@@ -223,7 +224,7 @@ def test_model(model: Path, data_dir: Path, out_dir: Path, seed: int, settings=T
     """
     stream = stream if stream is not None else sys.stdout
     plain, _, test_def = DETECTORS[detector]
-    cfg = method_config(plain, seed)
+    cfg = method_config(plain, seed, extra_cfg)
     net = Net.from_file(str(test_def), phase="TEST", cfg=cfg)
     net.load_caffemodel(str(model))
     imdb = get_imdb("voc_2007_test", data_dir, None, cfg, cache_dir=False)

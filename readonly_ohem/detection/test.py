@@ -1,13 +1,16 @@
 """Detection on an image set, exactly as the original ``fast_rcnn/test.py`` (SPEC §6).
 
-``im_detect``: the image scaled by ``TEST.SCALES``/``TEST.MAX_SIZE``, proposals projected to the
-scaled image, duplicate RoIs (equal after ``round(roi * DEDUP_BOXES)``) scored once, class scores
-from ``cls_prob``, per-class boxes from ``bbox_pred`` by the inverse transform, clipped.
+``im_detect``: the image scaled by ``TEST.SCALES``/``TEST.MAX_SIZE`` (several scales, the paper's
++M: an image pyramid in one blob, each RoI pooled from one level, see ``project_im_rois``),
+proposals projected to the scaled image, duplicate RoIs (equal after
+``round(roi * DEDUP_BOXES)``) scored once, class scores from ``cls_prob``, per-class boxes from
+``bbox_pred`` by the inverse transform, clipped.
 
 ``test_net``: per class j >= 1 keep scores > ``thresh`` (strict), NMS at ``TEST.NMS`` (suppress
 IoU > 0.3), then at most ``max_per_image`` over all classes (scores >= the max_per_image-th);
-then the dataset's ``evaluate_detections`` (for VOC: devkit result files with 1-based boxes and
-the AP table).
+with ``TEST.ITER_BBOX_REG`` / ``TEST.BBOX_VOTE``, the paper's +B (``detection.iterative``), on
+the way; then the dataset's ``evaluate_detections`` (for VOC: devkit result files with 1-based
+boxes and the AP table).
 
 Settings of the original scripts: the Fast R-CNN baseline was tested with ``max_per_image=100,
 thresh=0.05`` (``test_net.py``'s defaults, ours too); the OHEM script
@@ -33,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from readonly_ohem.detection.iterative import SecondPass, box_voting, check_config, iterative_bbox_reg
 from readonly_ohem.detection.vis import draw_detections
 from readonly_ohem.errors import ConfigError, DataError
 from readonly_ohem.ops.boxes import bbox_transform_inv, clip_boxes
@@ -56,8 +60,10 @@ def image_blob(im_bgr: np.ndarray, cfg) -> tuple[torch.Tensor, np.ndarray]:
 def project_im_rois(im_rois: np.ndarray, im_scales: np.ndarray) -> np.ndarray:
     """(R, 4) float64 image boxes -> (R, 5) float32 rois ``[level, x1*s, y1*s, x2*s, y2*s]``.
 
-    With several scales each box goes to the level where its scaled area is nearest 224²
-    (as the original ``_project_im_rois``).
+    The original ``_project_im_rois`` + ``_get_rois_blob``. With several scales (+M) each box
+    goes to the level (the image of the pyramid) where its scaled area, (w+1)(h+1)·s² in float64,
+    is nearest 224²; on a tie the first such level in ``TEST.SCALES`` order (``argmin``), e.g.
+    two scales that ``TEST.MAX_SIZE`` caps to the same factor. One scale: level 0 for all.
     """
     im_rois = im_rois.astype(np.float64, copy=False)
     if len(im_scales) > 1:
@@ -182,12 +188,16 @@ def _scores_and_boxes(blobs: dict, boxes: np.ndarray, im_hw, cfg):
 
 
 def detect_classes(scores: np.ndarray, pred_boxes: np.ndarray, num_classes: int, thresh: float,
-                   nms_thresh: float, max_per_image: int) -> list:
+                   nms_thresh: float, max_per_image: int, second: SecondPass | None = None,
+                   vote_thresh: float | None = None) -> list:
     """One image's final detections: ``[dets of class j]``, j = 0..C-1 (class 0 left empty).
 
     dets: (N, 5) float32 ``[x1, y1, x2, y2, score]`` in NMS keep order (the result files' line
     order, which decides voc_eval's order among equal scores). Scores > ``thresh``
     (strict), NMS per class, then scores >= the ``max_per_image``-th best over all classes.
+    +B (``detection.iterative``): ``second``, the R2 pass, adds its class-j rows after R1's
+    before the threshold; ``vote_thresh`` replaces each kept box by the weighted vote of the
+    class's candidates (scores > thresh) with IoU >= it. Neither given: the original's path.
     """
     out = [np.zeros((0, 5), np.float32) for _ in range(num_classes)]
     if scores.shape[0] == 0:
@@ -196,13 +206,18 @@ def detect_classes(scores: np.ndarray, pred_boxes: np.ndarray, num_classes: int,
         inds = np.where(scores[:, j] > thresh)[0]
         cls_dets = np.hstack((pred_boxes[inds, j * 4:(j + 1) * 4],
                               scores[inds, j][:, None])).astype(np.float32, copy=False)
+        if second is not None:
+            sel = (second.cls == j) & (second.scores > thresh)
+            cls_dets = np.vstack((cls_dets, np.hstack((second.boxes[sel],
+                                                       second.scores[sel][:, None])))).astype(np.float32)
         if cls_dets.shape[0] > 0:
             # visiting order: the original's own ``scores.argsort()[::-1]`` (numpy's default
             # sort, whose order of equal scores is numpy's), so ties resolve as the original
             order = np.argsort(cls_dets[:, 4])[::-1].copy()
             t = torch.from_numpy(np.ascontiguousarray(cls_dets))
             keep, _ = greedy_nms(t[:, :4], nms_thresh, order=torch.from_numpy(order))
-            cls_dets = cls_dets[keep.cpu().numpy().astype(np.int64).reshape(-1)]
+            kept = cls_dets[keep.cpu().numpy().astype(np.int64).reshape(-1)]
+            cls_dets = kept if vote_thresh is None else box_voting(kept, cls_dets, vote_thresh)
         out[j] = cls_dets
     if max_per_image > 0:
         image_scores = np.hstack([out[j][:, -1] for j in range(1, num_classes)])
@@ -220,6 +235,8 @@ def test_net(net, imdb, cfg, max_per_image: int = 100, thresh: float = 0.05,
     Returns ``{"all_boxes": all_boxes[class][image] (N, 5) float32, "result_files": {class: path},
     "images_per_second": float, "eval": {"mAP", "per_class", "metric"} or None}``.
     """
+    check_config(cfg)
+    vote_thresh = cfg.TEST.BBOX_VOTE_THRESH if cfg.TEST.BBOX_VOTE else None
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     num_images, num_classes = imdb.num_images, len(imdb.classes)
@@ -235,7 +252,12 @@ def test_net(net, imdb, cfg, max_per_image: int = 100, thresh: float = 0.05,
                 raise DataError(f"{getattr(net, 'source', 'the net')}: scores "
                                 f"{scores.shape[1]} classes, the dataset {imdb.name} has "
                                 f"{num_classes}")
-            dets = detect_classes(scores, pred_boxes, num_classes, thresh, cfg.TEST.NMS, max_per_image)
+            second = None
+            if cfg.TEST.ITER_BBOX_REG:  # +B: the R2 pass
+                second = iterative_bbox_reg(lambda b: im_detect(net, im, b, cfg), scores, pred_boxes,
+                                            cfg.TEST.ITER_BBOX_REG_THRESH)
+            dets = detect_classes(scores, pred_boxes, num_classes, thresh, cfg.TEST.NMS, max_per_image,
+                                  second, vote_thresh)
             detect_time += time.perf_counter() - t0
             for j in range(num_classes):
                 all_boxes[j][i] = dets[j]

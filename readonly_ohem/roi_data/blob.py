@@ -77,8 +77,10 @@ def prep_im_for_blob(im_bgr: np.ndarray, pixel_means, target_size: int, max_size
     """(H, W, 3) uint8 BGR -> ((3, h, w) float32 tensor, scale): flip, float32, minus means, resize."""
     if flipped:
         im_bgr = im_bgr[:, ::-1, :]
-    im = torch.from_numpy(np.ascontiguousarray(im_bgr)).float()
-    im -= torch.as_tensor(np.asarray(pixel_means, dtype=np.float64).reshape(3), dtype=torch.float32)
+    # the original's ``im_float32 -= PIXEL_MEANS`` subtracts the float64 means in float64, then
+    # rounds to float32 (subtracting float32 means differs by up to an ulp)
+    im = torch.from_numpy(np.ascontiguousarray(im_bgr)).double()
+    im = (im - torch.as_tensor(np.asarray(pixel_means, dtype=np.float64).reshape(3))).float()
     s = blob_scale(im.shape[0], im.shape[1], target_size, max_size)
     return resize_like_cv2(im, s), s
 
