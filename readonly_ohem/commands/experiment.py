@@ -148,11 +148,12 @@ def write_nets(name: str, dest: Path) -> Path:
 
 
 def initial_weights(seed: int, path: Path) -> Path:
-    """The plain Fast R-CNN train net's fresh fill under ``RNG_SEED`` = seed, saved once."""
+    """The plain Fast R-CNN train net's fresh fill with the filler generator seeded by ``seed``
+    (as the original's ``caffe.set_random_seed(RNG_SEED)`` before the solver is made), saved once."""
     if not path.is_file():
         seed_rngs(seed)
         solver = demo.SMALL / "fast_rcnn" / "solver.prototxt"
-        net = build_net(read_solver(solver), solver, cfg=method_config(BASELINE, seed))
+        net = build_net(read_solver(solver), solver, cfg=method_config(BASELINE, seed), seed=seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         net.save_caffemodel(str(tmp))
