@@ -31,12 +31,12 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from google.protobuf import text_format
 
@@ -171,7 +171,8 @@ def order_sha256(images: list) -> str:
 
 
 def dataset(out: Path, num_images: int, stream) -> Path:
-    """The fixed mini-VOC under ``out/minivoc``, written once (``design.json`` says which)."""
+    """The fixed mini-VOC under ``out/minivoc``, written once (``design.json`` says which; written
+    beside and renamed into place, so runs started side by side into one DIR share it)."""
     data = out / "minivoc"
     want = {"seed": DATASET_SEED, "images": num_images}
     marker = data / "design.json"
@@ -179,9 +180,16 @@ def dataset(out: Path, num_images: int, stream) -> Path:
         say(f"mini-VOC: reusing {data} ({num_images} images, dataset seed {DATASET_SEED})", stream)
         return data
     t0 = time.perf_counter()
+    tmp = out / f"minivoc.tmp{os.getpid()}"
     with contextlib.redirect_stdout(stream):
-        make_minivoc(data, seed=DATASET_SEED, num_images=num_images)
-    marker.write_text(json.dumps(want) + "\n")
+        make_minivoc(tmp, seed=DATASET_SEED, num_images=num_images)
+    (tmp / "design.json").write_text(json.dumps(want) + "\n")
+    if data.exists() and not (marker.is_file() and json.loads(marker.read_text()) == want):
+        shutil.rmtree(data)  # another design's dataset
+    try:
+        os.rename(tmp, data)
+    except OSError:  # a run beside this one put the same dataset in place first
+        shutil.rmtree(tmp)
     say(f"mini-VOC: {num_images} images in {time.perf_counter() - t0:.0f} s", stream)
     return data
 
