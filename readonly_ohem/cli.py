@@ -28,6 +28,7 @@ COMMANDS = {
     "proposals": "readonly_ohem.commands.proposals:proposals_command",
     "inspect": "readonly_ohem.commands.inspect:inspect_command",
     "demo": "readonly_ohem.commands.demo:demo_command",
+    "experiment": "readonly_ohem.commands.experiment:experiment_command",
 }
 
 
@@ -168,6 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensorboard", metavar="DIR", help="TensorBoard events, DIR/<method>_seed<S>")
     p.add_argument("--detector", choices=["fast-rcnn", "faster-rcnn"], default="fast-rcnn",
                    help="faster-rcnn: Faster R-CNN end-to-end, with and without OHEM")
+
+    p = sub.add_parser("experiment", help="mini-VOC: FRCN vs OHEM and its rivals, paired over seeds")
+    p.add_argument("--methods", nargs="+", metavar="M",
+                   help="methods to compare (default: all: frcn frcn-bg0 frcn-n1 ohem ohem-nonms "
+                        "ratio neg-pos topk-threshold focal)")
+    p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="training seeds (default: the design's)")
+    p.add_argument("--output", default="experiment_output", metavar="DIR")
+    p.add_argument("--quick", action="store_true", help="smoke run: 10 images, 4 iterations")
+    p.add_argument("--iters", type=int, default=None, help="iterations per run (default: the design's)")
     return parser
 
 

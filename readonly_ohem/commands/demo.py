@@ -133,17 +133,20 @@ class RoICounter:
 
 
 class StepTimer:
-    """Wraps ``solver.step``: seconds spent in SGD iterations only (no snapshots, no set-up)."""
+    """Wraps ``solver.step``: seconds spent in SGD iterations only (no snapshots, no set-up);
+    wall time (``seconds``) and this process's CPU time, all threads (``cpu_seconds``: less
+    sensitive than wall time to other jobs on the machine)."""
 
     def __init__(self, solver):
-        self.seconds, self.steps = 0.0, 0
+        self.seconds, self.cpu_seconds, self.steps = 0.0, 0.0, 0
         self._step = solver.step
         solver.step = self
 
     def __call__(self, *args, **kwargs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = self._step(*args, **kwargs)
         self.seconds += time.perf_counter() - t0
+        self.cpu_seconds += time.process_time() - c0
         self.steps += 1
         return out
 
@@ -163,19 +166,29 @@ def method_config(method: str, seed: int, extra_cfg=()):
 def train_method(method: str, data_dir: Path, out_dir: Path, iters: int | None, seed: int,
                  init_weights: Path | None = None, stream=None, kept_roi_log: Path | None = None,
                  log_every: int = 20, tensorboard: Path | None = None, extra_cfg=()) -> dict:
-    """Train one arm of the comparison on the mini-VOC's trainval set (the training sequence of
-    ``readonly-ohem train``: ``setup_training``, ``run_training``).
+    """Train one arm of the comparison (``METHODS[method]``) on the mini-VOC's trainval set:
+    ``train_arm`` with that solver and ``method_config(method, seed, extra_cfg)``."""
+    solver_path, _ = METHODS[method]
+    return train_arm(solver_path, method_config(method, seed, extra_cfg), data_dir, out_dir, iters,
+                     seed, init_weights, stream=stream, kept_roi_log=kept_roi_log,
+                     log_every=log_every, tensorboard=tensorboard)
+
+
+def train_arm(solver_path: Path, cfg, data_dir: Path, out_dir: Path, iters: int | None, seed: int,
+              init_weights: Path | None = None, stream=None, kept_roi_log: Path | None = None,
+              log_every: int = 20, tensorboard: Path | None = None, after=None) -> dict:
+    """Train one net on the mini-VOC's trainval set (the training sequence of ``readonly-ohem
+    train``: ``setup_training``, ``run_training``), image order from ``SharedOrderPlanner(seed)``.
 
     ``init_weights``: None for the first arm (its fresh fill is saved as ``init.caffemodel``
     next to ``out_dir`` and returned), else that file. ``iters``: None = the solver's
     ``max_iter``; otherwise the lr step moves with it (same fraction of the run).
     ``tensorboard``: a run folder for TensorBoard events (``readonly_ohem.tensorboard``).
-    Returns ``{"model", "init", "iters", "sec_per_iter", "train_seconds", "fg_fraction",
-    "rois_per_iter"}``.
+    ``after(trainer)``: called once training is done (the trained net is ``trainer.net``).
+    Returns ``{"model", "init", "iters", "sec_per_iter", "cpu_sec_per_iter", "train_seconds",
+    "fg_fraction", "rois_per_iter", "lr", "stepsize", "images"}``.
     """
     stream = stream if stream is not None else sys.stdout
-    solver_path, _ = METHODS[method]
-    cfg = method_config(method, seed, extra_cfg)
     imdb = get_imdb("voc_2007_trainval", data_dir, None, cfg, cache_dir=False)
     trainer = setup_training(solver_path, cfg, imdb,
                              weights=str(init_weights) if init_weights else None,
@@ -201,8 +214,12 @@ def train_method(method: str, data_dir: Path, out_dir: Path, iters: int | None, 
     timer = StepTimer(trainer.solver)
     t0 = time.perf_counter()
     models = run_training(trainer, iters)
+    train_seconds = time.perf_counter() - t0
+    if after is not None:
+        after(trainer)
     return {"model": Path(models[-1]), "init": Path(init_weights), "iters": iters,
-            "sec_per_iter": timer.sec_per_iter, "train_seconds": time.perf_counter() - t0,
+            "sec_per_iter": timer.sec_per_iter, "train_seconds": train_seconds,
+            "cpu_sec_per_iter": timer.cpu_seconds / max(timer.steps, 1),
             "fg_fraction": counter.fg_fraction, "rois_per_iter": counter.total / max(iters, 1),
             "lr": param.base_lr, "stepsize": param.stepsize, "images": counter.images}
 
