@@ -335,10 +335,16 @@ def run_experiment(methods=None, seeds=None, output="experiment_output", quick: 
     with atomic_write(out / "results.json") as f:
         f.write((json.dumps(results, indent=1) + "\n").encode())
     write_markdown(results, out / "results.md")
-    plot_results(results, out / "results.png")
+    outputs = [out / "results.json", out / "results.md"]
+    try:
+        plot_results(results, out / "results.png")
+        outputs.append(out / "results.png")
+    except ImportError:  # the numbers are written; only the picture needs the plot extra
+        say("results.png not drawn: matplotlib is not installed (pip install 'readonly-ohem[plot]')",
+            stream)
     say("\n" + (out / "results.md").read_text(), stream)
-    say(f"experiment done in {clock(time.perf_counter() - t_start)}: {out / 'results.json'}, "
-        f"{out / 'results.md'}, {out / 'results.png'}", stream)
+    say(f"experiment done in {clock(time.perf_counter() - t_start)}: "
+        + ", ".join(str(p) for p in outputs), stream)
     return results
 
 
