@@ -5,6 +5,7 @@ import contextlib
 import copy
 import io
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -175,16 +176,8 @@ def test_eval_command_errors_are_one_line(files, tmp_path, capsys):
 
 
 def test_eval_command_names_the_extra_without_pycocotools(files, capsys, monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_pycocotools(name, *args, **kwargs):
-        if name.startswith("pycocotools"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_pycocotools)
+    for module in ("pycocotools", "pycocotools.coco", "pycocotools.cocoeval"):
+        monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
     ann, res = files
     assert main(["eval", "--coco", str(ann), "--dets", str(res)]) == 2
     assert "pip install 'readonly-ohem[coco]'" in capsys.readouterr().err

@@ -2,7 +2,6 @@
 path): what the net is fed, and the boxes scored (its own rois / scale) against plain loops;
 test_net needs no proposals; the small end-to-end test net runs through it."""
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,8 @@ from readonly_ohem.caffe.net import Net
 from readonly_ohem.config import load_config
 from readonly_ohem.detection import test as T
 from readonly_ohem.errors import ConfigError
+
+from box_reference import ref_transform_clip
 
 REPO = Path(__file__).resolve().parents[2]
 C = 3
@@ -42,16 +43,6 @@ class StandInRPNNet:
                 "bbox_pred": torch.from_numpy(deltas).float()}
 
 
-def ref_box(box, d, height, width):
-    """Plain float64: the inverse transform (+1 widths) of one box, clipped to the image."""
-    w, h = box[2] - box[0] + 1.0, box[3] - box[1] + 1.0
-    cx, cy = box[0] + 0.5 * w, box[1] + 0.5 * h
-    pcx, pcy, pw, ph = d[0] * w + cx, d[1] * h + cy, math.exp(d[2]) * w, math.exp(d[3]) * h
-    out = [pcx - 0.5 * pw, pcy - 0.5 * ph, pcx + 0.5 * pw, pcy + 0.5 * ph]
-    return [min(max(out[0], 0), width - 1), min(max(out[1], 0), height - 1),
-            min(max(out[2], 0), width - 1), min(max(out[3], 0), height - 1)]
-
-
 def rpn_cfg():
     cfg = load_config([REPO / "prototxt" / "cfgs" / "faster_rcnn_end2end.yml"])
     cfg.TEST.SCALES, cfg.TEST.MAX_SIZE = (150,), 400
@@ -77,7 +68,7 @@ def test_feeds_data_and_im_info_and_scores_the_nets_rois():
     for i in range(rois.shape[0]):
         box = rois[i, 1:] / 1.5  # back to the image, as the original
         for j in range(C):
-            want = ref_box(box, deltas[i, 4 * j:4 * j + 4], 100, 130)
+            want = ref_transform_clip(box, deltas[i, 4 * j:4 * j + 4], 100, 130)
             np.testing.assert_allclose(pred[i, 4 * j:4 * j + 4], want, rtol=0, atol=2e-4)
     cfg.TEST.BBOX_REG = False  # the rois themselves, tiled per class
     _, pred = T.im_detect(net, im, None, cfg)

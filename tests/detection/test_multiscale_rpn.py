@@ -4,7 +4,6 @@ mapped back by its own scale, the rows concatenated in scale order (against plai
 scale is exactly ``im_detect_rpn``; the small end-to-end net with two scales gives the two
 single-scale runs stacked, and ``test_net`` detects on a mini-VOC from the stacked rows."""
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,8 @@ from readonly_ohem.datasets.minivoc import make_minivoc
 from readonly_ohem.detection import test as T
 from readonly_ohem.errors import ConfigError
 from readonly_ohem.roi_data.blob import prep_im_for_blob
+
+from box_reference import ref_transform_clip
 
 REPO = Path(__file__).resolve().parents[2]
 CFGS = REPO / "prototxt" / "cfgs"
@@ -47,16 +48,6 @@ class StandInRPNNet:
         return {"rois": torch.from_numpy(rois),
                 "cls_prob": torch.softmax(torch.from_numpy(logits), 1).float(),
                 "bbox_pred": torch.from_numpy(deltas).float()}
-
-
-def ref_box(box, d, height, width):
-    """Plain float64: the inverse transform (+1 widths) of one box, clipped to the image."""
-    w, h = box[2] - box[0] + 1.0, box[3] - box[1] + 1.0
-    cx, cy = box[0] + 0.5 * w, box[1] + 0.5 * h
-    pcx, pcy, pw, ph = d[0] * w + cx, d[1] * h + cy, math.exp(d[2]) * w, math.exp(d[3]) * h
-    out = [pcx - 0.5 * pw, pcy - 0.5 * ph, pcx + 0.5 * pw, pcy + 0.5 * ph]
-    return [min(max(out[0], 0), width - 1), min(max(out[1], 0), height - 1),
-            min(max(out[2], 0), width - 1), min(max(out[3], 0), height - 1)]
 
 
 def image(h=100, w=130, seed=0):
@@ -88,7 +79,7 @@ def test_two_scales_each_scale_fed_and_its_rows_stacked_in_order():
         for i in range(rois.shape[0]):
             np.testing.assert_array_equal(scores[row], out["cls_prob"].numpy()[i])
             for j in range(C):
-                want = ref_box(rois[i, 1:] / s, deltas[i, 4 * j:4 * j + 4], 100, 130)
+                want = ref_transform_clip(rois[i, 1:] / s, deltas[i, 4 * j:4 * j + 4], 100, 130)
                 np.testing.assert_allclose(pred[row, 4 * j:4 * j + 4], want, rtol=0, atol=2e-4)
             row += 1
     assert not np.allclose(pred[:5], pred[5:])  # the two scales proposed different boxes

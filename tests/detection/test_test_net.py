@@ -2,7 +2,6 @@
 and the original pipeline's result files reproduced with the tiny Caffe test net (fixture)."""
 
 import io
-import math
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from readonly_ohem.progress import Progress
 from readonly_ohem.detection.vis import draw_detections
 
 from original_code import np_bbox_transform_inv, np_clip_boxes, py_cpu_nms
+from box_reference import ref_transform_clip
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "original_test"
 CLASSES = ("__background__", "cat", "dog", "person")
@@ -49,18 +49,6 @@ class StandInNet:
         rois = feed["rois"].numpy()
         prob = torch.softmax(torch.from_numpy(_logits(rois, self.C)), 1).float()
         return {"cls_prob": prob, "bbox_pred": torch.from_numpy(_deltas(rois, self.C)).float()}
-
-
-def _ref_transform_clip(box, d, H, W):
-    """Plain float64 loop: one box (4,), one class's deltas (4,) -> clipped predicted box."""
-    w, h = box[2] - box[0] + 1.0, box[3] - box[1] + 1.0
-    cx, cy = box[0] + 0.5 * w, box[1] + 0.5 * h
-    pcx, pcy = d[0] * w + cx, d[1] * h + cy
-    pw, ph = math.exp(d[2]) * w, math.exp(d[3]) * h
-    out = [pcx - 0.5 * pw, pcy - 0.5 * ph, pcx + 0.5 * pw, pcy + 0.5 * ph]
-    return [min(max(out[0], 0), W - 1), min(max(out[1], 0), H - 1),
-            min(max(out[2], 0), W - 1), min(max(out[3], 0), H - 1)]
-
 
 
 def test_detect_classes_equal_scores_follow_numpys_argsort():
@@ -144,7 +132,7 @@ def test_im_detect_dedup_transform_clip_against_plain_loops():
         d = d32[0].astype(np.float64)
         for j in range(C):
             np.testing.assert_allclose(pred[r, 4 * j:4 * j + 4],
-                                       _ref_transform_clip(boxes[rep], d[4 * j:4 * j + 4], H, W),
+                                       ref_transform_clip(boxes[rep], d[4 * j:4 * j + 4], H, W),
                                        rtol=1e-5, atol=1e-4)
         # the original computes in float32 (boxes cast to the deltas' dtype): equal up to the
         # last bit of exp (numpy's and torch's float32 exp may differ by an ulp)
