@@ -59,8 +59,8 @@ from readonly_ohem.train import find_data_layers, find_ohem_layers, seed_rngs
 # -- the design (chosen in docs/REPRODUCE.md, "The experiment") ---------------------------------
 DATASET_SEED = 0  # the one fixed mini-VOC
 DATASET_IMAGES = 1000  # 600 trainval (1200 with flips), 400 test
-ITERS = 1500  # SGD steps of every method (lr drop after 2/3)
-SEEDS = (1, 2, 3, 4, 5)  # training seeds: initial weights, image order, sampling, dropout
+ITERS = 1600  # SGD steps of every method (lr x0.1 after 1067): FRCN within ~1 point of 2000
+SEEDS = (1, 2, 3, 4)  # training seeds: initial weights, image order, sampling, dropout
 TEST_SETTING = (100, 0.05)  # max_per_image, thresh: the original test_net.py defaults, for all
 AUDIT_PASSES = 200  # training images scored to measure the hard negatives FRCN's sampler sees
 QUICK = dict(images=10, iters=4, audit_passes=4)  # --quick: a smoke run of the whole pipeline
