@@ -212,6 +212,7 @@ def plot_results(results: dict, path: Path) -> None:
         ax.errorbar(i, 100 * r["mAP"]["mean"], yerr=None if half is None else 100 * half, fmt="o",
                     color="C3" if m == "ohem" else "C0", capsize=5, zorder=3)
     ax.set_xticks(range(len(methods)), methods, rotation=35, ha="right")
+    ax.set_xlim(-0.6, len(methods) - 0.4)
     ax.set_ylabel("mAP (points)")
     ax.set_title("mAP per method: seeds (grey), mean and 95% interval")
     ax.grid(axis="y", alpha=0.3)
@@ -235,6 +236,7 @@ def plot_results(results: dict, path: Path) -> None:
         ax.errorbar(i + 0.3, 100 * p["mean"], yerr=None if half is None else 100 * half, fmt="D",
                     color=colour, capsize=5, zorder=3)
     ax.set_xticks(range(len(others)), others, rotation=35, ha="right")
+    ax.set_xlim(-0.6, len(others) - 0.2)
     ax.set_ylabel(f"mAP - {base} mAP, same seed (points)")
     ax.set_title(f"paired differences to {base}: per seed (dots), mean and 95% interval")
     ax.grid(axis="y", alpha=0.3)
