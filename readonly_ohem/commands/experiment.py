@@ -8,8 +8,8 @@ Held equal, per seed S, between every method:
 
 - the data: ONE mini-VOC (``DATASET_SEED``, ``DATASET_IMAGES``: 600 trainval, 400 test images),
   written once to ``DIR/minivoc`` and reused by every run;
-- the start: ``DIR/init/seed_S.caffemodel``, the plain Fast R-CNN net's fresh fill under
-  ``RNG_SEED`` = S (the OHEM nets' readonly and trainable heads share those params);
+- the start: ``DIR/init/seed_S.caffemodel``, the plain Fast R-CNN net's fresh fill with the
+  filler generator seeded by S (the OHEM nets' readonly and trainable heads share those params);
 - the images and their order: ``demo.SharedOrderPlanner(S)`` and 1 image per forward pass; the
   methods with 2 images per SGD step (1 per pass x ``iter_size`` 2) see the same images step by
   step, ``frcn-n1`` (1 image per step) the first half of that sequence;
@@ -22,7 +22,8 @@ What differs is the method (``METHODS``); each one's train net and solver are wr
 repeats one arm). Outputs: ``DIR/results.json`` (``{"runs": [...], "summary": {...}}``),
 ``DIR/results.md``, ``DIR/results.png``; every finished run also in
 ``DIR/runs/<method>/seed_<S>/run.json`` (a rerun into the same DIR reuses the finished runs of the
-same design, so a table can be extended seed by seed).
+same design, so a table can be extended seed by seed). ``--jobs J`` runs the runs on J worker
+processes of one torch thread each (the default on 2 CPUs: 2; see ``experiment_command``).
 """
 
 from __future__ import annotations

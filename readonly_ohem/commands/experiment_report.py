@@ -180,9 +180,12 @@ def markdown(results: dict) -> str:
             f"{_pts(h['hard_bg_in_frcn_pool'], '{:.1f}')}% of OHEM's hard negatives lie in FRCN's "
             f"range; bg are {_pts(h['bg_share_of_kept'], '{:.1f}')}% of the RoIs OHEM keeps.", ""]
     pr = s["pairing"]
+    train = sum(r["train_seconds"] for r in runs) / 60
+    test = sum(r["test_seconds"] for r in runs) / 60
     lines.append(f"Pairing checked per seed: same initial weights {'yes' if pr['same_init'] else 'NO'}, "
                  f"same images in the same order {'yes' if pr['same_images'] else 'NO'}. "
-                 f"{len(runs)} runs, {d['total_seconds'] / 60:.1f} min.")
+                 f"{len(runs)} runs: {train:.0f} min training and {test:.0f} min testing, wall "
+                 f"time of their processes; this call {d['total_seconds'] / 60:.1f} min.")
     lines += ["", "Methods:", ""] + [f"- `{m}`: {about}" for m, about in d["methods"].items()]
     return "\n".join(lines) + "\n"
 
