@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="experiment_output", metavar="DIR")
     p.add_argument("--quick", action="store_true", help="smoke run: 10 images, 4 iterations")
     p.add_argument("--iters", type=int, default=None, help="iterations per run (default: the design's)")
+    p.add_argument("--jobs", type=int, default=None, metavar="J",
+                   help="split the seeds over J worker processes of 1 thread each "
+                        "(default: 2 where there are 2 CPUs or more; 1: all in this process)")
     return parser
 
 

@@ -180,9 +180,12 @@ def markdown(results: dict) -> str:
             f"{_pts(h['hard_bg_in_frcn_pool'], '{:.1f}')}% of OHEM's hard negatives lie in FRCN's "
             f"range; bg are {_pts(h['bg_share_of_kept'], '{:.1f}')}% of the RoIs OHEM keeps.", ""]
     pr = s["pairing"]
+    train = sum(r["train_seconds"] for r in runs) / 60
+    test = sum(r["test_seconds"] for r in runs) / 60
     lines.append(f"Pairing checked per seed: same initial weights {'yes' if pr['same_init'] else 'NO'}, "
                  f"same images in the same order {'yes' if pr['same_images'] else 'NO'}. "
-                 f"{len(runs)} runs, {d['total_seconds'] / 60:.1f} min.")
+                 f"{len(runs)} runs: {train:.0f} min training and {test:.0f} min testing, wall "
+                 f"time of their processes; this call {d['total_seconds'] / 60:.1f} min.")
     lines += ["", "Methods:", ""] + [f"- `{m}`: {about}" for m, about in d["methods"].items()]
     return "\n".join(lines) + "\n"
 
@@ -212,6 +215,7 @@ def plot_results(results: dict, path: Path) -> None:
         ax.errorbar(i, 100 * r["mAP"]["mean"], yerr=None if half is None else 100 * half, fmt="o",
                     color="C3" if m == "ohem" else "C0", capsize=5, zorder=3)
     ax.set_xticks(range(len(methods)), methods, rotation=35, ha="right")
+    ax.set_xlim(-0.6, len(methods) - 0.4)
     ax.set_ylabel("mAP (points)")
     ax.set_title("mAP per method: seeds (grey), mean and 95% interval")
     ax.grid(axis="y", alpha=0.3)
@@ -235,6 +239,7 @@ def plot_results(results: dict, path: Path) -> None:
         ax.errorbar(i + 0.3, 100 * p["mean"], yerr=None if half is None else 100 * half, fmt="D",
                     color=colour, capsize=5, zorder=3)
     ax.set_xticks(range(len(others)), others, rotation=35, ha="right")
+    ax.set_xlim(-0.6, len(others) - 0.2)
     ax.set_ylabel(f"mAP - {base} mAP, same seed (points)")
     ax.set_title(f"paired differences to {base}: per seed (dots), mean and 95% interval")
     ax.grid(axis="y", alpha=0.3)

@@ -28,15 +28,17 @@ SEEDS = [1, 2]
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     """``--quick`` with 4 methods (the plain net, its 1-image form, the OHEM net, the focal loss)
-    x 2 seeds. One torch thread: on a busy 2-core machine two threads spin against each other
-    (measured here: 8x slower per step at load 10); the runs are tiny anyway."""
+    x 2 seeds, the 8 runs on 2 worker processes (``--jobs 2``: one torch thread each), then the
+    summary in this process from their runs. One torch thread here too: on a busy 2-core machine
+    two threads spin against each other (measured here: 8x slower per step at load 10)."""
     out = tmp_path_factory.mktemp("experiment")
     log = out / "stdout.txt"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with open(log, "w") as stream:
-            results = experiment.run_experiment(QUICK_METHODS, SEEDS, out, quick=True, stream=stream)
+            results = experiment.run_experiment(QUICK_METHODS, SEEDS, out, quick=True, jobs=2,
+                                                stream=stream)
     finally:
         torch.set_num_threads(threads)
     return out, results, log.read_text()
@@ -83,7 +85,12 @@ def test_quick_run_writes_the_results_schema(quick):
     assert picture.size[0] > 300 and picture.size[1] > 200
     for k in range(1, len(runs) + 1):  # progress: every run announced and reported
         assert f"[run {k}/{len(runs)}]" in text
-    assert "iter 4/4" in text and "ETA" in text
+    assert "8 runs on 2 worker processes" in text and "[workers] 8/8 runs done" in text
+    for m in QUICK_METHODS:  # every run trained and tested in a worker, its output relayed
+        for seed in SEEDS:
+            assert f"[{m} seed {seed}] iter 4/4" in text
+            assert f"[{m} seed {seed}]   max_per_image 100, thresh 0.05: mAP" in text
+    assert text.count("reusing the finished run") == len(runs)  # the summary pass trains nothing
 
 
 def test_paired_runs_share_initial_weights_and_image_order(quick):
@@ -192,8 +199,11 @@ def test_bad_arguments_and_the_command_line(tmp_path):
         experiment.run_experiment(["frcn"], [1, 1], tmp_path)
     with pytest.raises(ConfigError, match="--iters must be >= 1"):
         experiment.run_experiment(["frcn"], [1], tmp_path, iters=0)
+    with pytest.raises(ConfigError, match="--jobs must be >= 1"):
+        experiment.run_experiment(["frcn"], [1], tmp_path, jobs=0)
     args = build_parser().parse_args(["experiment", "--methods", "frcn", "ohem", "--seeds", "3", "4",
-                                      "--output", "d", "--quick"])
-    assert (args.methods, args.seeds, args.output, args.quick, args.iters) == (
-        ["frcn", "ohem"], [3, 4], "d", True, None)
+                                      "--output", "d", "--quick", "--jobs", "2"])
+    assert (args.methods, args.seeds, args.output, args.quick, args.iters, args.jobs) == (
+        ["frcn", "ohem"], [3, 4], "d", True, None, 2)
+    assert build_parser().parse_args(["experiment"]).jobs is None  # the command picks (2 CPUs: 2)
     assert list(experiment.METHODS)[:5] == ["frcn", "frcn-bg0", "frcn-n1", "ohem", "ohem-nonms"]
