@@ -544,10 +544,12 @@ def _check_writable(path, option: str) -> None:
 
 def build_trainer(solver_path, cfg, roidb=None, bbox_means=None, bbox_stds=None, weights=None,
                   output="output", device="cpu", ctx=None, feed_fn=None, stream=None) -> Trainer:
-    """Net + solver + initial weights + roidb, as ``SolverWrapper.__init__``."""
+    """Net + solver + initial weights + roidb, as ``SolverWrapper.__init__``. The fillers draw
+    from a generator seeded with ``RNG_SEED``, as ``train_net.py``'s ``caffe.set_random_seed``
+    seeds Caffe's before the solver builds the net."""
     stream = stream if stream is not None else sys.stdout
     sp = read_solver(str(solver_path))
-    net = build_net(sp, solver_path, cfg=cfg)
+    net = build_net(sp, solver_path, cfg=cfg, seed=int(cfg.RNG_SEED))
     apply_readonly_dtype(net, cfg)  # TRAIN.OHEM_READONLY_DTYPE (float32: nothing)
     if weights:
         load_initial_weights(net, weights, cfg, stream if ctx is None or ctx.is_main else None)
