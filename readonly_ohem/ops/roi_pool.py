@@ -19,7 +19,8 @@ Caffe's rules (SPEC §3), all in the features' dtype like Caffe's ``Dtype``:
 The forward is vectorized with a 2-D sparse table of (max, first index) over power-of-two
 rectangles: any bin is the union of four overlapping such rectangles, and "larger value, then
 smaller row-major index" picks the first maximum of the union (for float32 both live in one
-int64 key, so combining is ``torch.maximum``). On CUDA, ``torchvision.ops.roi_pool``'s forward (a
+int64 key, so combining is ``torch.maximum``). The tables are built in place in a reused
+per-thread CPU buffer (a fresh one costs more in page faults than the work). On CUDA, ``torchvision.ops.roi_pool``'s forward (a
 port of the same kernel) is used instead when its compiled ops load, the scale is a power of two
 (it scales corners in double, Caffe in float) and it agrees with ours on a self-check; the
 backward is always ours (torchvision's skips Caffe's in-RoI test).
@@ -28,6 +29,7 @@ backward is always ours (torchvision's skips Caffe's in-RoI test).
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -117,6 +119,10 @@ class _PackedKeys:
         return [torch.maximum(a[0], b[0])]
 
     @staticmethod
+    def combine_into(a, b, out):
+        torch.maximum(a[0], b[0], out=out[0])
+
+    @staticmethod
     def decode(state):
         key = state[0]
         hi = (key >> 32).int()
@@ -136,6 +142,11 @@ class _Pairs:
         return list(_first_max(a[0], a[1], b[0], b[1]))
 
     @staticmethod
+    def combine_into(a, b, out):
+        for o, m in zip(out, _first_max(a[0], a[1], b[0], b[1])):
+            o.copy_(m)
+
+    @staticmethod
     def decode(state):
         return state[0], state[1]
 
@@ -144,14 +155,15 @@ def _sparse_table(features: torch.Tensor, levels_h: int, levels_w: int, scheme):
     """(max, first index) over [h, h+2^kh) x [w, w+2^kw) for kh <= levels_h, kw <= levels_w.
 
     -> the scheme's state tensors, each (L + 1, C) with rows flattened over (kh, kw, n, h, w);
-    the last row is the empty bin's (0.0, -1). Rows whose rectangle leaves the map hold partial
-    results and are never queried.
+    the last row is the empty bin's (0.0, -1). Rows whose rectangle leaves the map are never
+    written (a level's valid rows read only valid rows of the level below) and never queried.
+    The tables live in this thread's CPU workspace (``_workspace``): valid until the next call.
     """
     n, c, h, w = features.shape
     index = torch.arange(h * w, device=features.device, dtype=torch.int32).view(1, h, w, 1)
     base = scheme.encode(features.detach().permute(0, 2, 3, 1), index)
     count = (levels_h + 1) * (levels_w + 1) * n * h * w
-    flat_tables = [t.new_empty((count + 1, c)) for t in base]
+    flat_tables = [_workspace(i, (count + 1, c), t) for i, t in enumerate(base)]
     tables = [t[:count].view(levels_h + 1, levels_w + 1, n, h, w, c) for t in flat_tables]
     empty_row = scheme.encode(features.new_zeros((1, c)),
                               torch.full((1, 1), -1, device=features.device))
@@ -163,18 +175,34 @@ def _sparse_table(features: torch.Tensor, levels_h: int, levels_w: int, scheme):
         if kh:
             s = 1 << (kh - 1)
             prev = [t[kh - 1, 0] for t in tables]
-            merged = scheme.combine([p[:, : h - s] for p in prev], [p[:, s:] for p in prev])
-            for t, p, m in zip(tables, prev, merged):
-                t[kh, 0] = p
-                t[kh, 0, :, : h - s] = m
+            scheme.combine_into([p[:, : h - s] for p in prev], [p[:, s:] for p in prev],
+                                [t[kh, 0, :, : h - s] for t in tables])
         for kw in range(1, levels_w + 1):
             s = 1 << (kw - 1)
             prev = [t[kh, kw - 1] for t in tables]
-            merged = scheme.combine([p[:, :, : w - s] for p in prev], [p[:, :, s:] for p in prev])
-            for t, p, m in zip(tables, prev, merged):
-                t[kh, kw] = p
-                t[kh, kw, :, :, : w - s] = m
+            scheme.combine_into([p[:, :, : w - s] for p in prev], [p[:, :, s:] for p in prev],
+                                [t[kh, kw, :, :, : w - s] for t in tables])
     return flat_tables
+
+
+_WORKSPACE = threading.local()
+
+
+def _workspace(slot: int, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialized (shape) tensor like ``like``, reused across calls on the CPU.
+
+    The tables of a larger map are tens of MB: a fresh allocation of that size is a fresh
+    ``mmap`` whose page faults cost more than filling the tables (5x at 68 x 60 x 64, levels
+    4 x 4). One buffer per thread and slot, grown as needed; CUDA's caching allocator already
+    reuses memory, so there it is a plain ``new_empty``."""
+    if like.device.type != "cpu":
+        return like.new_empty(shape)
+    buffers = _WORKSPACE.__dict__.setdefault("buffers", {})
+    numel = math.prod(shape)
+    buf = buffers.get((slot, like.dtype))
+    if buf is None or buf.numel() < numel:
+        buf = buffers[(slot, like.dtype)] = like.new_empty(numel)
+    return buf[:numel].view(shape)
 
 
 def _floor_log2(x: torch.Tensor, limit: int) -> torch.Tensor:

@@ -230,6 +230,26 @@ def test_large_map_chunks_agree(monkeypatch):
     np.testing.assert_array_equal(arg[:, :2].numpy(), want_arg)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reused_workspace_leaves_no_trace(dtype):
+    """The tables live in a reused buffer whose rows past the map's edge are never written: a
+    call after one on a larger map of huge values (which fills that buffer with them) still
+    equals the plain loop, and a call on the first map again gives the same output."""
+    g = torch.Generator().manual_seed(11)
+    big = torch.full((2, 5, 30, 34), 1e30, dtype=dtype)
+    big_rois = torch.tensor([[0, 0, 0, 135, 119], [1, 8, 8, 100, 90]], dtype=dtype)
+    first = roi_pool_forward(big, big_rois, 0.25, 2, 2)
+    feats = _features(dtype, seed=3)
+    rois = torch.tensor(ROIS, dtype=dtype)
+    out, arg = roi_pool_forward(feats, rois, 0.25, 3, 2)
+    want_top, want_arg, _ = reference(feats.numpy(), rois.numpy(), 0.25, 3, 2)
+    np.testing.assert_array_equal(out.numpy(), want_top)
+    np.testing.assert_array_equal(arg.numpy(), want_arg)
+    again = roi_pool_forward(big, big_rois, 0.25, 2, 2)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert float(first[0].min()) == float(big.max())  # every bin of the huge map pools 1e30
+
+
 def test_torchvision_used_only_when_it_agrees(monkeypatch):
     """Routing: a torchvision op that equals ours is used (power-of-two scales only); one that
     does not (here: torch.round's half-to-even corners) is rejected by the self-check."""
