@@ -142,8 +142,7 @@ def caffe_pool2d(x: torch.Tensor, method: str, kernel, stride, pad, ceil_mode: b
     if 2 * ph <= kh and 2 * pw <= kw:
         try:
             if method == "MAX":
-                out = F.max_pool2d(x, kernel, stride, pad, ceil_mode=ceil_mode,
-                                   return_indices=return_mask)
+                out = _max_pool2d(x, kernel, stride, pad, ceil_mode, return_mask)
                 top = out[0] if return_mask else out
             else:
                 top = F.avg_pool2d(x, kernel, stride, pad, ceil_mode=ceil_mode,
@@ -155,6 +154,20 @@ def caffe_pool2d(x: torch.Tensor, method: str, kernel, stride, pad, ceil_mode: b
                 return top, out[1].to(x.dtype)
             return top
     return _unfold_pool(x, method, kernel, stride, pad, (oh, ow), return_mask)
+
+
+def _max_pool2d(x, kernel, stride, pad, ceil_mode, return_indices):
+    """``F.max_pool2d``; on the CPU through a channels-last copy: PyTorch's channels-last CPU
+    kernel is 3-4x faster on one thread than its NCHW one, with the same values, indices (first
+    maximum in the window, row-major) and gradient; the outputs come back NCHW-contiguous."""
+    if x.device.type != "cpu" or x.dim() != 4:
+        return F.max_pool2d(x, kernel, stride, pad, ceil_mode=ceil_mode,
+                            return_indices=return_indices)
+    out = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), kernel, stride, pad,
+                       ceil_mode=ceil_mode, return_indices=return_indices)
+    if return_indices:
+        return tuple(o.contiguous() for o in out)
+    return out.contiguous()
 
 
 def _unfold_pool(x, method, kernel, stride, pad, out_size, return_mask):

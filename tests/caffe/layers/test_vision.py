@@ -240,6 +240,26 @@ def test_max_pool_tie_gradient_goes_to_first_in_window():
             assert xx.grad[(0, 0) + first] == 1 and xx.grad[(0, 0) + second] == 0
 
 
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool_channels_last_route_equals_plain_nchw(ties):
+    """On the CPU MAX pooling runs on a channels-last copy (a faster kernel): the same values,
+    mask and gradient as ``F.max_pool2d`` on the NCHW map, ties included, NCHW outputs."""
+    g = torch.Generator().manual_seed(4)
+    for shape, k, s, p in (((2, 5, 13, 11), 2, 2, 0), ((1, 7, 9, 12), 3, 2, 1), ((1, 3, 8, 8), 3, 3, 1)):
+        x = (torch.randint(-2, 3, shape, generator=g).float() if ties
+             else torch.randn(shape, generator=g))
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        want, want_idx = torch.nn.functional.max_pool2d(xa, k, s, p, ceil_mode=True,
+                                                        return_indices=True)
+        got, mask = pool_layer("MAX", (k, k), (s, s), (p, p), two_tops=True).forward([xb], [])
+        assert got.is_contiguous() and torch.equal(got, want)
+        assert torch.equal(mask, want_idx.float())
+        top_diff = torch.randn(want.shape, generator=g)
+        want.backward(top_diff)
+        got.backward(top_diff)
+        assert torch.equal(xb.grad, xa.grad)
+
+
 def test_ave_pool_divisor_counts_padding_not_beyond_by_hand():
     x = torch.ones(1, 1, 4, 4)
     y = pool_layer("AVE", (3, 3), (2, 2), (1, 1)).forward([x], [])[0]
