@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 from readonly_ohem.caffe import spec  # noqa: E402
 from readonly_ohem.caffe.layers.python import parse_param_str  # noqa: E402
 from readonly_ohem.caffe.proto import caffe_pb2  # noqa: E402
+from readonly_ohem.ohem.focal_layer import focal_in_place_of  # noqa: E402
 
 PROTOTXT = ROOT / "prototxt"
 MODELS = ("VGG16", "VGG_CNN_M_1024", "small")  # fast_rcnn
@@ -59,7 +60,7 @@ E2E_MODELS = ("VGG16", "VGG_CNN_M_1024", "ZF", "small")  # faster_rcnn_end2end
 LOSS_TYPES = ("SoftmaxWithLoss", "SmoothL1Loss")
 SMALL_TEST_INPUTS = (("data", (1, 3, 240, 320)), ("rois", (1, 5)))
 SMALL_E2E_TEST_INPUTS = (("data", (1, 3, 240, 320)), ("im_info", (1, 3)))
-FOCAL_LOSS = ("ohem.focal_loss_layer", "FocalLossLayer", "{'alpha': 0.25, 'gamma': 2.0}")
+FOCAL_PARAM_STR = "{'alpha': 0.25, 'gamma': 2.0}"
 
 
 @dataclass(frozen=True)
@@ -264,12 +265,7 @@ def focal_train(plain) -> tuple:
     first = len(plain.layer) - len(losses)
     i = next(first + k for k, l in enumerate(losses) if l.type == "SoftmaxWithLoss")
     old = plain.layer[i]
-    focal = caffe_pb2.LayerParameter(name=old.name, type="Python", bottom=old.bottom,
-                                     top=old.top, propagate_down=[True, False],
-                                     loss_weight=list(old.loss_weight) or [1.0])
-    module, layer, param_str = FOCAL_LOSS
-    focal.python_param.module, focal.python_param.layer = module, layer
-    focal.python_param.param_str = param_str
+    focal = focal_in_place_of(old, FOCAL_PARAM_STR)
     net.layer[i].CopyFrom(focal)
     return net, [(i, "The RoI head's classification loss: focal loss (Lin et al. 2017) on every "
                      "sampled RoI, in place of SoftmaxWithLoss")]

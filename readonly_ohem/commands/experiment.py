@@ -55,6 +55,7 @@ from readonly_ohem.config import load_config
 from readonly_ohem.datasets import get_imdb
 from readonly_ohem.datasets.minivoc import make_minivoc
 from readonly_ohem.errors import ConfigError
+from readonly_ohem.ohem.focal_layer import focal_in_place_of
 from readonly_ohem.progress import clock
 from readonly_ohem.roi_data.roidb import training_roidb
 from readonly_ohem.train import find_data_layers, find_ohem_layers, seed_rngs
@@ -136,12 +137,7 @@ def write_nets(name: str, dest: Path) -> Path:
         mining.python_param.param_str = "{" + ", ".join(f"'{k}': {v!r}" for k, v in opts.items()) + "}"
     if m.focal:
         loss = next(l for l in net.layer if l.name == "loss_cls")
-        loss.type = "Python"
-        loss.python_param.module = "ohem.focal_loss_layer"
-        loss.python_param.layer = "FocalLossLayer"
-        loss.python_param.param_str = FOCAL_PARAM_STR
-        del loss.loss_weight[:]
-        loss.loss_weight.append(1.0)
+        loss.CopyFrom(focal_in_place_of(loss, FOCAL_PARAM_STR))
     solver = read_solver(demo.SMALL / kind / "solver.prototxt")
     dest.mkdir(parents=True, exist_ok=True)
     solver.train_net = str((dest / "train.prototxt").resolve())

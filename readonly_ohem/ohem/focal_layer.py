@@ -3,7 +3,9 @@
 The other hard-example choice of the RCNN head (write-up 003: OHEM in the RPN, focal loss on the
 RCNN classification): instead of keeping the hardest RoIs, every sampled RoI is weighted by
 ``(1 - p_t)^gamma``, so easy ones count little. ``scripts/make_prototxt.py`` puts it in place of
-the head's ``SoftmaxWithLoss`` in ``<model>/faster_rcnn_end2end_focal/train.prototxt``.
+the head's ``SoftmaxWithLoss`` in ``<model>/faster_rcnn_end2end_focal/train.prototxt``, and
+``readonly-ohem experiment``'s ``focal`` arm does in its Fast R-CNN net, both with
+``focal_in_place_of`` (the one rewrite).
 
 Prototxt: ``type: "Python"``, ``python_param { module: "ohem.focal_loss_layer"
 layer: "FocalLossLayer" param_str: "{'alpha': 0.25, 'gamma': 2.0}" }``, ``loss_weight: 1``.
@@ -21,10 +23,28 @@ from __future__ import annotations
 
 from readonly_ohem.caffe.layers.base import Layer, register_python
 from readonly_ohem.caffe.layers.python import parse_param_str
+from readonly_ohem.caffe.proto import caffe_pb2
 from readonly_ohem.errors import DataError
 from readonly_ohem.ohem.policies import focal_loss
 
 NORMALIZATIONS = {"valid": "mean", "pos": "pos", "none": "sum"}  # param_str -> focal_loss reduction
+
+
+def focal_in_place_of(softmax_loss, param_str: str = "{'alpha': 0.25, 'gamma': 2.0}"):
+    """The ``FocalLossLayer`` spec (``caffe_pb2.LayerParameter``) that replaces the
+    ``SoftmaxWithLoss`` spec ``softmax_loss``: same name, bottoms, top and loss weight (1 where
+    unset), no gradient to the labels (``propagate_down: true, false``); ``param_str`` its keys."""
+    if softmax_loss.type != "SoftmaxWithLoss":
+        raise ValueError(f"layer {softmax_loss.name!r}: a focal loss replaces a SoftmaxWithLoss, "
+                         f"not a {softmax_loss.type}")
+    focal = caffe_pb2.LayerParameter(name=softmax_loss.name, type="Python",
+                                     bottom=softmax_loss.bottom, top=softmax_loss.top,
+                                     propagate_down=[True, False],
+                                     loss_weight=list(softmax_loss.loss_weight) or [1.0])
+    focal.python_param.module = "ohem.focal_loss_layer"
+    focal.python_param.layer = "FocalLossLayer"
+    focal.python_param.param_str = param_str
+    return focal
 
 
 @register_python("ohem.focal_loss_layer", "FocalLossLayer")
