@@ -20,7 +20,8 @@ The forward is vectorized with a 2-D sparse table of (max, first index) over pow
 rectangles: any bin is the union of four overlapping such rectangles, and "larger value, then
 smaller row-major index" picks the first maximum of the union (for float32 both live in one
 int64 key, so combining is ``torch.maximum``). The tables are built in place in a reused
-per-thread CPU buffer (a fresh one costs more in page faults than the work). On CUDA, ``torchvision.ops.roi_pool``'s forward (a
+per-thread CPU buffer (a fresh one costs more in page faults than the work), and a second
+call on a bit-identical map (OHEM's two heads) reuses them. On CUDA, ``torchvision.ops.roi_pool``'s forward (a
 port of the same kernel) is used instead when its compiled ops load, the scale is a power of two
 (it scales corners in double, Caffe in float) and it agrees with ours on a self-check; the
 backward is always ours (torchvision's skips Caffe's in-RoI test).
@@ -188,6 +189,34 @@ def _sparse_table(features: torch.Tensor, levels_h: int, levels_w: int, scheme):
 _WORKSPACE = threading.local()
 
 
+def _tables_for(features: torch.Tensor, levels_h: int, levels_w: int, scheme):
+    """The sparse tables of ``features`` with at least these levels -> (tables, levels_h,
+    levels_w) of the tables returned. On the CPU the last map's tables are reused when the map
+    is bit for bit the same (and they have enough levels): OHEM pools one feature map twice (the
+    readonly head over every RoI, then the trainable head over the kept ones). The memo keeps a
+    copy of the map's bits, so a change by any route (in place, through ``.data`` or numpy)
+    rebuilds; the check is one compare of the map, the build ~25 passes over it."""
+    if features.device.type != "cpu":
+        return _sparse_table(features, levels_h, levels_w, scheme), levels_h, levels_w
+    bits = _bits(features)
+    memo = getattr(_WORKSPACE, "memo", None)
+    if (memo is not None and memo[2] >= levels_h and memo[3] >= levels_w
+            and memo[0].shape == bits.shape and memo[0].dtype == bits.dtype
+            and torch.equal(memo[0], bits)):
+        return memo[1], memo[2], memo[3]
+    _WORKSPACE.memo = None  # the workspace is about to be overwritten
+    tables = _sparse_table(features, levels_h, levels_w, scheme)
+    _WORKSPACE.memo = (bits.clone(), tables, levels_h, levels_w)
+    return tables, levels_h, levels_w
+
+
+def _bits(features: torch.Tensor) -> torch.Tensor:
+    """The map's bits as integers of its width (so -0.0 differs from 0.0, and NaN equals
+    itself)."""
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[features.element_size()]
+    return features.detach().contiguous().view(ints)
+
+
 def _workspace(slot: int, shape: tuple, like: torch.Tensor) -> torch.Tensor:
     """An uninitialized (shape) tensor like ``like``, reused across calls on the CPU.
 
@@ -220,7 +249,7 @@ def _forward_ours(features, geo: RoIGeometry, pooled_h, pooled_w):
     kh = _floor_log2(bin_rows, h)
     kw = _floor_log2(bin_cols, w)
     levels_h, levels_w = (int(kh.max()), int(kw.max())) if r else (0, 0)
-    tables = _sparse_table(features, levels_h, levels_w, scheme)
+    tables, levels_h, levels_w = _tables_for(features, levels_h, levels_w, scheme)
     empty_row = tables[0].shape[0] - 1
     level = kh[:, :, None] * (levels_w + 1) + kw[:, None, :]
     base = ((level * n + geo.batch[:, None, None]) * h)  # (R, PH, PW)

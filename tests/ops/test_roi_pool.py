@@ -249,6 +249,40 @@ def test_reused_workspace_leaves_no_trace(dtype):
     assert float(first[0].min()) == float(big.max())  # every bin of the huge map pools 1e30
 
 
+def test_second_call_on_the_same_map_reuses_tables_only_while_valid(monkeypatch):
+    """OHEM pools one map twice: the second call reuses the tables (fewer or equal levels); a
+    change of the map (in place, or through numpy) or a new map rebuilds them; every output
+    equals the plain loop."""
+    builds = []
+    real = rp._sparse_table
+    monkeypatch.setattr(rp, "_sparse_table", lambda *a: builds.append(a[1:3]) or real(*a))
+    feats = _features(torch.float32, seed=5)
+    rois = torch.tensor(ROIS, dtype=torch.float32)
+
+    def check(f, r):
+        out, arg = roi_pool_forward(f, r, 0.25, 3, 2)
+        want_top, want_arg, _ = reference(f.numpy(), r.numpy(), 0.25, 3, 2)
+        np.testing.assert_array_equal(out.numpy(), want_top)
+        np.testing.assert_array_equal(arg.numpy(), want_arg)
+
+    check(feats, rois[4:5])  # a one-cell RoI: level (0, 0) only
+    check(feats, rois)  # the whole-image RoI needs more levels: rebuilt
+    assert builds == [(0, 0), (1, 2)]
+    check(feats, rois[4:6])  # reused
+    check(feats, rois)
+    assert len(builds) == 2
+    feats.mul_(-1)  # in place
+    check(feats, rois[1:2])
+    assert len(builds) == 3
+    feats.numpy()[0, 0, 0, 0] += 1  # behind autograd's back (no version change): still seen
+    check(feats, rois)
+    assert len(builds) == 4
+    other = _features(torch.float32, seed=6)
+    check(other, rois)
+    check(feats, rois)  # back to the first map: rebuilt (one memo)
+    assert len(builds) == 6
+
+
 def test_torchvision_used_only_when_it_agrees(monkeypatch):
     """Routing: a torchvision op that equals ours is used (power-of-two scales only); one that
     does not (here: torch.round's half-to-even corners) is rejected by the self-check."""
