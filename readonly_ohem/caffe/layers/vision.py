@@ -157,17 +157,20 @@ def caffe_pool2d(x: torch.Tensor, method: str, kernel, stride, pad, ceil_mode: b
 
 
 def _max_pool2d(x, kernel, stride, pad, ceil_mode, return_indices):
-    """``F.max_pool2d``; on the CPU through a channels-last copy: PyTorch's channels-last CPU
-    kernel is 3-4x faster on one thread than its NCHW one, with the same values, indices (first
-    maximum in the window, row-major) and gradient; the outputs come back NCHW-contiguous."""
+    """``F.max_pool2d``; on the CPU the argmax comes from a channels-last copy (PyTorch's
+    channels-last CPU kernel is 3-4x faster on one thread than its NCHW one, same first-maximum
+    indices) and the values are gathered from x by it, so the gradient is a scatter-add in
+    output order, as the NCHW kernel's backward adds it. Same values, indices and gradient."""
     if x.device.type != "cpu" or x.dim() != 4:
         return F.max_pool2d(x, kernel, stride, pad, ceil_mode=ceil_mode,
                             return_indices=return_indices)
-    out = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), kernel, stride, pad,
-                       ceil_mode=ceil_mode, return_indices=return_indices)
-    if return_indices:
-        return tuple(o.contiguous() for o in out)
-    return out.contiguous()
+    with torch.no_grad():
+        _, index = F.max_pool2d(x.detach().contiguous(memory_format=torch.channels_last), kernel,
+                                stride, pad, ceil_mode=ceil_mode, return_indices=True)
+    index = index.contiguous()
+    n, c = x.shape[:2]
+    top = x.reshape(n, c, -1).gather(2, index.view(n, c, -1)).view(index.shape)
+    return (top, index) if return_indices else top
 
 
 def _unfold_pool(x, method, kernel, stride, pad, out_size, return_mask):

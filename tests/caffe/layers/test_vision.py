@@ -242,8 +242,9 @@ def test_max_pool_tie_gradient_goes_to_first_in_window():
 
 @pytest.mark.parametrize("ties", [False, True])
 def test_max_pool_channels_last_route_equals_plain_nchw(ties):
-    """On the CPU MAX pooling runs on a channels-last copy (a faster kernel): the same values,
-    mask and gradient as ``F.max_pool2d`` on the NCHW map, ties included, NCHW outputs."""
+    """On the CPU MAX pooling takes its argmax from a channels-last copy and gathers the values
+    (a faster kernel): the same values, mask and gradient as ``F.max_pool2d`` on the NCHW map,
+    ties and overlapping windows (a cell that is the maximum of several) included."""
     g = torch.Generator().manual_seed(4)
     for shape, k, s, p in (((2, 5, 13, 11), 2, 2, 0), ((1, 7, 9, 12), 3, 2, 1), ((1, 3, 8, 8), 3, 3, 1)):
         x = (torch.randint(-2, 3, shape, generator=g).float() if ties
