@@ -20,11 +20,11 @@ The forward is vectorized with a 2-D sparse table of (max, first index) over pow
 rectangles: any bin is the union of four overlapping such rectangles, and "larger value, then
 smaller row-major index" picks the first maximum of the union (for float32 both live in one
 int64 key, so combining is ``torch.maximum``). The tables are built in place in a reused
-per-thread CPU buffer (a fresh one costs more in page faults than the work), and a second
-call on a bit-identical map (OHEM's two heads) reuses them. On CUDA, ``torchvision.ops.roi_pool``'s forward (a
-port of the same kernel) is used instead when its compiled ops load, the scale is a power of two
-(it scales corners in double, Caffe in float) and it agrees with ours on a self-check; the
-backward is always ours (torchvision's skips Caffe's in-RoI test).
+per-thread CPU buffer (a fresh one costs more in page faults than the work), and a second call
+on a bit-identical map (OHEM's two heads) reuses them. On CUDA, ``torchvision.ops.roi_pool``'s
+forward (a port of the same kernel) is used instead when its compiled ops load, the scale is a
+power of two (it scales corners in double, Caffe in float) and it agrees with ours on a
+self-check; the backward is always ours (torchvision's skips Caffe's in-RoI test).
 """
 
 from __future__ import annotations
@@ -201,12 +201,12 @@ def _tables_for(features: torch.Tensor, levels_h: int, levels_w: int, scheme):
     bits = _bits(features)
     memo = getattr(_WORKSPACE, "memo", None)
     if (memo is not None and memo[2] >= levels_h and memo[3] >= levels_w
-            and memo[0].shape == bits.shape and memo[0].dtype == bits.dtype
+            and memo[4] == features.dtype and memo[0].shape == bits.shape
             and torch.equal(memo[0], bits)):
         return memo[1], memo[2], memo[3]
     _WORKSPACE.memo = None  # the workspace is about to be overwritten
     tables = _sparse_table(features, levels_h, levels_w, scheme)
-    _WORKSPACE.memo = (bits.clone(), tables, levels_h, levels_w)
+    _WORKSPACE.memo = (bits.clone(), tables, levels_h, levels_w, features.dtype)
     return tables, levels_h, levels_w
 
 
