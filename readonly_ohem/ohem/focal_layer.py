@@ -30,7 +30,7 @@ from readonly_ohem.ohem.policies import focal_loss
 NORMALIZATIONS = {"valid": "mean", "pos": "pos", "none": "sum"}  # param_str -> focal_loss reduction
 
 
-def focal_in_place_of(softmax_loss, param_str: str = "{'alpha': 0.25, 'gamma': 2.0}"):
+def focal_in_place_of(softmax_loss, param_str: str):
     """The ``FocalLossLayer`` spec (``caffe_pb2.LayerParameter``) that replaces the
     ``SoftmaxWithLoss`` spec ``softmax_loss``: same name, bottoms, top and loss weight (1 where
     unset), no gradient to the labels (``propagate_down: true, false``); ``param_str`` its keys."""
